@@ -1,0 +1,58 @@
+"""Every environment variable the package reads, in one place.
+
+Each is read when it is used (not at import), so tests and long-running servers can change them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PREFIX = "MXFP8_MOE_"
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(PREFIX + name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def cache_dir() -> Path | None:
+    """MXFP8_MOE_CACHE_DIR: where compiled kernels are kept (default: the per-user cache dir)."""
+    value = os.environ.get(PREFIX + "CACHE_DIR", "").strip()
+    return Path(value).expanduser() if value else None
+
+
+def force_recompile() -> bool:
+    """MXFP8_MOE_FORCE_RECOMPILE=1: rebuild each kernel on first use in this process, overwrite its entry."""
+    return _flag("FORCE_RECOMPILE")
+
+
+def disable_disk_cache() -> bool:
+    """MXFP8_MOE_DISABLE_DISK_CACHE=1: keep compiled kernels in memory only."""
+    return _flag("DISABLE_DISK_CACHE")
+
+
+def log_level() -> str | None:
+    """MXFP8_MOE_LOG_LEVEL: level of the 'mxfp8_moe' logger (DEBUG shows every compile and its time)."""
+    value = os.environ.get(PREFIX + "LOG_LEVEL", "").strip().upper()
+    return value or None
+
+
+def dump_dir() -> Path | None:
+    """MXFP8_MOE_DUMP_DIR: write each compile's generated source and NVRTC log here."""
+    value = os.environ.get(PREFIX + "DUMP_DIR", "").strip()
+    return Path(value).expanduser() if value else None
+
+
+def validate_indptr() -> bool:
+    """MXFP8_MOE_VALIDATE=1: sync and check m_indptr's values on every call (debugging aid)."""
+    return _flag("VALIDATE")
+
+
+def scale_mode() -> str:
+    """MXFP8_MOE_SCALE_MODE=auto|native|software: how block scales are applied on sm_12x."""
+    return os.environ.get(PREFIX + "SCALE_MODE", "auto").strip().lower() or "auto"
+
+
+def in_effect() -> dict[str, str]:
+    """The MXFP8_MOE_* variables set in this process (for `mxfp8-moe env`)."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(PREFIX)}
