@@ -1,1 +1,63 @@
+"""mxfp8_moe: MXFP8 grouped GEMM for Mixture-of-Experts inference.
+
+The main entry point is `moe_gemm_mxfp8_nt_groupwise`, call-compatible with FlashInfer's function
+of the same name; `quantize_activations` / `quantize_weights` produce its inputs.
+"""
+
 __version__ = "0.1.0"
+
+import logging as _logging
+
+from . import envs as _envs
+
+if _envs.log_level():
+    _logger = _logging.getLogger("mxfp8_moe")
+    _logger.setLevel(_envs.log_level())
+    if not _logger.handlers:
+        _handler = _logging.StreamHandler()
+        _handler.setFormatter(_logging.Formatter("[mxfp8_moe %(levelname)s] %(message)s"))
+        _logger.addHandler(_handler)
+
+from .api import moe_gemm_mxfp8_nt_groupwise  # noqa: E402
+from .layout import (  # noqa: E402
+    float_to_ue8m0,
+    k_align,
+    m_padded,
+    num_k_blocks,
+    pack_ue8m0,
+    scale_row_starts,
+    to_k_major,
+    to_mn_major_a_scale,
+    to_mn_major_b_scale,
+    token_scale_rows,
+    ue8m0_to_float,
+    unpack_ue8m0,
+)
+from .quantize import (  # noqa: E402
+    dequantize_activations,
+    dequantize_weights,
+    quantize_activations,
+    quantize_weights,
+)
+from .reference import reference_moe_gemm  # noqa: E402
+
+__all__ = [
+    "moe_gemm_mxfp8_nt_groupwise",
+    "quantize_activations",
+    "quantize_weights",
+    "dequantize_activations",
+    "dequantize_weights",
+    "reference_moe_gemm",
+    "num_k_blocks",
+    "k_align",
+    "m_padded",
+    "scale_row_starts",
+    "token_scale_rows",
+    "pack_ue8m0",
+    "unpack_ue8m0",
+    "ue8m0_to_float",
+    "float_to_ue8m0",
+    "to_mn_major_a_scale",
+    "to_mn_major_b_scale",
+    "to_k_major",
+]

@@ -1,0 +1,300 @@
+// The tensor-core grouped GEMM: m16n8k32 FP8 mma.sync, fed by a cp.async pipeline.
+//
+// Operands are swapped ("swap AB"): the weights are the MMA's A (16-row side) and the tokens its B
+// (8-column side), so an expert with 1..8 rows wastes little of each MMA; both operands are
+// K-contiguous, which is what the MMA wants on either side. A CTA computes a tile of BLOCK_N output
+// columns x BLOCK_T tokens of one expert (gated: the matching up and gate rows, so the SwiGLU
+// epilogue needs no exchange). Persistent CTAs walk the units of a TileScheduler.
+//
+// Block scales enter in one of three ways (SCALE_MODE):
+//   kSoftware : unscaled MMAs per K block into a partial sum, promoted with sa * sb in FP32;
+//   kNative   : the block-scaled MMA of sm_120a / sm_121a, each lane passing its own scale words;
+//   kEmulated : kNative's code with the block-scaled MMA replaced by its PTX-ISA semantics, so the
+//               sm_12x scale indexing runs (and is tested) on sm_89 / sm_90a.
+#pragma once
+#include "tile_scheduler.cuh"
+#include "ptx/cp_async.cuh"
+#include "ptx/ldmatrix.cuh"
+#include "ptx/mma.cuh"
+
+namespace mxfp8_moe {
+
+enum ScaleMode { kSoftware = 0, kNative = 1, kEmulated = 2 };
+
+struct alignas(16) u32x4 {
+    u32 x, y, z, w;
+};
+
+template <int N, int K, int K_GRAN, bool GATED, int BLOCK_N, int BLOCK_T, int STAGES, int WARPS, int SCALE_MODE>
+struct MmaGemm {
+    static constexpr int kThreads = WARPS * 32;
+    static constexpr int kBlockK = 128;  // K bytes per pipeline stage: one 128-byte smem row
+    static constexpr int kKIters = ceil_div(K, kBlockK);
+    static constexpr int kNOut = GATED ? N / 2 : N;
+    static constexpr int kNTiles = ceil_div(kNOut, BLOCK_N);
+    static constexpr int kWeightRows = GATED ? 2 * BLOCK_N : BLOCK_N;
+    static constexpr int kWarpCols = BLOCK_N / WARPS;          // output columns per warp
+    static constexpr int kColFrags = kWarpCols / 16;           // m16 fragments per half (up or gate)
+    static constexpr int kWeightFrags = GATED ? 2 * kColFrags : kColFrags;
+    static constexpr int kTokenFrags = BLOCK_T / 8;
+
+    // One pipeline stage: weight tile, token tile (rows of 128 bytes, 16-byte chunks XOR-swizzled
+    // by row so ldmatrix's 8 rows hit 8 different bank groups), then one scale word per row.
+    static constexpr int kWeightTileBytes = kWeightRows * kBlockK;
+    static constexpr int kTokenTileBytes = BLOCK_T * kBlockK;
+    static constexpr int kScaleWords = kWeightRows + BLOCK_T;
+    static constexpr int kStageBytes = kWeightTileBytes + kTokenTileBytes + ceil_div(kScaleWords * 4, 128) * 128;
+    static constexpr int kPipelineBytes = STAGES * kStageBytes;
+    // Epilogue staging of the bf16 tile, reusing the pipeline buffers; rows padded by 16 bytes.
+    static constexpr int kOutPitch = BLOCK_N * 2 + 16;
+
+    static_assert(K % 16 == 0 && kNOut % 16 == 0, "K and the output width must be multiples of 16");
+    static_assert(K_GRAN == 32 || K_GRAN == 128, "k granularity is 32 or 128");
+    static_assert(BLOCK_N % (16 * WARPS) == 0, "each warp owns whole m16 fragments");
+    static_assert(BLOCK_T % 8 == 0, "tokens come in n8 fragments");
+    static_assert(STAGES >= 2, "a pipeline needs two stages");
+    static_assert(BLOCK_T * kOutPitch <= kPipelineBytes, "epilogue tile must fit in the pipeline buffers");
+
+    using Scheduler = TileScheduler<kThreads, BLOCK_T, kNTiles>;
+
+    const GroupedGemmParams& p;
+    u8* stages;
+    int lane, warp;
+
+    __device__ __forceinline__ static u32 swizzled(int row, int chunk) {
+        return row * kBlockK + ((chunk ^ (row & 7)) << 4);
+    }
+
+    // Smem row r of the weight tile holds global weight row weight_row(n0, r) of the expert.
+    __device__ __forceinline__ static int weight_row(int n0, int r) {
+        return (GATED && r >= BLOCK_N) ? kNOut + n0 + r - BLOCK_N : n0 + r;
+    }
+
+    __device__ __forceinline__ static bool weight_row_valid(int n0, int r) {
+        return n0 + ((GATED && r >= BLOCK_N) ? r - BLOCK_N : r) < kNOut;
+    }
+
+    __device__ __forceinline__ void load_stage(const WorkUnit& w, int n0, int k_iter, int slot) const {
+        u8* stage = stages + slot * kStageBytes;
+        const u32 weight_tile = ptx::shared_address(stage);
+        const u32 token_tile = weight_tile + kWeightTileBytes;
+        const u32 scale_words = token_tile + kTokenTileBytes;
+        const int k0 = k_iter * kBlockK;
+        const u8* b_expert = p.b + static_cast<i64>(w.expert) * N * K;
+
+        for (int c = threadIdx.x; c < kWeightRows * 8; c += kThreads) {
+            const int r = c / 8, chunk = c % 8, k = k0 + chunk * 16;
+            const bool valid = weight_row_valid(n0, r) && k < K;
+            const u8* src = valid ? b_expert + static_cast<i64>(weight_row(n0, r)) * K + k : p.b;
+            ptx::cp_async_16(weight_tile + swizzled(r, chunk), src, valid);
+        }
+        for (int c = threadIdx.x; c < BLOCK_T * 8; c += kThreads) {
+            const int r = c / 8, chunk = c % 8, k = k0 + chunk * 16;
+            const bool valid = r < w.rows && k < K;
+            const u8* src = valid ? p.a + static_cast<i64>(w.row + r) * K + k : p.a;
+            ptx::cp_async_16(token_tile + swizzled(r, chunk), src, valid);
+        }
+        // The int32 word holding this stage's K block(s): one 128-K block (k_gran 128) or four
+        // 32-K blocks (k_gran 32, BlockK = 4 * 32 keeps them in one aligned word).
+        const int word = k0 / K_GRAN / 4;
+        for (int i = threadIdx.x; i < kScaleWords; i += kThreads) {
+            const i32* src;
+            bool valid;
+            if (i < kWeightRows) {
+                valid = weight_row_valid(n0, i);
+                src = p.b_scale + w.expert * p.b_scale_stride_expert + weight_row(n0, i) * p.b_scale_stride_row +
+                      word * p.b_scale_stride_word;
+            } else {
+                valid = i - kWeightRows < w.rows;
+                src = p.a_scale + (w.scale_row + i - kWeightRows) * p.a_scale_stride_row + word * p.a_scale_stride_word;
+            }
+            ptx::cp_async_4(scale_words + 4 * i, valid ? src : p.b_scale, valid);
+        }
+    }
+
+    // First smem row of weight fragment f of this warp (gated: fragments kColFrags.. are gate rows).
+    __device__ __forceinline__ int fragment_row(int f) const {
+        return (f < kColFrags ? 0 : BLOCK_N - kColFrags * 16) + warp * kWarpCols + f * 16;
+    }
+
+    __device__ __forceinline__ void load_fragments(u32 (&a)[kWeightFrags][4], u32 (&b)[kTokenFrags][2],
+                                                   u32 weight_tile, u32 token_tile, int ks) const {
+        const int matrix = lane / 8, r = lane % 8;
+#pragma unroll
+        for (int f = 0; f < kWeightFrags; ++f)
+            ptx::ldmatrix_x4(a[f], weight_tile + swizzled(fragment_row(f) + r + (matrix & 1) * 8, 2 * ks + matrix / 2));
+#pragma unroll
+        for (int j = 0; j < kTokenFrags; ++j)
+            ptx::ldmatrix_x2(b[j], token_tile + swizzled(j * 8 + r, 2 * ks + (matrix & 1)));
+    }
+
+    // Multiply one stage into the accumulators.
+    __device__ __forceinline__ void compute_stage(float (&acc)[kWeightFrags][kTokenFrags][4], int k_iter, int slot) const {
+        const u8* stage = stages + slot * kStageBytes;
+        const u32 weight_tile = ptx::shared_address(stage);
+        const u32 token_tile = weight_tile + kWeightTileBytes;
+        const u32* scale_words = reinterpret_cast<const u32*>(stage + kWeightTileBytes + kTokenTileBytes);
+        const int k0 = k_iter * kBlockK;
+        const int g = lane / 4, t = lane % 4;
+        // k_gran 128: the stage's block is byte (k0 / 128) % 4 of its word.
+        const int block_byte = (k0 / 128) % 4;
+
+        if constexpr (SCALE_MODE == kSoftware) {
+            float weight_scale[kWeightFrags][2], token_scale[kTokenFrags][2];
+            float partial[kWeightFrags][kTokenFrags][4];
+#pragma unroll
+            for (int ks = 0; ks < kBlockK / 32; ++ks) {
+                if (k0 + ks * 32 >= K) break;
+                const int byte = K_GRAN == 32 ? ks : block_byte;
+                if (K_GRAN == 32 || ks == 0) {
+#pragma unroll
+                    for (int f = 0; f < kWeightFrags; ++f)
+#pragma unroll
+                        for (int h = 0; h < 2; ++h)
+                            weight_scale[f][h] = ue8m0_to_float(byte_of(scale_words[fragment_row(f) + g + 8 * h], byte));
+#pragma unroll
+                    for (int j = 0; j < kTokenFrags; ++j)
+#pragma unroll
+                        for (int h = 0; h < 2; ++h)
+                            token_scale[j][h] = ue8m0_to_float(byte_of(scale_words[kWeightRows + j * 8 + 2 * t + h], byte));
+#pragma unroll
+                    for (int f = 0; f < kWeightFrags; ++f)
+#pragma unroll
+                        for (int j = 0; j < kTokenFrags; ++j)
+#pragma unroll
+                            for (int i = 0; i < 4; ++i) partial[f][j][i] = 0.0f;
+                }
+                u32 a[kWeightFrags][4], b[kTokenFrags][2];
+                load_fragments(a, b, weight_tile, token_tile, ks);
+#pragma unroll
+                for (int f = 0; f < kWeightFrags; ++f)
+#pragma unroll
+                    for (int j = 0; j < kTokenFrags; ++j) ptx::mma_e4m3(partial[f][j], a[f], b[j], partial[f][j]);
+                // Promote at the end of each K block: after every k-step for k_gran 32, after the
+                // last valid k-step of the stage for k_gran 128.
+                const bool block_ends = K_GRAN == 32 || ks == kBlockK / 32 - 1 || k0 + (ks + 1) * 32 >= K;
+                if (block_ends) {
+#pragma unroll
+                    for (int f = 0; f < kWeightFrags; ++f)
+#pragma unroll
+                        for (int j = 0; j < kTokenFrags; ++j)
+#pragma unroll
+                            for (int i = 0; i < 4; ++i)
+                                acc[f][j][i] += (weight_scale[f][i / 2] * token_scale[j][i % 2]) * partial[f][j][i];
+                }
+            }
+        } else {
+            // Lane (g, t) supplies the scale of weight row g (t = 0) or g + 8 (t = 1) of each
+            // fragment (thread-id-a = 0; lanes t = 2, 3 are ignored) and of token column g
+            // (thread-id-b = 0). k_gran 128 shifts the wanted byte to byte 0; k_gran 32 selects
+            // byte ks with the immediate byte-id.
+            const int shift = K_GRAN == 128 ? 8 * block_byte : 0;
+            u32 sfa[kWeightFrags], sfb[kTokenFrags];
+#pragma unroll
+            for (int f = 0; f < kWeightFrags; ++f) sfa[f] = scale_words[fragment_row(f) + g + 8 * (t & 1)] >> shift;
+#pragma unroll
+            for (int j = 0; j < kTokenFrags; ++j) sfb[j] = scale_words[kWeightRows + j * 8 + g] >> shift;
+#pragma unroll
+            for (int ks = 0; ks < kBlockK / 32; ++ks) {
+                if (k0 + ks * 32 >= K) break;
+                u32 a[kWeightFrags][4], b[kTokenFrags][2];
+                load_fragments(a, b, weight_tile, token_tile, ks);
+#pragma unroll
+                for (int f = 0; f < kWeightFrags; ++f)
+#pragma unroll
+                    for (int j = 0; j < kTokenFrags; ++j) scaled_mma<K_GRAN == 32 ? 1 : 0>(acc[f][j], a[f], b[j], sfa[f], sfb[j], ks);
+            }
+        }
+    }
+
+    // The byte-id immediates must be compile-time: dispatch ks (0..3) to template instances.
+    template <int PER_STEP_BYTE>
+    __device__ __forceinline__ static void scaled_mma(float (&acc)[4], const u32 (&a)[4], const u32 (&b)[2], u32 sfa,
+                                                      u32 sfb, int ks) {
+        if (!PER_STEP_BYTE) return scaled_mma_byte<0>(acc, a, b, sfa, sfb);
+        switch (ks) {
+            case 0: return scaled_mma_byte<0>(acc, a, b, sfa, sfb);
+            case 1: return scaled_mma_byte<1>(acc, a, b, sfa, sfb);
+            case 2: return scaled_mma_byte<2>(acc, a, b, sfa, sfb);
+            default: return scaled_mma_byte<3>(acc, a, b, sfa, sfb);
+        }
+    }
+
+    template <int BYTE>
+    __device__ __forceinline__ static void scaled_mma_byte(float (&acc)[4], const u32 (&a)[4], const u32 (&b)[2], u32 sfa, u32 sfb) {
+        if constexpr (SCALE_MODE == kNative)
+            ptx::mma_e4m3_block_scaled<BYTE, 0, BYTE, 0>(acc, a, b, acc, sfa, sfb);
+        else
+            ptx::mma_e4m3_block_scaled_emulated<BYTE, 0, BYTE, 0>(acc, a, b, acc, sfa, sfb);
+    }
+
+    // bf16 (gated: up * silu(gate)) through a padded smem tile, then 16-byte row stores of the
+    // tile's valid rows and columns only.
+    __device__ __forceinline__ void store_tile(const float (&acc)[kWeightFrags][kTokenFrags][4], const WorkUnit& w, int n0) const {
+        const int g = lane / 4, t = lane % 4;
+#pragma unroll
+        for (int f = 0; f < kColFrags; ++f)
+#pragma unroll
+            for (int j = 0; j < kTokenFrags; ++j)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const float up = acc[f][j][i];
+                    const float value = GATED ? up * silu(acc[kColFrags + f][j][i]) : up;
+                    const int col = warp * kWarpCols + f * 16 + g + 8 * (i / 2);
+                    const int token = j * 8 + 2 * t + i % 2;
+                    *reinterpret_cast<u16*>(stages + token * kOutPitch + col * 2) = float_to_bf16(value);
+                }
+        __syncthreads();
+        constexpr int kChunks = BLOCK_N / 8;
+        for (int c = threadIdx.x; c < BLOCK_T * kChunks; c += kThreads) {
+            const int r = c / kChunks, col = n0 + (c % kChunks) * 8;
+            if (r < w.rows && col < kNOut)
+                *reinterpret_cast<u32x4*>(p.out + static_cast<i64>(w.row + r) * kNOut + col) =
+                    *reinterpret_cast<const u32x4*>(stages + r * kOutPitch + (c % kChunks) * 16);
+        }
+    }
+
+    __device__ __forceinline__ void run_unit(const WorkUnit& w) const {
+        const int n0 = w.n_tile * BLOCK_N;
+        float acc[kWeightFrags][kTokenFrags][4];
+#pragma unroll
+        for (int f = 0; f < kWeightFrags; ++f)
+#pragma unroll
+            for (int j = 0; j < kTokenFrags; ++j)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) acc[f][j][i] = 0.0f;
+
+#pragma unroll
+        for (int s = 0; s < STAGES - 1; ++s) {
+            if (s < kKIters) load_stage(w, n0, s, s);
+            ptx::cp_async_commit();
+        }
+        for (int k_iter = 0; k_iter < kKIters; ++k_iter) {
+            ptx::cp_async_wait<STAGES - 2>();
+            __syncthreads();
+            // The slot refilled here was read in the previous iteration, which the barrier closed.
+            const int next = k_iter + STAGES - 1;
+            if (next < kKIters) load_stage(w, n0, next, next % STAGES);
+            ptx::cp_async_commit();
+            compute_stage(acc, k_iter, k_iter % STAGES);
+        }
+        ptx::cp_async_wait<0>();
+        __syncthreads();
+        store_tile(acc, w, n0);
+        __syncthreads();
+    }
+
+    __device__ __forceinline__ static void run(const GroupedGemmParams& params) {
+        extern __shared__ __align__(128) u8 shared[];
+        const int scheduler_bytes = Scheduler::shared_bytes(params.num_experts);
+        u32 dynamic_bytes;
+        asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dynamic_bytes));
+        if (dynamic_bytes < static_cast<u32>(scheduler_bytes + kPipelineBytes)) __trap();  // host/device layout mismatch
+
+        const Scheduler scheduler(params, reinterpret_cast<int*>(shared));
+        const MmaGemm gemm{params, shared + scheduler_bytes, static_cast<int>(threadIdx.x % 32), static_cast<int>(threadIdx.x / 32)};
+        for (int u = blockIdx.x; u < scheduler.num_units; u += gridDim.x) gemm.run_unit(scheduler.unit(u));
+    }
+};
+
+}  // namespace mxfp8_moe

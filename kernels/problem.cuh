@@ -1,0 +1,48 @@
+// What every grouped-GEMM kernel receives, and how it turns untrusted m_indptr values into row
+// ranges that can never leave the tensors.
+#pragma once
+#include "common.cuh"
+
+namespace mxfp8_moe {
+
+// Passed by value as one __grid_constant__ parameter; the host mirrors this layout with ctypes
+// (mxfp8_moe/gemm/params.py). Strides are in elements of the tensor they belong to.
+struct GroupedGemmParams {
+    const u8* a;           // (cum_m, K) e4m3, row-major
+    const u8* b;           // (E, N, K) e4m3, row-major
+    const i32* a_scale;    // (m_padded, k_align) UE8M0 x4, any strides
+    const i32* b_scale;    // (E, N, k_align) UE8M0 x4, any strides
+    const i32* m_indptr;   // (E + 1,) CSR offsets, untrusted
+    u16* out;              // (cum_m, N_out) bfloat16, row-major
+    i64 a_scale_stride_row;
+    i64 a_scale_stride_word;
+    i64 b_scale_stride_expert;
+    i64 b_scale_stride_row;
+    i64 b_scale_stride_word;
+    i32 cum_m;
+    i32 num_experts;
+};
+
+// Rows [begin, end) of `a` and `out` belong to the expert; its first a_scale row is scale_row.
+// m_indptr is clamped to [0, cum_m] and an expert's end is never below its begin, so whatever the
+// caller passed, every row index stays inside the tensors, and the padded scale row
+// (begin + 3e) / 4 * 4 + i stays below m_padded = (cum_m + 3E) / 4 * 4.
+struct ExpertRows {
+    int begin;
+    int end;
+    int scale_row;
+};
+
+__device__ __forceinline__ int clamped_offset(const GroupedGemmParams& p, int e) {
+    return clamp_int(p.m_indptr[e], 0, p.cum_m);
+}
+
+__device__ __forceinline__ ExpertRows expert_rows(int e, int begin, int next) {
+    ExpertRows rows;
+    rows.begin = begin;
+    rows.end = next > begin ? next : begin;
+    rows.scale_row = (begin + 3 * e) / 4 * 4;
+    return rows;
+}
+
+}  // namespace mxfp8_moe

@@ -1,0 +1,97 @@
+// Which tile a persistent CTA computes next, derived on the device from m_indptr (no host sync).
+//
+// At kernel start every CTA clamps m_indptr into shared memory and counts each expert's token tiles
+// with a block-wide prefix sum. A work unit is (token tile, N tile), numbered token tile major, so
+// CTAs running at the same time mostly share the weight tiles of one expert in L2. Experts with no
+// rows own no tiles and cost nothing beyond the read of their two offsets.
+#pragma once
+#include "problem.cuh"
+
+namespace mxfp8_moe {
+
+struct WorkUnit {
+    int expert;
+    int row;        // first row of the tile in a / out
+    int rows;       // valid rows in the tile, 1..BLOCK_T
+    int scale_row;  // a_scale row of `row`
+    int n_tile;
+};
+
+template <int THREADS, int BLOCK_T, int N_TILES>
+struct TileScheduler {
+    // Bytes of dynamic shared memory the scheduler needs in front of the pipeline buffers
+    // (mirrored by the host's launch code).
+    __host__ __device__ static constexpr int shared_bytes(int num_experts) {
+        return (2 * 4 * (num_experts + 1) + 127) / 128 * 128;
+    }
+
+    const int* offsets;      // [E + 1] m_indptr clamped to [0, cum_m]
+    const int* tile_starts;  // [E + 1] token tiles before each expert
+    int num_experts;
+    int num_units;
+
+    __device__ __forceinline__ TileScheduler(const GroupedGemmParams& p, int* shared) {
+        constexpr int kWarps = THREADS / 32;
+        __shared__ int warp_totals[kWarps];
+        const int E = p.num_experts;
+        int* clamped = shared;
+        int* starts = shared + E + 1;
+        for (int e = threadIdx.x; e <= E; e += THREADS) clamped[e] = clamped_offset(p, e);
+        __syncthreads();
+
+        // Each thread counts the tiles of a contiguous run of experts, then a block-wide scan of
+        // the per-thread counts gives each run its first tile index.
+        const int per_thread = ceil_div(E, THREADS);
+        const int first = min(E, static_cast<int>(threadIdx.x) * per_thread);
+        const int last = min(E, first + per_thread);
+        int count = 0;
+        for (int e = first; e < last; ++e) count += expert_tiles(clamped, e);
+        const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+        int inclusive = count;
+        for (int offset = 1; offset < 32; offset *= 2) {
+            const int other = __shfl_up_sync(0xFFFFFFFFu, inclusive, offset);
+            if (lane >= offset) inclusive += other;
+        }
+        if (lane == 31) warp_totals[warp] = inclusive;
+        __syncthreads();
+        int running = inclusive - count;
+        for (int w = 0; w < warp; ++w) running += warp_totals[w];
+        for (int e = first; e < last; ++e) {
+            starts[e] = running;
+            running += expert_tiles(clamped, e);
+        }
+        if (threadIdx.x == THREADS - 1) starts[E] = running;
+        __syncthreads();
+
+        offsets = clamped;
+        tile_starts = starts;
+        num_experts = E;
+        num_units = starts[E] * N_TILES;
+    }
+
+    __device__ __forceinline__ static int expert_tiles(const int* clamped, int e) {
+        return ceil_div(max(clamped[e + 1] - clamped[e], 0), BLOCK_T);
+    }
+
+    __device__ __forceinline__ WorkUnit unit(int index) const {
+        const int tile = index / N_TILES;
+        // The expert owning `tile`: the last e with tile_starts[e] <= tile (empty experts before
+        // it share its start and are skipped by taking the last).
+        int lo = 0, hi = num_experts - 1;
+        while (lo < hi) {
+            const int mid = (lo + hi + 1) / 2;
+            if (tile_starts[mid] <= tile) lo = mid; else hi = mid - 1;
+        }
+        const ExpertRows rows = expert_rows(lo, offsets[lo], offsets[lo + 1]);
+        const int first_token = (tile - tile_starts[lo]) * BLOCK_T;
+        WorkUnit w;
+        w.expert = lo;
+        w.row = rows.begin + first_token;
+        w.rows = min(BLOCK_T, rows.end - w.row);
+        w.scale_row = rows.scale_row + first_token;
+        w.n_tile = index % N_TILES;
+        return w;
+    }
+};
+
+}  // namespace mxfp8_moe

@@ -1,0 +1,61 @@
+"""Which kernel specialization runs a problem, decided from shapes alone (never from m_indptr's
+values, which would need a device-to-host sync).
+
+The expected rows per active expert (cum_m / min(E, cum_m)) picks the token tile; the expected
+number of work units against the SM count picks the N tile; the shared memory left picks the
+pipeline depth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .device import DeviceInfo
+from .spec import KernelSpec
+
+TOKEN_TILES = (8, 16, 32, 64)
+MAX_STAGES = 4
+WARPS = 4
+NATIVE_ARCHS = ("sm_120a", "sm_121a")
+
+
+def resolve_scale_mode(requested: str, arch: str) -> str:
+    """'auto' -> native on sm_120a / sm_121a, software elsewhere; explicit modes are checked."""
+    if requested == "auto":
+        return "native" if arch in NATIVE_ARCHS else "software"
+    if requested == "native" and arch not in NATIVE_ARCHS:
+        raise ValueError(f"MXFP8_MOE_SCALE_MODE=native needs sm_120a or sm_121a; this GPU is {arch}")
+    if requested not in ("native", "software", "emulated"):
+        raise ValueError(f"MXFP8_MOE_SCALE_MODE must be auto, native, software or emulated; got {requested!r}")
+    return requested
+
+
+def tensor_core_capable(device: DeviceInfo) -> bool:
+    """FP8 mma.sync exists from sm_89 on."""
+    return device.capability >= (8, 9)
+
+
+def choose_spec(*, device: DeviceInfo, num_experts: int, cum_m: int, n: int, k: int, k_granularity: int,
+                gated: bool, scale_mode: str, aligned: bool = True) -> KernelSpec:
+    if not (tensor_core_capable(device) and aligned):
+        return KernelSpec("simt", device.arch, n, k, k_granularity, gated, block_n=128)
+
+    active_experts = max(1, min(num_experts, cum_m))
+    rows_per_expert = -(-cum_m // active_experts)
+    block_t = next((t for t in TOKEN_TILES if t >= rows_per_expert), TOKEN_TILES[-1])
+
+    # Gated tiles carry up and gate rows: half the output columns for the same weight bytes.
+    n_out = n // 2 if gated else n
+    block_n = 64 if gated else 128
+    units = active_experts * -(-rows_per_expert // block_t) * -(-n_out // block_n)
+    if units < device.num_sms and block_n > 16 * WARPS:
+        block_n //= 2
+
+    spec = KernelSpec("mma", device.arch, n, k, k_granularity, gated, block_n=block_n, block_t=block_t,
+                      stages=1, warps=WARPS, scale_mode=resolve_scale_mode(scale_mode, device.arch))
+    budget = device.shared_memory_limit - 1024 - (spec.dynamic_shared_bytes(num_experts) - spec.pipeline_bytes())
+    stages = min(MAX_STAGES, budget // spec.pipeline_bytes())
+    if stages < 2:
+        raise ValueError(f"no tile configuration fits {device.shared_memory_limit} B of shared memory "
+                         f"with num_experts={num_experts}")
+    return dataclasses.replace(spec, stages=stages)

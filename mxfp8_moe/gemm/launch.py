@@ -1,0 +1,96 @@
+"""Turn a validated call into a kernel launch: the loaded kernel per (device, spec), its argument
+block, its grid and its stream.
+
+A GemmKernel is created once per (device, spec) and reused: its ctypes argument block and the
+pointer array the driver reads are built once, so a call only writes the new pointers and sizes
+into them before launching.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+
+import torch
+
+from ..jit.build import build
+from ..jit.runtime import LoadedKernel
+from .spec import ENTRY, KernelSpec, kernel_dir
+
+
+class GroupedGemmParams(ctypes.Structure):
+    """Mirror of mxfp8_moe::GroupedGemmParams (kernels/problem.cuh), passed by value."""
+
+    _fields_ = [
+        ("a", ctypes.c_void_p),
+        ("b", ctypes.c_void_p),
+        ("a_scale", ctypes.c_void_p),
+        ("b_scale", ctypes.c_void_p),
+        ("m_indptr", ctypes.c_void_p),
+        ("out", ctypes.c_void_p),
+        ("a_scale_stride_row", ctypes.c_int64),
+        ("a_scale_stride_word", ctypes.c_int64),
+        ("b_scale_stride_expert", ctypes.c_int64),
+        ("b_scale_stride_row", ctypes.c_int64),
+        ("b_scale_stride_word", ctypes.c_int64),
+        ("cum_m", ctypes.c_int32),
+        ("num_experts", ctypes.c_int32),
+    ]
+
+
+class GemmKernel:
+    """A compiled and loaded grouped-GEMM specialization on one device."""
+
+    def __init__(self, spec: KernelSpec, device_index: int):
+        self.spec = spec
+        cubin, self.was_cached = build(spec.source(), arch=spec.arch, include_dir=kernel_dir(), label=spec.label)
+        self.kernel = LoadedKernel(cubin, ENTRY, device_index, spec.threads)
+        self._params = GroupedGemmParams()
+        self._pointers = (ctypes.c_void_p * 1)(ctypes.addressof(self._params))
+        self._pointers_address = ctypes.addressof(self._pointers)
+        self._lock = threading.Lock()  # the argument block is shared by threads calling this kernel
+
+    def grid(self, num_experts: int, cum_m: int) -> tuple[tuple[int, int, int], int]:
+        spec = self.spec
+        shared = spec.dynamic_shared_bytes(num_experts)
+        if spec.kind == "simt":
+            # x: column blocks, y: experts, z: row slices of each expert (enough to fill the GPU).
+            row_slices = max(1, min(64, -(-cum_m // num_experts)))
+            return (-(-spec.n_out // spec.threads), num_experts, row_slices), shared
+        return (self.kernel.resident_blocks(shared), 1, 1), shared
+
+    def __call__(self, a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
+                 m_indptr: torch.Tensor, out: torch.Tensor, stream: int) -> None:
+        num_experts = b.shape[0]
+        grid, shared = self.grid(num_experts, a.shape[0])
+        with self._lock:
+            p = self._params
+            p.a, p.b, p.a_scale, p.b_scale = a.data_ptr(), b.data_ptr(), a_scale.data_ptr(), b_scale.data_ptr()
+            p.m_indptr, p.out = m_indptr.data_ptr(), out.data_ptr()
+            p.a_scale_stride_row, p.a_scale_stride_word = a_scale.stride()
+            p.b_scale_stride_expert, p.b_scale_stride_row, p.b_scale_stride_word = b_scale.stride()
+            p.cum_m, p.num_experts = a.shape[0], num_experts
+            self.kernel.launch(grid, shared, stream, self._pointers_address)
+
+
+_kernels: dict[tuple[int, KernelSpec], GemmKernel] = {}
+_kernels_lock = threading.Lock()
+_building: dict[tuple[int, KernelSpec], threading.Lock] = {}
+
+
+def get_kernel(spec: KernelSpec, device_index: int) -> GemmKernel:
+    """The loaded kernel for `spec` on a device: compiled (or read from the cache) on first use.
+
+    Threads asking for the same spec wait for one build; different specs build in parallel.
+    """
+    key = (device_index, spec)
+    kernel = _kernels.get(key)
+    if kernel is not None:
+        return kernel
+    with _kernels_lock:
+        build_lock = _building.setdefault(key, threading.Lock())
+    with build_lock:
+        kernel = _kernels.get(key)
+        if kernel is None:
+            kernel = _kernels[key] = GemmKernel(spec, device_index)
+    return kernel

@@ -1,0 +1,81 @@
+"""A kernel specialization: every compile-time choice of one grouped-GEMM binary.
+
+A KernelSpec names the kernel template and its parameters; it generates the instantiation source
+(one line of template arguments, so the compiler sees every shape and tile as a constant) and knows
+how much dynamic shared memory a launch needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+SCALE_MODES = ("software", "native", "emulated")
+_SCALE_MODE_ENUM = {"software": "kSoftware", "native": "kNative", "emulated": "kEmulated"}
+BLOCK_K = 128  # K bytes per pipeline stage of the MMA kernel (kBlockK in the template)
+ENTRY = "mxfp8_moe_grouped_gemm"
+
+
+def kernel_dir() -> Path:
+    """The CUDA sources: mxfp8_moe/kernels in a wheel, ../kernels in a source checkout."""
+    installed = Path(__file__).resolve().parent.parent / "kernels"
+    return installed if installed.is_dir() else Path(__file__).resolve().parents[2] / "kernels"
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSpec:
+    kind: str  # "mma" (tensor cores, sm_89+) or "simt" (CUDA cores, any arch)
+    arch: str  # NVRTC target, e.g. "sm_120a"
+    n: int  # rows of B per expert (2 * output width when gated)
+    k: int
+    k_granularity: int
+    gated: bool
+    block_n: int = 128  # output columns per tile (simt: threads per block)
+    block_t: int = 0  # tokens per tile
+    stages: int = 0
+    warps: int = 4
+    scale_mode: str = "software"
+
+    @property
+    def threads(self) -> int:
+        return self.warps * 32 if self.kind == "mma" else self.block_n
+
+    @property
+    def n_out(self) -> int:
+        return self.n // 2 if self.gated else self.n
+
+    @property
+    def label(self) -> str:
+        common = f"{self.kind}_n{self.n}_k{self.k}_g{self.k_granularity}{'_gated' if self.gated else ''}"
+        if self.kind == "simt":
+            return common
+        return f"{common}_bn{self.block_n}_bt{self.block_t}_s{self.stages}_w{self.warps}_{self.scale_mode}"
+
+    def source(self) -> str:
+        gated = "true" if self.gated else "false"
+        if self.kind == "simt":
+            return (f'#include "simt_grouped_gemm.cuh"\n'
+                    f'extern "C" __global__ void __launch_bounds__({self.threads}) '
+                    f"{ENTRY}(const __grid_constant__ mxfp8_moe::GroupedGemmParams params) {{\n"
+                    f"    mxfp8_moe::simt_grouped_gemm<{self.threads}, {self.k_granularity}, {gated}, "
+                    f"{self.n}, {self.k}>(params);\n}}\n")
+        return (f'#include "mma_grouped_gemm.cuh"\n'
+                f"using Gemm = mxfp8_moe::MmaGemm<{self.n}, {self.k}, {self.k_granularity}, {gated}, "
+                f"{self.block_n}, {self.block_t}, {self.stages}, {self.warps}, "
+                f"mxfp8_moe::{_SCALE_MODE_ENUM[self.scale_mode]}>;\n"
+                f'extern "C" __global__ void __launch_bounds__(Gemm::kThreads) '
+                f"{ENTRY}(const __grid_constant__ mxfp8_moe::GroupedGemmParams params) {{\n"
+                f"    Gemm::run(params);\n}}\n")
+
+    def pipeline_bytes(self) -> int:
+        """Shared memory of the MMA kernel's stages (MmaGemm::kPipelineBytes)."""
+        weight_rows = 2 * self.block_n if self.gated else self.block_n
+        scale_bytes = -(-(weight_rows + self.block_t) * 4 // 128) * 128
+        return self.stages * ((weight_rows + self.block_t) * BLOCK_K + scale_bytes)
+
+    def dynamic_shared_bytes(self, num_experts: int) -> int:
+        """Dynamic shared memory for a launch over `num_experts` experts (0 for simt)."""
+        if self.kind == "simt":
+            return 0
+        scheduler = -(-(2 * 4 * (num_experts + 1)) // 128) * 128  # TileScheduler::shared_bytes
+        return scheduler + self.pipeline_bytes()

@@ -1,0 +1,133 @@
+"""The CUDA driver side: load a CUBIN on a device, size a persistent grid, launch.
+
+Launches go through cuda-python's driver API on the caller's stream. The kernel is bound to the
+device's primary context (the one torch uses); a launch makes that context current only when the
+calling thread holds another one, so tensors on cuda:1 run on cuda:1 whatever the current device.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+
+from cuda.bindings import driver
+
+_ARCH_SPECIFIC = {(9, 0), (10, 0), (10, 1), (10, 3), (12, 0), (12, 1)}  # have an sm_XYa target
+
+
+class DriverError(RuntimeError):
+    """A CUDA driver call failed."""
+
+
+def _check(result, what: str) -> None:
+    if result != driver.CUresult.CUDA_SUCCESS:
+        _, name = driver.cuGetErrorName(result)
+        raise DriverError(f"{what} failed: {name.decode() if name else result}")
+
+
+def arch_name(capability: tuple[int, int]) -> str:
+    """NVRTC target for a compute capability: the arch-specific sm_XYa where one exists."""
+    major, minor = capability
+    return f"sm_{major}{minor}" + ("a" if (major, minor) in _ARCH_SPECIFIC else "")
+
+
+@functools.cache
+def driver_version() -> int | None:
+    """The installed driver's CUDA version (e.g. 13000), or None on a machine without a driver."""
+    try:
+        err, version = driver.cuDriverGetVersion()
+    except Exception:  # noqa: BLE001 - cuda-bindings raises when libcuda cannot be loaded at all
+        return None
+    return version if err == driver.CUresult.CUDA_SUCCESS else None
+
+
+_init_lock = threading.Lock()
+_contexts: dict[int, int] = {}
+
+
+def primary_context(device_index: int) -> int:
+    """The device's primary context (retained once per process), as an int handle."""
+    ctx = _contexts.get(device_index)
+    if ctx is None:
+        with _init_lock:
+            if device_index not in _contexts:
+                (err,) = driver.cuInit(0)
+                _check(err, "cuInit")
+                err, device = driver.cuDeviceGet(device_index)
+                _check(err, "cuDeviceGet")
+                err, handle = driver.cuDevicePrimaryCtxRetain(device)
+                _check(err, "cuDevicePrimaryCtxRetain")
+                _contexts[device_index] = int(handle)
+            ctx = _contexts[device_index]
+    return ctx
+
+
+class _Current:
+    """Makes a context current for a block, and restores the caller's afterwards if it differed."""
+
+    __slots__ = ("ctx", "pushed")
+
+    def __init__(self, ctx: int):
+        self.ctx = ctx
+
+    def __enter__(self):
+        err, current = driver.cuCtxGetCurrent()
+        self.pushed = int(current) != self.ctx
+        if self.pushed:
+            (err,) = driver.cuCtxPushCurrent(driver.CUcontext(self.ctx))
+            _check(err, "cuCtxPushCurrent")
+
+    def __exit__(self, *exc):
+        if self.pushed:
+            driver.cuCtxPopCurrent()
+
+
+class LoadedKernel:
+    """One __global__ function of a CUBIN, loaded into one device's primary context."""
+
+    def __init__(self, cubin: bytes, name: str, device_index: int, threads: int):
+        self.device_index = device_index
+        self.threads = threads
+        self._current = _Current(primary_context(device_index))
+        with self._current:
+            err, self._module = driver.cuModuleLoadData(cubin)
+            _check(err, "cuModuleLoadData")
+            err, self.function = driver.cuModuleGetFunction(self._module, name.encode())
+            _check(err, f"cuModuleGetFunction({name})")
+            err, self.num_sms = driver.cuDeviceGetAttribute(
+                driver.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, device_index)
+            _check(err, "cuDeviceGetAttribute")
+            err, max_shared = driver.cuDeviceGetAttribute(
+                driver.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, device_index)
+            _check(err, "cuDeviceGetAttribute")
+            err, static_shared = driver.cuFuncGetAttribute(
+                driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, self.function)
+            _check(err, "cuFuncGetAttribute")
+            # Dynamic shared memory grows with the number of experts: allow up to the device's limit.
+            self.max_dynamic_shared = max_shared - static_shared
+            (err,) = driver.cuFuncSetAttribute(
+                self.function, driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                self.max_dynamic_shared)
+            _check(err, "cuFuncSetAttribute")
+        self._resident: dict[int, int] = {}
+
+    def resident_blocks(self, dynamic_shared: int) -> int:
+        """How many blocks fit on the whole device at once: the size of a persistent grid."""
+        blocks = self._resident.get(dynamic_shared)
+        if blocks is None:
+            with self._current:
+                err, per_sm = driver.cuOccupancyMaxActiveBlocksPerMultiprocessor(
+                    self.function, self.threads, dynamic_shared)
+                _check(err, "cuOccupancyMaxActiveBlocksPerMultiprocessor")
+            if per_sm < 1:
+                raise DriverError(f"kernel cannot launch: {dynamic_shared} B of dynamic shared memory "
+                                  f"(limit {self.max_dynamic_shared} B), {self.threads} threads")
+            blocks = self._resident[dynamic_shared] = per_sm * self.num_sms
+        return blocks
+
+    def launch(self, grid: tuple[int, int, int], dynamic_shared: int, stream: int, params_address: int) -> None:
+        """Launch on `stream` (a raw handle); params_address points at the void* array of arguments."""
+        with self._current:
+            (err,) = driver.cuLaunchKernel(self.function, *grid, self.threads, 1, 1, dynamic_shared,
+                                           stream, params_address, 0)
+        _check(err, "cuLaunchKernel")

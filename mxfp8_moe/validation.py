@@ -1,0 +1,146 @@
+"""Argument checks for moe_gemm_mxfp8_nt_groupwise, made before anything runs or is written.
+
+Every check FlashInfer makes, with its exception types (ValueError for shapes and values,
+NotImplementedError for an unknown backend or out_dtype), plus the ones a kernel library owes its
+callers: one device for all tensors, `out` fully described, no `out` that overlaps an input.
+Messages name the argument, what was expected and what came. No device-to-host sync happens here;
+`check_indptr_values` is the opt-in check of m_indptr's values, which needs one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .layout import k_align, m_padded
+
+BACKENDS = ("auto", "cuda", "cute", "reference")
+GRANULARITIES = ((1, 1, 32), (1, 1, 128))
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmProblem:
+    num_experts: int
+    cum_m: int
+    n: int  # rows of B per expert (2 * n_out when gated)
+    k: int
+    k_granularity: int
+    gated: bool
+    device: torch.device
+
+    @property
+    def n_out(self) -> int:
+        return self.n // 2 if self.gated else self.n
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a {x.dtype} tensor of shape {tuple(x.shape)} on {x.device}"
+    return f"{type(x).__name__} {x!r}"
+
+
+def _tensor(name: str, x, dtype: torch.dtype, ndim: int) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {_describe(x)}")
+    if x.dtype != dtype:
+        raise ValueError(f"{name} must have dtype {dtype}, got {x.dtype}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(x.shape)}")
+
+
+def _contiguous(name: str, x: torch.Tensor) -> None:
+    if not x.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (row-major), got strides {x.stride()} for shape {tuple(x.shape)}")
+
+
+def _shape(name: str, x: torch.Tensor, expected: tuple[int, ...], why: str) -> None:
+    if tuple(x.shape) != expected:
+        raise ValueError(f"{name} must have shape {list(expected)} ({why}), got {list(x.shape)}")
+
+
+def _overlaps(x: torch.Tensor, y: torch.Tensor) -> bool:
+    if x.device != y.device or x.numel() == 0 or y.numel() == 0:
+        return False
+    x0 = x.data_ptr()
+    y0 = y.data_ptr()
+    x1 = x0 + (sum((s - 1) * st for s, st in zip(x.shape, x.stride())) + 1) * x.element_size()
+    y1 = y0 + (sum((s - 1) * st for s, st in zip(y.shape, y.stride())) + 1) * y.element_size()
+    return x0 < y1 and y0 < x1
+
+
+def check_options(scale_granularity_mnk, scale_major_mode, backend, out_dtype) -> int:
+    """The non-tensor arguments; returns k_granularity."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise NotImplementedError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+    if out_dtype is not None and out_dtype != torch.bfloat16:
+        raise NotImplementedError(f"out_dtype must be torch.bfloat16 (or None), got {out_dtype!r}")
+    try:
+        granularity = tuple(int(g) for g in scale_granularity_mnk)
+    except (TypeError, ValueError):
+        granularity = None
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"scale_granularity_mnk must be (1, 1, 32) or (1, 1, 128), got {scale_granularity_mnk!r}")
+    if scale_major_mode != "MN":
+        raise ValueError(f'scale_major_mode must be "MN", got {scale_major_mode!r}')
+    return granularity[2]
+
+
+def check_call(a, b, a_scale, b_scale, m_indptr, out, *, k_granularity: int, is_gated: bool) -> GemmProblem:
+    """Validate the tensors of a call; returns the problem they describe."""
+    _tensor("a", a, torch.float8_e4m3fn, 2)
+    _tensor("b", b, torch.float8_e4m3fn, 3)
+    _tensor("a_scale", a_scale, torch.int32, 2)
+    _tensor("b_scale", b_scale, torch.int32, 3)
+    _tensor("m_indptr", m_indptr, torch.int32, 1)
+    _contiguous("a", a)
+    _contiguous("b", b)
+    _contiguous("m_indptr", m_indptr)
+
+    device = a.device
+    for name, x in (("b", b), ("a_scale", a_scale), ("b_scale", b_scale), ("m_indptr", m_indptr)):
+        if x.device != device:
+            raise ValueError(f"{name} must be on the same device as a ({device}), got {x.device}")
+
+    cum_m, k = a.shape
+    num_experts, n, k_b = b.shape
+    if k_b != k:
+        raise ValueError(f"b.size(2) must equal a.size(1) (the K dimension, {k}), got b of shape {list(b.shape)}")
+    if num_experts < 1:
+        raise ValueError(f"b must hold at least one expert, got shape {list(b.shape)}")
+    if k % 16 != 0:
+        raise ValueError(f"K (a.size(1)) must be a multiple of 16, got {k}")
+    _shape("m_indptr", m_indptr, (num_experts + 1,), "num_experts + 1, num_experts = b.size(0)")
+    if is_gated and n % 2 != 0:
+        raise ValueError(f"b.size(1) must be even when is_gated=True (up and gate halves), got {n}")
+    n_out = n // 2 if is_gated else n
+    if n_out % 16 != 0:
+        raise ValueError(f"the output width ({'b.size(1) / 2' if is_gated else 'b.size(1)'}) must be a multiple "
+                         f"of 16, got {n_out}")
+    words = k_align(k, k_granularity)
+    _shape("a_scale", a_scale, (m_padded(cum_m, num_experts), words),
+           f"m_padded = (cum_m + 3 * num_experts) // 4 * 4, k_align = ceil(K / (4 * {k_granularity}))")
+    _shape("b_scale", b_scale, (num_experts, n, words), f"num_experts, n, k_align = ceil(K / (4 * {k_granularity}))")
+
+    if out is not None:
+        _tensor("out", out, torch.bfloat16, 2)
+        if out.device != device:
+            raise ValueError(f"out must be on the same device as a ({device}), got {out.device}")
+        _shape("out", out, (cum_m, n_out), "cum_m, n / 2 when gated else n")
+        _contiguous("out", out)
+        for name, x in (("a", a), ("b", b), ("a_scale", a_scale), ("b_scale", b_scale), ("m_indptr", m_indptr)):
+            if _overlaps(out, x):
+                raise ValueError(f"out must not overlap {name}: their memory ranges intersect")
+    return GemmProblem(num_experts, cum_m, n, k, k_granularity, is_gated, device)
+
+
+def check_indptr_values(m_indptr: torch.Tensor, cum_m: int) -> None:
+    """The opt-in check of m_indptr's values (syncs with the device): which rule broke, if any."""
+    values = m_indptr.tolist()
+    if values[0] != 0:
+        raise ValueError(f"m_indptr[0] must be 0, got {values[0]}")
+    for e, (lo, hi) in enumerate(zip(values, values[1:])):
+        if hi < lo:
+            raise ValueError(f"m_indptr must be non-decreasing, got m_indptr[{e}] = {lo} > m_indptr[{e + 1}] = {hi}")
+    if values[-1] != cum_m:
+        raise ValueError(f"m_indptr[-1] must equal cum_m = a.size(0) = {cum_m}, got {values[-1]}")
