@@ -44,8 +44,9 @@ def _exponents(amax: torch.Tensor) -> torch.Tensor:
     """Biased UE8M0 exponent of ceil_pow2(amax / 448), clamped to [1, 254], as uint8.
 
     With amax = m * 2^q (m in [0.5, 1)) and 448 = 0.875 * 2^9, amax / 448 = (m / 0.875) * 2^(q - 9)
-    where m / 0.875 lies in (0.57, 1.15): the power of two above is 2^(q - 9), or 2^(q - 8) when
-    m > 0.875. This is exact; a division by 448 followed by log2 could round across a power of two.
+    where m / 0.875 lies in [0.57, 1.15): the smallest power of two at or above it is 2^(q - 9), or
+    2^(q - 8) when m > 0.875. This is exact; dividing by 448 and taking log2 could round across a
+    power of two.
     """
     mantissa, exponent = torch.frexp(amax)
     biased = exponent + (mantissa > 0.875).to(torch.int32) + (127 - 9)
@@ -55,7 +56,10 @@ def _exponents(amax: torch.Tensor) -> torch.Tensor:
 
 
 def _encode(blocks: torch.Tensor, exponents: torch.Tensor, k: int) -> torch.Tensor:
-    """Scale (..., nb, kg) blocks by 1 / scale (exact: powers of two), saturate, cast to e4m3, crop to k."""
+    """Divide (..., nb, kg) blocks by their scales, saturate, cast to e4m3, crop to k.
+
+    Dividing by a power of two is exact down to float32's subnormals, far below e4m3's resolution.
+    """
     scaled = blocks / ue8m0_to_float(exponents).unsqueeze(-1)
     data = scaled.clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return data.flatten(-2)[..., :k].contiguous()
@@ -84,8 +88,10 @@ def quantize_activations(
     """Quantize packed activations per (row, K block).
 
     Args:
-        x: (cum_m, k) float32 / float16 / bfloat16 / float64, the tokens of all experts back to back.
-        m_indptr: (E + 1,) int32 CSR offsets of the experts' rows in x (not read on the host).
+        x: (cum_m, k) float32 / float16 / bfloat16 / float64 (quantized from float32), the tokens
+            of all experts back to back.
+        m_indptr: (E + 1,) int32 CSR offsets of the experts' rows in x (moved to x's device, not
+            read on the host).
         k_granularity: 32 or 128 elements of K per scale.
 
     Returns:
@@ -116,7 +122,7 @@ def quantize_weights(
     """Quantize expert weights per (row, K block), or per (k_granularity x k_granularity) block.
 
     Args:
-        w: (E, n, k) float32 / float16 / bfloat16 / float64, each expert's (n, k) row-major.
+        w: (E, n, k) float32 / float16 / bfloat16 / float64 (quantized from float32).
         k_granularity: 32 or 128 elements of K per scale.
         block_2d: share one scale across each group of k_granularity rows (the last group may be
             partial), as 2-D block-scaled checkpoints do; the scale is broadcast to every row.

@@ -59,3 +59,15 @@ def choose_spec(*, device: DeviceInfo, num_experts: int, cum_m: int, n: int, k: 
         raise ValueError(f"no tile configuration fits {device.shared_memory_limit} B of shared memory "
                          f"with num_experts={num_experts}")
     return dataclasses.replace(spec, stages=stages)
+
+
+def candidate_specs(*, device: DeviceInfo, num_experts: int, n: int, k: int, k_granularity: int, gated: bool,
+                    scale_mode: str = "auto", max_tokens: int = 1 << 16) -> list[KernelSpec]:
+    """Every specialization choose_spec can pick for this weight shape (what `prewarm` compiles)."""
+    specs: dict[KernelSpec, None] = {}
+    cum_m = 1
+    while cum_m <= max_tokens:
+        specs[choose_spec(device=device, num_experts=num_experts, cum_m=cum_m, n=n, k=k, k_granularity=k_granularity,
+                          gated=gated, scale_mode=scale_mode)] = None
+        cum_m *= 2
+    return list(specs)

@@ -1,0 +1,163 @@
+"""The CUDA kernels against a float64 reference of the same quantized inputs (GPU only).
+
+Every case draws fresh random data and poisons `out` with NaN first, so an element the kernel
+fails to write shows up as NaN. Tolerance: relative Frobenius error <= 5e-3 (bfloat16 rounding of
+the output is ~2e-3 per element at worst).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mxfp8_moe import moe_gemm_mxfp8_nt_groupwise
+from mxfp8_moe.gemm.device import device_info
+from mxfp8_moe.gemm.heuristics import choose_spec
+from mxfp8_moe.gemm.launch import get_kernel
+from mxfp8_moe.gemm.spec import KernelSpec
+
+from problems import make_problem, relative_error, routed_rows
+
+pytestmark = pytest.mark.gpu
+TOLERANCE = 5e-3
+
+FLASHINFER_SHAPES = [(4096, 7168), (7168, 4096), (256, 2176), (3008, 2960)]
+MODELS = {  # name: (experts, hidden, moe_intermediate, top_k)
+    "qwen3-30b-a3b": (128, 2048, 768, 8),
+    "qwen3-235b-a22b": (128, 4096, 1536, 8),
+    "deepseek-v3-ep8": (32, 7168, 2048, 1),
+    "gpt-oss-120b": (128, 2880, 2880, 4),
+}
+ROW_COUNTS = [0, 1, 2, 3, 4, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129, 376, 1500]
+
+
+def run_and_check(problem, *, out=None, backend="cuda"):
+    cum_m = problem.a.shape[0]
+    n_out = problem.b.shape[1] // (2 if problem.gated else 1)
+    if out is None:
+        out = torch.full((cum_m, n_out), float("nan"), dtype=torch.bfloat16, device=problem.a.device)
+    else:
+        out.fill_(float("nan"))
+    result = moe_gemm_mxfp8_nt_groupwise(*problem.args, problem.granularity, "MN", backend, out=out,
+                                         is_gated=problem.gated)
+    assert result.data_ptr() == out.data_ptr()
+    ref = problem.reference()
+    assert not torch.isnan(out).any(), "output has unwritten (NaN) elements"
+    error = relative_error(out, ref)
+    assert error <= TOLERANCE, f"relative error {error:.2e}"
+    return out
+
+
+@pytest.fixture(params=["software", "emulated"])
+def scale_mode(request, monkeypatch):
+    monkeypatch.setenv("MXFP8_MOE_SCALE_MODE", request.param)
+    return request.param
+
+
+def flashinfer_cases():
+    cases = []
+    for i, (n, k) in enumerate(FLASHINFER_SHAPES):
+        for j, rows in enumerate([[0, 1, 8, 12], [15, 16, 0, 32], [64, 128], [376, 0, 1, 64]]):
+            kg = (32, 128)[(i + j) % 2]
+            gated = (i + j) % 3 == 0
+            cases.append(pytest.param(rows, n, k, kg, gated, "MN" if j % 2 == 0 else "K",
+                                      id=f"n{n}-k{k}-rows{'_'.join(map(str, rows))}-g{kg}{'-gated' if gated else ''}"))
+    return cases
+
+
+@pytest.mark.parametrize("rows,n,k,k_granularity,gated,layout", flashinfer_cases())
+def test_flashinfer_grid(rows, n, k, k_granularity, gated, layout, scale_mode):
+    run_and_check(make_problem(rows, n, k, k_granularity=k_granularity, gated=gated, scale_layout=layout))
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize("tokens", [1, 16, 200])
+@pytest.mark.parametrize("gemm", ["gate_up", "down"])
+def test_model_shapes(model, tokens, gemm, scale_mode):
+    experts, hidden, inter, top_k = MODELS[model]
+    rows = routed_rows(tokens, experts, top_k)
+    n, k = (2 * inter, hidden) if gemm == "gate_up" else (hidden, inter)
+    kg = 128 if tokens != 16 else 32
+    run_and_check(make_problem(rows, n, k, k_granularity=kg, gated=gemm == "gate_up"))
+
+
+@pytest.mark.parametrize("k_granularity", [32, 128])
+def test_row_counts(k_granularity, scale_mode):
+    # Every awkward per-expert row count at once, with a K tail (k % 128 == 16).
+    run_and_check(make_problem(ROW_COUNTS, 256, 400, k_granularity=k_granularity))
+    run_and_check(make_problem(ROW_COUNTS[::-1], 512, 272, k_granularity=k_granularity, gated=True, scale_layout="K"))
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("k_granularity", [32, 128])
+def test_simt_kernel(gated, k_granularity):
+    problem = make_problem([5, 0, 17, 2], 96, 336, k_granularity=k_granularity, gated=gated)
+    spec = KernelSpec("simt", device_info(0).arch, 96, 336, k_granularity, gated)
+    out = torch.full((24, 48 if gated else 96), float("nan"), dtype=torch.bfloat16, device="cuda")
+    get_kernel(spec, 0)(*problem.args, out, torch.cuda.current_stream().cuda_stream)
+    assert not torch.isnan(out).any()
+    assert relative_error(out, problem.reference()) <= TOLERANCE
+
+
+def test_misaligned_output_uses_portable_kernel():
+    problem = make_problem([3, 9], 64, 128)
+    storage = torch.empty(12 * 64 + 1, dtype=torch.bfloat16, device="cuda")
+    out = storage[1:].view(12, 64)  # 2-byte offset: not 16-byte aligned
+    assert choose_spec(device=device_info(0), num_experts=2, cum_m=12, n=64, k=128, k_granularity=128,
+                       gated=False, scale_mode="auto", aligned=False).kind == "simt"
+    run_and_check(problem, out=out)
+
+
+def test_default_backend_allocates_output():
+    problem = make_problem([4, 0, 11], 128, 256)
+    out = moe_gemm_mxfp8_nt_groupwise(*problem.args)
+    assert out.shape == (15, 128) and out.dtype == torch.bfloat16
+    assert relative_error(out, problem.reference()) <= TOLERANCE
+
+
+def test_cuda_graph_capture_and_replay():
+    problem = make_problem([3, 0, 20, 7], 256, 512, gated=True)
+    out = torch.empty(30, 128, dtype=torch.bfloat16, device="cuda")
+    moe_gemm_mxfp8_nt_groupwise(*problem.args, out=out, is_gated=True)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        moe_gemm_mxfp8_nt_groupwise(*problem.args, out=out, is_gated=True)
+    # New values in the same buffers: the replay must compute them.
+    fresh = make_problem([3, 0, 20, 7], 256, 512, gated=True)
+    for mine, new in zip(problem.args, fresh.args):
+        mine.copy_(new)
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert relative_error(out, fresh.reference()) <= TOLERANCE
+
+
+def test_non_default_stream():
+    problem = make_problem([64, 64, 64], 1024, 2048)
+    out = torch.full((192, 1024), float("nan"), dtype=torch.bfloat16, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(10_000_000)  # keep the stream busy: a launch on the wrong stream would finish first
+        moe_gemm_mxfp8_nt_groupwise(*problem.args, out=out)
+    stream.synchronize()
+    assert not torch.isnan(out).any()
+    assert relative_error(out, problem.reference()) <= TOLERANCE
+
+
+def test_rows_outside_every_expert_are_untouched():
+    # m_indptr ends before cum_m: the trailing rows belong to no expert.
+    problem = make_problem([5, 6], 64, 128)
+    problem.m_indptr[2] = 8
+    out = torch.full((11, 64), float("nan"), dtype=torch.bfloat16, device="cuda")
+    moe_gemm_mxfp8_nt_groupwise(*problem.args, out=out)
+    assert torch.isnan(out[8:]).all()
+    assert not torch.isnan(out[:8]).any()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_second_device():
+    problem = make_problem([4, 9], 128, 256, device="cuda:1")
+    out = moe_gemm_mxfp8_nt_groupwise(*problem.args)
+    assert out.device == torch.device("cuda:1")
+    assert relative_error(out, problem.reference()) <= TOLERANCE
