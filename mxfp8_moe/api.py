@@ -6,7 +6,8 @@ import torch
 
 from . import envs
 from .gemm.device import device_info
-from .gemm.heuristics import choose_spec
+from .gemm import native_guard
+from .gemm.heuristics import NATIVE_ARCHS, choose_spec
 from .gemm.launch import get_kernel
 from .reference import reference_moe_gemm
 from .validation import check_call, check_indptr_values, check_options
@@ -72,10 +73,14 @@ def moe_gemm_mxfp8_nt_groupwise(
         return out.copy_(result)
 
     device_index = problem.device.index if problem.device.index is not None else torch.cuda.current_device()
+    device = device_info(device_index)
+    scale_mode = envs.scale_mode()
+    if scale_mode == "auto" and device.arch in NATIVE_ARCHS and not native_guard.verified("native", device_index):
+        scale_mode = "software"
     aligned = (a.data_ptr() | b.data_ptr() | out.data_ptr()) % _ALIGNMENT == 0
-    spec = choose_spec(device=device_info(device_index), num_experts=problem.num_experts, cum_m=problem.cum_m,
-                       n=problem.n, k=problem.k, k_granularity=k_granularity, gated=is_gated,
-                       scale_mode=envs.scale_mode(), aligned=aligned)
+    spec = choose_spec(device=device, num_experts=problem.num_experts, cum_m=problem.cum_m, n=problem.n,
+                       k=problem.k, k_granularity=k_granularity, gated=is_gated, scale_mode=scale_mode,
+                       aligned=aligned)
     kernel = get_kernel(spec, device_index)
     kernel(a, b, a_scale, b_scale, m_indptr, out, torch._C._cuda_getCurrentRawStream(device_index))
     return out

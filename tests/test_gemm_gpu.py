@@ -161,3 +161,11 @@ def test_second_device():
     out = moe_gemm_mxfp8_nt_groupwise(*problem.args)
     assert out.device == torch.device("cuda:1")
     assert relative_error(out, problem.reference()) <= TOLERANCE
+
+
+def test_native_guard_accepts_a_faithful_block_scaled_mma():
+    # On sm_90a the emulated block-scaled MMA stands in for sm_120a's native one: the guard must
+    # find it agrees with software scaling (on an SM120 card the same check runs the real one).
+    from mxfp8_moe.gemm import native_guard
+
+    assert native_guard.verified("emulated", 0) is True

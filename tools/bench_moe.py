@@ -1,0 +1,173 @@
+"""Benchmark the grouped GEMM on MoE problems from real models, next to torch's grouped GEMMs.
+
+Method (docs/PERFORMANCE.md): per cell, 6 random top-k routings are rotated inside one CUDA graph
+so the active experts' weights come from HBM, not L2; time = median of the graph's replays / 6.
+The HBM floor is the bytes the call must move (active experts' weights and scales, A and its
+scales, out) over the device-to-device copy bandwidth measured in the same run.
+
+    python tools/bench_moe.py --tokens 1 16 64 256 --out bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from problems import indptr, routed_rows  # noqa: E402
+
+from mxfp8_moe import k_align, m_padded, moe_gemm_mxfp8_nt_groupwise, quantize_activations, quantize_weights  # noqa: E402
+
+MODELS = {  # name: (experts, hidden, moe_intermediate, top_k)
+    "qwen3-30b-a3b": (128, 2048, 768, 8),
+    "qwen3-235b-a22b": (128, 4096, 1536, 8),
+    "deepseek-v3-ep8": (32, 7168, 2048, 1),
+    "gpt-oss-120b": (128, 2880, 2880, 4),
+}
+ROUTINGS = 6
+REPLAYS = 20
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * src.numel() / statistics.median(times)
+
+
+def graph_time(calls) -> float:
+    """Median seconds per call of `calls` (a list of closures) captured in one CUDA graph."""
+    for call in calls:
+        call()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    times = []
+    for _ in range(REPLAYS):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times) / len(calls)
+
+
+def bench_cell(model, gemm, tokens, k_granularity, bandwidth, peers):
+    experts, hidden, inter, top_k = MODELS[model]
+    n, k = (2 * inter, hidden) if gemm == "gate_up" else (hidden, inter)
+    gated = gemm == "gate_up"
+    n_out = n // 2 if gated else n
+    w = torch.randn(experts, n, k, device="cuda") * 0.05
+    b, b_scale = quantize_weights(w, k_granularity)
+    routings = []
+    for _ in range(ROUTINGS):
+        rows = routed_rows(tokens, experts, top_k)
+        m_indptr = indptr(rows, "cuda")
+        cum_m = sum(rows)
+        a, a_scale = quantize_activations(torch.randn(cum_m, k, device="cuda"), m_indptr, k_granularity)
+        routings.append((rows, m_indptr, a, a_scale, torch.empty(cum_m, n_out, dtype=torch.bfloat16, device="cuda")))
+
+    active = statistics.mean(sum(r > 0 for r in rows) for rows, *_ in routings)
+    cum_m = statistics.mean(sum(rows) for rows, *_ in routings)
+    weight_bytes = active * n * (k + 4 * k_align(k, k_granularity))
+    act_bytes = cum_m * (k + 2 * n_out) + 4 * m_padded(int(cum_m), experts) * k_align(k, k_granularity)
+    floor = (weight_bytes + act_bytes) / bandwidth
+    row = {"model": model, "gemm": gemm, "n": n, "k": k, "tokens": tokens, "cum_m": cum_m, "active": active,
+           "k_granularity": k_granularity, "floor_us": floor * 1e6}
+
+    def ours(r):
+        _, m_indptr, a, a_scale, out = r
+        return lambda: moe_gemm_mxfp8_nt_groupwise(a, b, a_scale, b_scale, m_indptr, (1, 1, k_granularity),
+                                                   out=out, is_gated=gated)
+
+    row["mxfp8_moe_us"] = graph_time([ours(r) for r in routings]) * 1e6
+    if peers:
+        # torch's FP8 grouped GEMM with one scale per row / column: same bytes, coarser scales.
+        b_t = b.transpose(1, 2)
+        scale_b = torch.rand(experts, n, device="cuda") + 0.5
+        b_bf16 = w.to(torch.bfloat16).transpose(1, 2)
+
+        def torch_fp8(r):
+            _, m_indptr, a, _, _ = r
+            scale_a = torch.rand(a.shape[0], device="cuda") + 0.5
+            offs = m_indptr[1:].contiguous()
+            return lambda: torch._scaled_grouped_mm(a, b_t, scale_a, scale_b, offs=offs, out_dtype=torch.bfloat16)
+
+        def torch_bf16(r):
+            _, m_indptr, a, _, _ = r
+            a16 = torch.randn(a.shape, device="cuda", dtype=torch.bfloat16)
+            offs = m_indptr[1:].contiguous()
+            return lambda: torch._grouped_mm(a16, b_bf16, offs=offs)
+
+        for name, make in (("torch_fp8_rowwise_us", torch_fp8), ("torch_bf16_grouped_us", torch_bf16)):
+            try:
+                row[name] = graph_time([make(r) for r in routings]) * 1e6
+            except Exception as error:  # noqa: BLE001 - a peer that cannot run this cell is reported, not fatal
+                row[name] = None
+                print(f"  {name} failed: {str(error).splitlines()[0][:120]}", flush=True)
+    del w, b, b_scale, routings
+    return row
+
+
+def markdown(rows) -> str:
+    head = ("| model | GEMM (N x K) | T | kg | active | floor us | mxfp8_moe us (% floor) | torch FP8 rowwise us (% floor) "
+            "| torch bf16 us | speedup vs torch FP8 |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    lines = []
+    for r in rows:
+        fp8 = r.get("torch_fp8_rowwise_us")
+        pct = lambda t: f"{t:.1f} ({100 * r['floor_us'] / t:.0f}%)" if t else "-"  # noqa: E731
+        bf16 = r.get("torch_bf16_grouped_us")
+        speedup = f"{fp8 / r['mxfp8_moe_us']:.2f}x" if fp8 else "-"
+        lines.append(f"| {r['model']} | {r['gemm']} {r['n']}x{r['k']} | {r['tokens']} | {r['k_granularity']} "
+                     f"| {r['active']:.0f} | {r['floor_us']:.1f} | {pct(r['mxfp8_moe_us'])} | {pct(fp8)} "
+                     f"| {f'{bf16:.1f}' if bf16 else '-'} | {speedup} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--gemms", nargs="+", default=["gate_up", "down"])
+    parser.add_argument("--tokens", nargs="+", type=int, default=[1, 4, 16, 64, 256, 1024, 4096])
+    parser.add_argument("--k-granularity", nargs="+", type=int, default=[128])
+    parser.add_argument("--no-peers", action="store_true", help="time only this package")
+    parser.add_argument("--out", type=Path, default=Path("bench.json"))
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    bandwidth = copy_bandwidth()
+    print(f"{torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
+    rows = []
+    for model in args.models:
+        for gemm in args.gemms:
+            for kg in args.k_granularity:
+                for tokens in args.tokens:
+                    row = bench_cell(model, gemm, tokens, kg, bandwidth, not args.no_peers)
+                    rows.append(row)
+                    print(f"{model} {gemm} T={tokens} kg={kg}: floor {row['floor_us']:.1f} us, "
+                          f"mxfp8_moe {row['mxfp8_moe_us']:.1f} us, torch fp8 {row.get('torch_fp8_rowwise_us')}", flush=True)
+    result = {"device": torch.cuda.get_device_name(), "copy_bandwidth": bandwidth, "rows": rows}
+    args.out.write_text(json.dumps(result, indent=1))
+    table = markdown(rows)
+    args.out.with_suffix(".md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
