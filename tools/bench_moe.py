@@ -125,6 +125,29 @@ def bench_cell(model, gemm, tokens, k_granularity, bandwidth, peers):
     return row
 
 
+def host_cost() -> float:
+    """Seconds of host time per call (no sync), on a decode-sized problem with the kernel warm."""
+    import time
+
+    rows = [1] * 8 + [0] * 120
+    m_indptr = indptr(rows, "cuda")
+    a, a_scale = quantize_activations(torch.randn(8, 2048, device="cuda"), m_indptr)
+    b, b_scale = quantize_weights(torch.randn(128, 1536, 2048, device="cuda"))
+    out = torch.empty(8, 768, dtype=torch.bfloat16, device="cuda")
+    call = lambda: moe_gemm_mxfp8_nt_groupwise(a, b, a_scale, b_scale, m_indptr, out=out, is_gated=True)  # noqa: E731
+    for _ in range(100):
+        call()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(200):
+            call()
+        samples.append((time.perf_counter() - start) / 200)
+        torch.cuda.synchronize()
+    return min(samples)
+
+
 def markdown(rows) -> str:
     head = ("| model | GEMM (N x K) | T | kg | active | floor us | mxfp8_moe us (% floor) | torch FP8 rowwise us (% floor) "
             "| torch bf16 us | speedup vs torch FP8 |\n|---|---|---|---|---|---|---|---|---|---|\n")
@@ -152,7 +175,9 @@ def main() -> None:
 
     torch.manual_seed(0)
     bandwidth = copy_bandwidth()
-    print(f"{torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
+    host = host_cost()
+    print(f"{torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e12:.2f} TB/s, "
+          f"host cost per call {host * 1e6:.1f} us", flush=True)
     rows = []
     for model in args.models:
         for gemm in args.gemms:
@@ -162,7 +187,7 @@ def main() -> None:
                     rows.append(row)
                     print(f"{model} {gemm} T={tokens} kg={kg}: floor {row['floor_us']:.1f} us, "
                           f"mxfp8_moe {row['mxfp8_moe_us']:.1f} us, torch fp8 {row.get('torch_fp8_rowwise_us')}", flush=True)
-    result = {"device": torch.cuda.get_device_name(), "copy_bandwidth": bandwidth, "rows": rows}
+    result = {"device": torch.cuda.get_device_name(), "copy_bandwidth": bandwidth, "host_cost_s": host, "rows": rows}
     args.out.write_text(json.dumps(result, indent=1))
     table = markdown(rows)
     args.out.with_suffix(".md").write_text(table)
