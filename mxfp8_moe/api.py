@@ -8,9 +8,9 @@ from . import envs
 from .gemm.device import device_info
 from .gemm import native_guard
 from .gemm.heuristics import NATIVE_ARCHS, choose_spec
-from .gemm.launch import get_kernel
+from .gemm.launch import GemmKernel, get_kernel
 from .reference import reference_moe_gemm
-from .validation import check_call, check_indptr_values, check_options
+from .validation import GemmProblem, check_call, check_indptr_values, check_options
 
 _ALIGNMENT = 16  # bytes; the tensor-core kernels move a, b and out in 16-byte vectors
 
@@ -73,14 +73,32 @@ def moe_gemm_mxfp8_nt_groupwise(
         return out.copy_(result)
 
     device_index = problem.device.index if problem.device.index is not None else torch.cuda.current_device()
-    device = device_info(device_index)
-    scale_mode = envs.scale_mode()
-    if scale_mode == "auto" and device.arch in NATIVE_ARCHS and not native_guard.verified("native", device_index):
-        scale_mode = "software"
     aligned = (a.data_ptr() | b.data_ptr() | out.data_ptr()) % _ALIGNMENT == 0
-    spec = choose_spec(device=device, num_experts=problem.num_experts, cum_m=problem.cum_m, n=problem.n,
-                       k=problem.k, k_granularity=k_granularity, gated=is_gated, scale_mode=scale_mode,
-                       aligned=aligned)
-    kernel = get_kernel(spec, device_index)
+    kernel = _planned.get((problem, device_index, envs.scale_mode(), aligned)) or _plan(
+        problem, device_index, envs.scale_mode(), aligned)
     kernel(a, b, a_scale, b_scale, m_indptr, out, torch._C._cuda_getCurrentRawStream(device_index))
     return out
+
+
+# (problem, device, scale mode, alignment) -> kernel: the heuristic and the kernel lookup run once
+# per distinct call shape, so a steady-state call costs one dict lookup here.
+_planned: dict[tuple, GemmKernel] = {}
+
+
+def _plan(problem: GemmProblem, device_index: int, requested_mode: str, aligned: bool) -> GemmKernel:
+    device = device_info(device_index)
+    scale_mode = requested_mode
+    if requested_mode == "auto" and device.arch in NATIVE_ARCHS:
+        verdict = native_guard.verified("native", device_index)
+        if verdict is None:  # capturing a CUDA graph before the guard ran: software now, not remembered
+            return get_kernel(_choose(problem, device, "software", aligned), device_index)
+        scale_mode = "native" if verdict else "software"
+    kernel = get_kernel(_choose(problem, device, scale_mode, aligned), device_index)
+    _planned[(problem, device_index, requested_mode, aligned)] = kernel
+    return kernel
+
+
+def _choose(problem: GemmProblem, device, scale_mode: str, aligned: bool):
+    return choose_spec(device=device, num_experts=problem.num_experts, cum_m=problem.cum_m, n=problem.n,
+                       k=problem.k, k_granularity=problem.k_granularity, gated=problem.gated,
+                       scale_mode=scale_mode, aligned=aligned)

@@ -9,7 +9,7 @@ Messages name the argument, what was expected and what came. No device-to-host s
 
 from __future__ import annotations
 
-import dataclasses
+from typing import NamedTuple
 
 import torch
 
@@ -19,8 +19,7 @@ BACKENDS = ("auto", "cuda", "cute", "reference")
 GRANULARITIES = ((1, 1, 32), (1, 1, 128))
 
 
-@dataclasses.dataclass(frozen=True)
-class GemmProblem:
+class GemmProblem(NamedTuple):
     num_experts: int
     cum_m: int
     n: int  # rows of B per expert (2 * n_out when gated)
@@ -55,18 +54,17 @@ def _contiguous(name: str, x: torch.Tensor) -> None:
 
 
 def _shape(name: str, x: torch.Tensor, expected: tuple[int, ...], why: str) -> None:
-    if tuple(x.shape) != expected:
+    if x.shape != expected:
         raise ValueError(f"{name} must have shape {list(expected)} ({why}), got {list(x.shape)}")
 
 
-def _overlaps(x: torch.Tensor, y: torch.Tensor) -> bool:
-    if x.device != y.device or x.numel() == 0 or y.numel() == 0:
-        return False
-    x0 = x.data_ptr()
-    y0 = y.data_ptr()
-    x1 = x0 + (sum((s - 1) * st for s, st in zip(x.shape, x.stride())) + 1) * x.element_size()
-    y1 = y0 + (sum((s - 1) * st for s, st in zip(y.shape, y.stride())) + 1) * y.element_size()
-    return x0 < y1 and y0 < x1
+def _byte_range(x: torch.Tensor) -> tuple[int, int]:
+    """[first, last] byte a (non-empty) tensor can address through its strides."""
+    start = x.data_ptr()
+    span = 0
+    for size, stride in zip(x.shape, x.stride()):
+        span += (size - 1) * stride
+    return start, start + (span + 1) * x.element_size() - 1
 
 
 def check_options(scale_granularity_mnk, scale_major_mode, backend, out_dtype) -> int:
@@ -128,9 +126,16 @@ def check_call(a, b, a_scale, b_scale, m_indptr, out, *, k_granularity: int, is_
             raise ValueError(f"out must be on the same device as a ({device}), got {out.device}")
         _shape("out", out, (cum_m, n_out), "cum_m, n / 2 when gated else n")
         _contiguous("out", out)
-        for name, x in (("a", a), ("b", b), ("a_scale", a_scale), ("b_scale", b_scale), ("m_indptr", m_indptr)):
-            if _overlaps(out, x):
-                raise ValueError(f"out must not overlap {name}: their memory ranges intersect")
+        if out.numel():
+            # out is contiguous: its bytes are one interval; an input that shares any byte would be
+            # overwritten while the kernel still reads it.
+            out_first, out_last = out.data_ptr(), out.data_ptr() + 2 * out.numel() - 1
+            for name, x in (("a", a), ("b", b), ("a_scale", a_scale), ("b_scale", b_scale), ("m_indptr", m_indptr)):
+                if x.numel():
+                    first, last = _byte_range(x)
+                    if first <= out_last and out_first <= last:
+                        raise ValueError(f"out must not overlap {name}: out spans bytes [{out_first:#x}, "
+                                         f"{out_last:#x}], {name} spans [{first:#x}, {last:#x}]")
     return GemmProblem(num_experts, cum_m, n, k, k_granularity, is_gated, device)
 
 

@@ -1,22 +1,28 @@
 """Which kernel specialization runs a problem, decided from shapes alone (never from m_indptr's
 values, which would need a device-to-host sync).
 
-The expected rows per active expert (cum_m / min(E, cum_m)) picks the token tile; the expected
-number of work units against the SM count picks the N tile; the shared memory left picks the
-pipeline depth.
+Decode-sized MoE GEMMs are memory-bound: the time is the active experts' weight bytes over the
+bandwidth the CTAs can pull. Two regimes follow from the expected number of work units:
+- many units (at least one per SM): wide tiles, a 4-deep pipeline, several CTAs per SM;
+- few units (few active experts, e.g. one token): narrow N tiles so more SMs stream weights, and
+  deep pipelines so each CTA keeps enough bytes in flight on its own.
+The token tile covers an expert's expected rows plus two standard deviations of random routing
+(Poisson), so most experts need one tile and their weights are read once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from .device import DeviceInfo
 from .spec import KernelSpec
 
 TOKEN_TILES = (8, 16, 32, 64)
-MAX_STAGES = 4
-WARPS = 4
+STAGES = 4  # many-units regime
+MAX_STAGES = 16  # few-units regime
 NATIVE_ARCHS = ("sm_120a", "sm_121a")
+_STATIC_SHARED_RESERVE = 1024  # the kernel's static shared memory (scan scratch), rounded up
 
 
 def resolve_scale_mode(requested: str, arch: str) -> str:
@@ -41,20 +47,24 @@ def choose_spec(*, device: DeviceInfo, num_experts: int, cum_m: int, n: int, k: 
         return KernelSpec("simt", device.arch, n, k, k_granularity, gated, block_n=128)
 
     active_experts = max(1, min(num_experts, cum_m))
-    rows_per_expert = -(-cum_m // active_experts)
-    block_t = next((t for t in TOKEN_TILES if t >= rows_per_expert), TOKEN_TILES[-1])
+    rows = cum_m / active_experts
+    block_t = next((t for t in TOKEN_TILES if t >= rows + 2 * math.sqrt(rows)), TOKEN_TILES[-1])
+    token_tiles = active_experts * math.ceil(rows / block_t)
 
     # Gated tiles carry up and gate rows: half the output columns for the same weight bytes.
     n_out = n // 2 if gated else n
-    block_n = 64 if gated else 128
-    units = active_experts * -(-rows_per_expert // block_t) * -(-n_out // block_n)
-    if units < device.num_sms and block_n > 16 * WARPS:
+    block_n, warps = (64, 4) if gated else (128, 4)
+    few_units = token_tiles * math.ceil(n_out / block_n) < device.num_sms
+    while few_units and block_n > 32 and token_tiles * math.ceil(n_out / block_n) < device.num_sms:
         block_n //= 2
+        warps = min(warps, block_n // 16)
 
     spec = KernelSpec("mma", device.arch, n, k, k_granularity, gated, block_n=block_n, block_t=block_t,
-                      stages=1, warps=WARPS, scale_mode=resolve_scale_mode(scale_mode, device.arch))
-    budget = device.shared_memory_limit - 1024 - (spec.dynamic_shared_bytes(num_experts) - spec.pipeline_bytes())
-    stages = min(MAX_STAGES, budget // spec.pipeline_bytes())
+                      stages=1, warps=warps, scale_mode=resolve_scale_mode(scale_mode, device.arch))
+    # Few units: let two CTAs share an SM and give each as deep a pipeline as fits.
+    budget = (device.shared_memory_limit // 2 if few_units else device.shared_memory_limit) - _STATIC_SHARED_RESERVE
+    budget -= spec.dynamic_shared_bytes(num_experts) - spec.pipeline_bytes()
+    stages = min(MAX_STAGES if few_units else STAGES, budget // spec.pipeline_bytes())
     if stages < 2:
         raise ValueError(f"no tile configuration fits {device.shared_memory_limit} B of shared memory "
                          f"with num_experts={num_experts}")
@@ -69,5 +79,5 @@ def candidate_specs(*, device: DeviceInfo, num_experts: int, n: int, k: int, k_g
     while cum_m <= max_tokens:
         specs[choose_spec(device=device, num_experts=num_experts, cum_m=cum_m, n=n, k=k, k_granularity=k_granularity,
                           gated=gated, scale_mode=scale_mode)] = None
-        cum_m *= 2
+        cum_m = cum_m + 1 if cum_m < 64 else cum_m * 2
     return list(specs)

@@ -49,15 +49,23 @@ class GemmKernel:
         self._pointers = (ctypes.c_void_p * 1)(ctypes.addressof(self._params))
         self._pointers_address = ctypes.addressof(self._pointers)
         self._lock = threading.Lock()  # the argument block is shared by threads calling this kernel
+        self._grids: dict[tuple[int, int], tuple[tuple[int, int, int], int]] = {}
 
     def grid(self, num_experts: int, cum_m: int) -> tuple[tuple[int, int, int], int]:
+        """(grid, dynamic shared bytes): persistent for the MMA kernel, one block per column
+        block x expert x row slice for the SIMT kernel."""
         spec = self.spec
-        shared = spec.dynamic_shared_bytes(num_experts)
-        if spec.kind == "simt":
-            # x: column blocks, y: experts, z: row slices of each expert (enough to fill the GPU).
-            row_slices = max(1, min(64, -(-cum_m // num_experts)))
-            return (-(-spec.n_out // spec.threads), num_experts, row_slices), shared
-        return (self.kernel.resident_blocks(shared), 1, 1), shared
+        key = (num_experts, cum_m if spec.kind == "simt" else 0)
+        launch = self._grids.get(key)
+        if launch is None:
+            shared = spec.dynamic_shared_bytes(num_experts)
+            if spec.kind == "simt":
+                row_slices = max(1, min(64, -(-cum_m // num_experts)))
+                grid = (-(-spec.n_out // spec.threads), num_experts, row_slices)
+            else:
+                grid = (self.kernel.resident_blocks(shared), 1, 1)
+            launch = self._grids[key] = (grid, shared)
+        return launch
 
     def __call__(self, a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
                  m_indptr: torch.Tensor, out: torch.Tensor, stream: int) -> None:
