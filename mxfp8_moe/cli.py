@@ -1,1 +1,403 @@
-def main(): pass
+"""`mxfp8-moe`: prewarm the kernel cache for a deployment, inspect the cache, describe the
+environment, and run the grouped GEMM on an MoE-shaped problem.
+
+Input problems (bad shapes, unreadable configs, unknown archs) exit with status 2 and one message;
+a kernel that fails to compile, or a demo result that is off, exits with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.metadata
+import re
+import statistics
+import sys
+import time
+
+import torch
+
+from . import (
+    __version__,
+    envs,
+    moe_gemm_mxfp8_nt_groupwise,
+    quantize_activations,
+    quantize_weights,
+    reference_moe_gemm,
+    to_mn_major_b_scale,
+)
+from .gemm.device import DeviceInfo, device_info
+from .gemm.heuristics import candidate_specs
+from .gemm.spec import KernelSpec, kernel_dir
+from .jit.build import build
+from .jit.cache import default_cache, default_cache_dir
+from .jit.compiler import CompileError, nvrtc_library_path, nvrtc_version, supported_archs
+from .jit.runtime import driver_version
+from .layout import k_align
+from .model_config import GemmShape, MoeConfig
+
+DEFAULT_EXPERTS = 128
+GRANULARITIES = {"32": (32,), "128": (128,), "both": (32, 128)}
+LOG_LINES = 20  # of a failed compile's NVRTC log
+DEMO_TOLERANCE = 5e-3  # relative Frobenius error against the float64 reference
+DEMO_RUNS, DEMO_WARMUP = 20, 3
+DEMO_ARCH = "sm_120a"  # what the demo compiles when there is no GPU to run on
+
+
+class CliError(Exception):
+    """Bad input to a command: reported as one line, exit status 2."""
+
+
+# --- shapes and targets ---------------------------------------------------------------------------
+
+def _shape_arg(text: str) -> tuple[int, int]:
+    try:
+        n, k = (int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N,K (two integers), got {text!r}") from None
+    return n, k
+
+
+def _check_shape(shape: GemmShape) -> GemmShape:
+    """The rules moe_gemm_mxfp8_nt_groupwise applies to its tensors, stated for a shape."""
+    step = 32 if shape.gated else 16  # the output width, N / 2 when gated, must be a multiple of 16
+    if shape.n < 1 or shape.n % step:
+        why = " (gated: the output width N/2 must be a multiple of 16)" if shape.gated else ""
+        raise CliError(f"{shape}: N must be a positive multiple of {step}{why}")
+    if shape.k < 1 or shape.k % 16:
+        raise CliError(f"{shape}: K must be a positive multiple of 16")
+    if shape.num_experts < 1:
+        raise CliError(f"{shape}: the number of experts must be positive")
+    return shape
+
+
+def _local_gpus() -> dict[str, DeviceInfo]:
+    """The first GPU of each arch here."""
+    if not torch.cuda.is_available():
+        return {}
+    gpus: dict[str, DeviceInfo] = {}
+    for index in range(torch.cuda.device_count()):
+        info = device_info(index)
+        gpus.setdefault(info.arch, info)
+    return gpus
+
+
+def _targets(archs: list[str] | None) -> list[DeviceInfo]:
+    local = _local_gpus()
+    if not archs:
+        if not local:
+            raise CliError("no CUDA GPU here: pass --arch for the GPU to compile for, e.g. --arch sm_120a")
+        return list(local.values())
+    targets: dict[str, DeviceInfo] = {}
+    for arch in archs:
+        match = re.fullmatch(r"sm_(\d+)[af]?", arch)
+        if match is None or f"sm_{match[1]}" not in supported_archs():
+            raise CliError("unknown arch %r: NVRTC %d.%d compiles for %s (e.g. --arch sm_120a)"
+                           % (arch, *nvrtc_version(), ", ".join(supported_archs())))
+        info = DeviceInfo.for_arch(arch)
+        # A GPU that is here describes itself better than the table (its SM count picks tiles).
+        info = local.get(info.arch, info)
+        targets.setdefault(info.arch, info)
+    return list(targets.values())
+
+
+def _kernel_specs(device: DeviceInfo, shape: GemmShape, k_granularity: int) -> list[KernelSpec]:
+    """What the API can pick for this shape on this device: every tile it may choose, plus the
+    portable kernel it falls back to for misaligned tensors."""
+    try:
+        specs = candidate_specs(device=device, num_experts=shape.num_experts, n=shape.n, k=shape.k,
+                                k_granularity=k_granularity, gated=shape.gated, scale_mode=envs.scale_mode())
+    except ValueError as error:
+        raise CliError(f"{shape} on {device.arch}: {error}") from None
+    return [*specs, KernelSpec("simt", device.arch, shape.n, shape.k, k_granularity, shape.gated)]
+
+
+def _compile(specs: list[KernelSpec]) -> bool:
+    """Build each spec through the cache, a line each and a summary; True if all succeeded."""
+    compiled = cached = failed = 0
+    start = time.perf_counter()
+    for spec in specs:
+        began = time.perf_counter()
+        try:
+            _, was_cached = build(spec.source(), arch=spec.arch, include_dir=kernel_dir(), label=spec.label)
+        except CompileError as error:
+            failed += 1
+            lines = error.log.splitlines()
+            print(f"FAILED   {spec.label} for {spec.arch}; NVRTC says:")
+            print("\n".join("    " + line for line in lines[:LOG_LINES]))
+            if len(lines) > LOG_LINES:
+                print(f"    ... {len(lines) - LOG_LINES} more lines (MXFP8_MOE_DUMP_DIR=dir keeps the whole log)")
+            continue
+        if was_cached:
+            cached += 1
+            print(f"cached   {spec.label} for {spec.arch}")
+        else:
+            compiled += 1
+            print(f"compiled {spec.label} for {spec.arch} in {time.perf_counter() - began:.2f} s")
+    print(f"{compiled} compiled, {cached} cached, {failed} failed in {time.perf_counter() - start:.2f} s")
+    return failed == 0
+
+
+# --- prewarm --------------------------------------------------------------------------------------
+
+def _requested_shapes(args) -> list[GemmShape]:
+    experts = DEFAULT_EXPERTS if args.num_experts is None else args.num_experts
+    shapes = [GemmShape("gemm", n, k, args.gated, experts) for n, k in args.shape or ()]
+    if args.model_config:
+        try:
+            config = MoeConfig.load(args.model_config)
+            if args.num_experts is not None:  # e.g. the experts of one rank under expert parallelism
+                config = dataclasses.replace(config, num_experts=args.num_experts)
+            shapes += config.gemm_shapes(args.tp)
+        except (OSError, ValueError) as error:
+            raise CliError(str(error)) from None
+    if not shapes:
+        raise CliError("nothing to compile: give --shape N,K or --model-config PATH")
+    return [_check_shape(shape) for shape in shapes]
+
+
+def _prewarm(args) -> int:
+    shapes = _requested_shapes(args)
+    targets = _targets(args.arch)
+    granularities = sorted({g for choice in args.k_granularity or ["128"] for g in GRANULARITIES[choice]})
+    specs = list(dict.fromkeys(spec for device in targets for shape in shapes for g in granularities
+                               for spec in _kernel_specs(device, shape, g)))
+    for shape in shapes:
+        print(f"  {shape}")
+    cache = default_cache()
+    print(f"{len(specs)} kernels for {', '.join(d.arch for d in targets)}, "
+          f"k-granularity {' and '.join(map(str, granularities))}, cache: {cache.directory or _storage(cache)}")
+    return 0 if _compile(specs) else 1
+
+
+# --- cache ----------------------------------------------------------------------------------------
+
+def _size(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if nbytes < 1024:
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return f"{nbytes:.1f} GiB"
+
+
+def _age(seconds: float) -> str:
+    for unit, length in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= length:
+            return f"{seconds // length:.0f}{unit}"
+    return f"{max(seconds, 0):.0f}s"
+
+
+def _storage(cache) -> str:
+    if cache.directory is not None:
+        return "disk"
+    if envs.disable_disk_cache():
+        return "memory only (MXFP8_MOE_DISABLE_DISK_CACHE=1): nothing is kept between processes"
+    return "memory only (the directory cannot be used safely; see the warning above)"
+
+
+def _cache(args) -> int:
+    cache = default_cache()
+    if args.cache_command == "clear":
+        print(f"removed {cache.clear()} entries from {default_cache_dir()}")
+        return 0
+    entries = cache.entries()
+    if args.cache_command == "info":
+        print(f"directory: {default_cache_dir()}")
+        print(f"storage:   {_storage(cache)}")
+        print(f"entries:   {len(entries)}")
+        print(f"size:      {_size(sum(e.size for e in entries))}")
+    else:
+        if not entries:
+            print(f"no entries in {default_cache_dir()}")
+        width = max((len(e.label) for e in entries), default=0)
+        now = time.time()
+        for entry in sorted(entries, key=lambda e: e.label):
+            print(f"{entry.label:<{width}}  {_size(entry.size):>10}  {_age(now - entry.mtime):>4}")
+    return 0
+
+
+# --- env ------------------------------------------------------------------------------------------
+
+def _probe(read) -> str:
+    # `env` is what people run when something is broken: report a failing probe, never stop on it.
+    try:
+        return read()
+    except Exception as error:  # noqa: BLE001
+        return f"unavailable ({type(error).__name__}: {error})"
+
+
+def _driver() -> str:
+    version = driver_version()
+    return "none" if version is None else f"{version // 1000}.{version % 1000 // 10}"
+
+
+def _nvrtc() -> str:
+    return "%d.%d (%s)" % (*nvrtc_version(), nvrtc_library_path() or "library path unknown")
+
+
+def _gpus() -> list[str]:
+    if not torch.cuda.is_available():
+        return ["none" + ("" if torch.version.cuda else " (torch is a CPU-only build)")]
+    return [f"cuda:{i} {torch.cuda.get_device_name(i)} ({device_info(i).arch}, {device_info(i).num_sms} SMs)"
+            for i in range(torch.cuda.device_count())]
+
+
+def _env(args) -> int:
+    rows = [
+        ("mxfp8_moe", __version__),
+        ("python", sys.version.split()[0]),
+        ("torch", f"{torch.__version__} (CUDA {torch.version.cuda or 'none'})"),
+        ("cuda-bindings", _probe(lambda: importlib.metadata.version("cuda-bindings"))),
+        ("driver", _probe(_driver)),
+        ("nvrtc", _probe(_nvrtc)),
+        ("nvrtc archs", _probe(lambda: " ".join(supported_archs()))),
+        *(("gpu", line) for line in _gpus()),
+        ("kernel sources", str(kernel_dir())),
+        ("cache", str(default_cache_dir()) + (" (disk cache disabled)" if envs.disable_disk_cache() else "")),
+        *(envs.in_effect().items() or [(f"{envs.PREFIX}*", "none set")]),
+    ]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name + ':':<{width + 1}} {value}")
+    return 0
+
+
+# --- demo -----------------------------------------------------------------------------------------
+
+def _demo_problem(shape: GemmShape, tokens: int, top_k: int, k_granularity: int, device: torch.device,
+                  generator: torch.Generator):
+    """Quantized operands of one MoE layer's GEMM: random bf16 tokens routed top-k, random bf16 weights."""
+    x = torch.randn(tokens, shape.k, generator=generator, device=device).to(torch.bfloat16)
+    experts = torch.rand(tokens, shape.num_experts, generator=generator, device=device).topk(top_k, dim=1).indices
+    # Row t * top_k + j of the flattened choices is token t's j-th expert; sort the rows by expert.
+    order = experts.flatten().argsort(stable=True)
+    counts = torch.bincount(experts.flatten(), minlength=shape.num_experts)
+    m_indptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+    a, a_scale = quantize_activations(x[order // top_k], m_indptr, k_granularity)
+
+    b = torch.zeros((shape.num_experts, shape.n, shape.k), dtype=torch.float8_e4m3fn, device=device)
+    b_scale = to_mn_major_b_scale(torch.zeros((shape.num_experts, shape.n, k_align(shape.k, k_granularity)),
+                                              dtype=torch.int32, device=device))
+    # Experts no token picked are never read, so only the others get weights, drawn one expert at a
+    # time: all of them at once would be 1.6 GB of float32 for Qwen3-30B-A3B's gate_up.
+    for e in counts.nonzero().flatten().tolist():
+        w = torch.randn((1, shape.n, shape.k), generator=generator, device=device).mul_(0.05).to(torch.bfloat16)
+        b[e : e + 1], b_scale[e : e + 1] = quantize_weights(w, k_granularity)
+    return a, b, a_scale, b_scale, m_indptr
+
+
+def _median_ms(run) -> float:
+    for _ in range(DEMO_WARMUP):
+        run()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(DEMO_RUNS)]
+    for start, end in events:
+        start.record()
+        run()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events)
+
+
+def _demo(args) -> int:
+    n, k = args.shape
+    shape = _check_shape(GemmShape("demo", n, k, args.gated, args.num_experts))
+    if not 1 <= args.top_k <= shape.num_experts:
+        raise CliError(f"--top-k must be in [1, {shape.num_experts}] (the number of experts), got {args.top_k}")
+    if args.tokens < 1:
+        raise CliError(f"--tokens must be positive, got {args.tokens}")
+    on_gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if on_gpu else "cpu")
+    where = torch.cuda.get_device_name(device) if on_gpu else "CPU (no GPU)"
+    kg = args.k_granularity
+    print(f"{args.tokens} tokens, top-{args.top_k} of {shape.num_experts} experts, N={n} K={k}"
+          f"{' gated' if shape.gated else ''}, k-granularity {kg}, on {where}")
+
+    generator = torch.Generator(device).manual_seed(args.seed)
+    operands = _demo_problem(shape, args.tokens, args.top_k, kg, device, generator)
+    a, *_, m_indptr = operands
+    backend = "auto" if on_gpu else "reference"
+    out = moe_gemm_mxfp8_nt_groupwise(*operands, (1, 1, kg), backend=backend, is_gated=shape.gated)
+    ref = reference_moe_gemm(*operands, k_granularity=kg, is_gated=shape.gated, accumulate_dtype=torch.float64)
+    error = ((out.double() - ref).norm() / ref.norm()).item()
+    print(f"backend {backend}: relative error {error:.2e} against the float64 reference (limit {DEMO_TOLERANCE:.0e})")
+
+    accurate = error <= DEMO_TOLERANCE  # False for NaN too
+    compiled = True
+    if on_gpu:
+        ms = _median_ms(lambda: moe_gemm_mxfp8_nt_groupwise(*operands, (1, 1, kg), backend=backend, out=out,
+                                                             is_gated=shape.gated))
+        active = int((m_indptr.diff() > 0).sum())
+        flops = 2 * a.shape[0] * shape.n * shape.k
+        weight_bytes = active * shape.n * shape.k
+        print(f"time {ms * 1e3:.1f} us per call (median of {DEMO_RUNS}): {flops / ms / 1e9:.1f} TFLOP/s, "
+              f"{weight_bytes / ms / 1e6:.0f} GB/s of the {active} active experts' weights")
+    else:
+        compiled = _compile(_kernel_specs(DeviceInfo.for_arch(DEMO_ARCH), shape, kg))
+        print(f"no GPU: ran the reference backend and compiled the {DEMO_ARCH} kernels; run on a GPU to execute them")
+    if not accurate:
+        print(f"error: relative error {error:.2e} exceeds {DEMO_TOLERANCE:.0e}", file=sys.stderr)
+    return 0 if accurate and compiled else 1
+
+
+# --- command line ---------------------------------------------------------------------------------
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mxfp8-moe", description=__doc__.split("\n\n")[0].replace("\n", " "))
+    parser.add_argument("--version", action="version", version=f"mxfp8_moe {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    prewarm = commands.add_parser(
+        "prewarm", help="compile the kernels a deployment will use into the cache",
+        description="Compile every kernel the API can choose for the given weight shapes, so that no "
+                    "request waits for NVRTC. Shapes come from --shape and/or --model-config.")
+    prewarm.add_argument("--arch", action="append", metavar="SM",
+                         help="target, e.g. sm_120a (repeatable; default: the GPUs here)")
+    prewarm.add_argument("--shape", action="append", type=_shape_arg, metavar="N,K",
+                         help="N = rows of B per expert (2 * intermediate for gate_up), K = columns (repeatable)")
+    prewarm.add_argument("--gated", action="store_true", help="the --shape GEMMs fuse SwiGLU (gate_up)")
+    prewarm.add_argument("--k-granularity", action="append", choices=tuple(GRANULARITIES),
+                         help="elements of K per scale (repeatable; default 128)")
+    prewarm.add_argument("--num-experts", type=int, metavar="E",
+                         help=f"experts per GEMM, which sizes the scheduler's shared memory (default {DEFAULT_EXPERTS} "
+                              "for --shape; overrides the config's count, e.g. for one rank under expert parallelism)")
+    prewarm.add_argument("--model-config", metavar="PATH",
+                         help="a Hugging Face config.json of an MoE model: compiles its gate_up and down GEMMs")
+    prewarm.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks splitting the experts' "
+                                                           "intermediate dimension (with --model-config; default 1)")
+    prewarm.set_defaults(run=_prewarm)
+
+    cache = commands.add_parser("cache", help="inspect or clear the kernel cache",
+                                description=f"The cache directory is {envs.PREFIX}CACHE_DIR or the per-user cache.")
+    cache_commands = cache.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
+    cache_commands.add_parser("info", help="directory, number of entries, total size")
+    cache_commands.add_parser("list", help="one line per entry: label, size, age")
+    cache_commands.add_parser("clear", help="remove every entry")
+    cache.set_defaults(run=_cache)
+
+    env = commands.add_parser("env", help="versions, driver, NVRTC, GPUs, cache and settings in effect")
+    env.set_defaults(run=_env)
+
+    demo = commands.add_parser(
+        "demo", help="run the grouped GEMM on an MoE problem and check it against a float64 reference",
+        description="Default problem: Qwen3-30B-A3B's gate_up GEMM (128 experts, top-8, hidden 2048, "
+                    "moe_intermediate 768). Without a GPU: runs the reference backend and compiles the "
+                    f"{DEMO_ARCH} kernels.")
+    demo.add_argument("--tokens", type=int, default=64, help="tokens before routing (default 64)")
+    demo.add_argument("--top-k", type=int, default=8, help="experts per token (default 8)")
+    demo.add_argument("--num-experts", type=int, default=DEFAULT_EXPERTS, help="default %(default)s")
+    demo.add_argument("--shape", type=_shape_arg, default=(1536, 2048), metavar="N,K", help="default 1536,2048")
+    demo.add_argument("--gated", action=argparse.BooleanOptionalAction, default=True,
+                      help="fuse SwiGLU (default: gated)")
+    demo.add_argument("--k-granularity", type=int, choices=(32, 128), default=128, help="default 128")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except CliError as error:
+        print(f"mxfp8-moe {args.command}: error: {error}", file=sys.stderr)
+        return 2

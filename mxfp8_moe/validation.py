@@ -74,14 +74,14 @@ def check_options(scale_granularity_mnk, scale_major_mode, backend, out_dtype) -
     if out_dtype is not None and out_dtype != torch.bfloat16:
         raise NotImplementedError(f"out_dtype must be torch.bfloat16 (or None), got {out_dtype!r}")
     try:
-        granularity = tuple(int(g) for g in scale_granularity_mnk)
-    except (TypeError, ValueError):
+        granularity = tuple(scale_granularity_mnk)
+    except TypeError:
         granularity = None
     if granularity not in GRANULARITIES:
         raise ValueError(f"scale_granularity_mnk must be (1, 1, 32) or (1, 1, 128), got {scale_granularity_mnk!r}")
     if scale_major_mode != "MN":
         raise ValueError(f'scale_major_mode must be "MN", got {scale_major_mode!r}')
-    return granularity[2]
+    return int(granularity[2])
 
 
 def check_call(a, b, a_scale, b_scale, m_indptr, out, *, k_granularity: int, is_gated: bool) -> GemmProblem:
@@ -106,15 +106,15 @@ def check_call(a, b, a_scale, b_scale, m_indptr, out, *, k_granularity: int, is_
         raise ValueError(f"b.size(2) must equal a.size(1) (the K dimension, {k}), got b of shape {list(b.shape)}")
     if num_experts < 1:
         raise ValueError(f"b must hold at least one expert, got shape {list(b.shape)}")
-    if k % 16 != 0:
-        raise ValueError(f"K (a.size(1)) must be a multiple of 16, got {k}")
+    if k == 0 or k % 16 != 0:
+        raise ValueError(f"K (a.size(1)) must be a positive multiple of 16, got {k}")
     _shape("m_indptr", m_indptr, (num_experts + 1,), "num_experts + 1, num_experts = b.size(0)")
     if is_gated and n % 2 != 0:
         raise ValueError(f"b.size(1) must be even when is_gated=True (up and gate halves), got {n}")
     n_out = n // 2 if is_gated else n
-    if n_out % 16 != 0:
-        raise ValueError(f"the output width ({'b.size(1) / 2' if is_gated else 'b.size(1)'}) must be a multiple "
-                         f"of 16, got {n_out}")
+    if n_out == 0 or n_out % 16 != 0:
+        raise ValueError(f"the output width ({'b.size(1) / 2' if is_gated else 'b.size(1)'}) must be a positive "
+                         f"multiple of 16, got {n_out}")
     words = k_align(k, k_granularity)
     _shape("a_scale", a_scale, (m_padded(cum_m, num_experts), words),
            f"m_padded = (cum_m + 3 * num_experts) // 4 * 4, k_align = ceil(K / (4 * {k_granularity}))")

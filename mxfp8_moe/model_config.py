@@ -1,0 +1,84 @@
+"""The grouped GEMMs of an MoE model, read from its Hugging Face config.json (for `mxfp8-moe prewarm`).
+
+Each MoE layer runs two grouped GEMMs: gate_up (N = 2 * moe_intermediate / tp, K = hidden, with the
+SwiGLU epilogue fused) and down (N = hidden, K = moe_intermediate / tp). Tensor parallelism splits
+the intermediate dimension. Shared experts are dense MLPs, not grouped GEMMs, so they are ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+# Alternative spellings, the MoE-specific one first: Qwen2-MoE and DeepSeek-V3 also carry an
+# `intermediate_size`, which is their dense MLP's width, not the experts'.
+_INTERMEDIATE_KEYS = ("moe_intermediate_size", "intermediate_size")  # Qwen-MoE, DeepSeek / Mixtral, gpt-oss
+_EXPERT_KEYS = ("num_experts", "n_routed_experts", "num_local_experts")  # Qwen-MoE / DeepSeek / Mixtral, gpt-oss
+# gpt-oss's activation (clamped, alpha = 1.702, (up + 1) * glu, gate and up rows interleaved) is not
+# the fused SwiGLU, so its gate_up GEMM runs without the epilogue.
+_UNFUSED_ACTIVATION = frozenset({"gpt_oss"})
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmShape:
+    """One grouped GEMM: `num_experts` weights of (n, k), n = 2 * output width when gated."""
+
+    name: str
+    n: int
+    k: int
+    gated: bool
+    num_experts: int
+
+    def __str__(self) -> str:
+        return f"{self.name} N={self.n} K={self.k}{' gated' if self.gated else ''} ({self.num_experts} experts)"
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeConfig:
+    hidden_size: int
+    intermediate_size: int  # of one expert
+    num_experts: int
+    fused_swiglu: bool = True
+
+    @classmethod
+    def from_dict(cls, config: dict, source: str = "config") -> "MoeConfig":
+        # Multimodal models (Qwen3-VL-MoE, Llama 4) keep the language model's keys under text_config.
+        if "hidden_size" not in config and isinstance(config.get("text_config"), dict):
+            config = config["text_config"]
+
+        def first(keys: tuple[str, ...]) -> int | None:
+            return next((config[key] for key in keys if config.get(key) is not None), None)
+
+        values = {"hidden_size": config.get("hidden_size"), "intermediate_size": first(_INTERMEDIATE_KEYS),
+                  "num_experts": first(_EXPERT_KEYS)}
+        spellings = {"hidden_size": ("hidden_size",), "intermediate_size": _INTERMEDIATE_KEYS,
+                     "num_experts": _EXPERT_KEYS}
+        missing = [" or ".join(spellings[field]) for field, value in values.items() if value is None]
+        if missing:
+            raise ValueError(f"{source} is not an MoE config this reads: missing {'; '.join(missing)}")
+        for field, value in values.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{source}: {field} must be a positive integer, got {value!r}")
+        return cls(**values, fused_swiglu=config.get("model_type") not in _UNFUSED_ACTIVATION)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "MoeConfig":
+        """Read a config.json; OSError if it can't be read, ValueError if it isn't an MoE config."""
+        try:
+            config = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{path} does not hold a JSON object")
+        return cls.from_dict(config, source=str(path))
+
+    def gemm_shapes(self, tp: int = 1) -> list[GemmShape]:
+        """The gate_up and down GEMMs of one tensor-parallel rank."""
+        if tp < 1:
+            raise ValueError(f"tp must be a positive integer, got {tp}")
+        if self.intermediate_size % tp:
+            raise ValueError(f"the experts' intermediate size {self.intermediate_size} is not divisible by tp={tp}")
+        local = self.intermediate_size // tp
+        return [GemmShape("gate_up", 2 * local, self.hidden_size, self.fused_swiglu, self.num_experts),
+                GemmShape("down", self.hidden_size, local, False, self.num_experts)]

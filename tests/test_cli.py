@@ -1,0 +1,234 @@
+"""The mxfp8-moe command and model_config: CPU only (NVRTC compiles for sm_120a without a GPU).
+
+The commands run as `python -m mxfp8_moe` in a subprocess, against a fresh cache directory and with
+no GPU visible, so they take the same path on any machine. Input errors are checked in-process
+through cli.main, which needs no compile and no interpreter start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mxfp8_moe import cli
+from mxfp8_moe.jit.cache import reset_default_cache
+from mxfp8_moe.model_config import GemmShape, MoeConfig
+
+REPO = Path(__file__).resolve().parents[1]
+SUMMARY = re.compile(r"^(\d+) compiled, (\d+) cached, (\d+) failed in [\d.]+ s$", re.MULTILINE)
+
+QWEN3_30B = {"model_type": "qwen3_moe", "hidden_size": 2048, "intermediate_size": 6144,
+             "moe_intermediate_size": 768, "num_experts": 128}
+DEEPSEEK_V3 = {"model_type": "deepseek_v3", "hidden_size": 7168, "intermediate_size": 18432,
+               "moe_intermediate_size": 2048, "n_routed_experts": 256, "n_shared_experts": 1}
+MIXTRAL_8X7B = {"model_type": "mixtral", "hidden_size": 4096, "intermediate_size": 14336, "num_local_experts": 8}
+GPT_OSS_20B = {"model_type": "gpt_oss", "hidden_size": 2880, "intermediate_size": 2880, "num_local_experts": 32}
+
+
+def run_cli(*args: str, cache_dir: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MXFP8_MOE_")}  # none of the caller's settings
+    env.update(PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+               MXFP8_MOE_CACHE_DIR=str(cache_dir), CUDA_VISIBLE_DEVICES="")
+    return subprocess.run([sys.executable, "-m", "mxfp8_moe", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def summary(result: subprocess.CompletedProcess) -> tuple[int, int, int]:
+    assert result.returncode == 0, result.stdout + result.stderr
+    (counts,) = SUMMARY.findall(result.stdout)
+    return tuple(map(int, counts))
+
+
+def write_config(path: Path, config: dict) -> Path:
+    path.write_text(json.dumps(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def prewarmed(tmp_path_factory):
+    cache_dir = tmp_path_factory.mktemp("cache")
+    return cache_dir, run_cli("prewarm", "--arch", "sm_120a", "--shape", "4096,7168", cache_dir=cache_dir)
+
+
+def test_prewarm_compiles_then_finds_everything_cached(prewarmed):
+    cache_dir, first = prewarmed
+    compiled, cached, failed = summary(first)
+    assert compiled > 1 and (cached, failed) == (0, 0)
+    assert len(re.findall(r"^compiled \S+ for sm_120a in [\d.]+ s$", first.stdout, re.MULTILINE)) == compiled
+    assert "compiled simt_n4096_k7168_g128 for sm_120a" in first.stdout  # the portable kernel too
+
+    second = run_cli("prewarm", "--arch", "sm_120a", "--shape", "4096,7168", cache_dir=cache_dir)
+    assert summary(second) == (0, compiled, 0)
+    assert len(re.findall(r"^cached   \S+ for sm_120a$", second.stdout, re.MULTILINE)) == compiled
+
+
+def test_cache_info_list_clear(prewarmed, tmp_path):
+    cache_dir = tmp_path / "cache"
+    shutil.copytree(prewarmed[0], cache_dir)
+    compiled = summary(prewarmed[1])[0]
+
+    info = run_cli("cache", "info", cache_dir=cache_dir)
+    assert info.returncode == 0
+    assert f"directory: {cache_dir}" in info.stdout and "storage:   disk" in info.stdout
+    assert f"entries:   {compiled}\n" in info.stdout
+
+    listing = run_cli("cache", "list", cache_dir=cache_dir).stdout.splitlines()
+    assert len(listing) == compiled
+    assert all(re.fullmatch(r"\S+ sm_120a +[\d.]+ KiB +\d+[smhd]", line) for line in listing), listing
+
+    cleared = run_cli("cache", "clear", cache_dir=cache_dir)
+    assert cleared.stdout.strip() == f"removed {compiled} entries from {cache_dir}"
+    assert "entries:   0\n" in run_cli("cache", "info", cache_dir=cache_dir).stdout
+
+
+def test_cache_info_memory_only(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MXFP8_MOE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("MXFP8_MOE_DISABLE_DISK_CACHE", "1")
+    reset_default_cache()
+    try:
+        assert cli.main(["cache", "info"]) == 0
+    finally:
+        reset_default_cache()  # the next default_cache() rereads the (restored) environment
+    assert "storage:   memory only (MXFP8_MOE_DISABLE_DISK_CACHE=1)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("config, tp, expected", [
+    ({"model_type": "qwen3_moe", "hidden_size": 256, "intermediate_size": 1024, "moe_intermediate_size": 128,
+      "num_experts": 8}, 1, ["gate_up N=256 K=256 gated (8 experts)", "down N=256 K=128 (8 experts)"]),
+    ({"model_type": "deepseek_v3", "hidden_size": 512, "intermediate_size": 4096, "moe_intermediate_size": 256,
+      "n_routed_experts": 16}, 2, ["gate_up N=256 K=512 gated (16 experts)", "down N=512 K=128 (16 experts)"]),
+], ids=["qwen", "deepseek-tp2"])
+def test_prewarm_model_config(tmp_path, config, tp, expected):
+    path = write_config(tmp_path / "config.json", config)
+    result = run_cli("prewarm", "--arch", "sm_120a", "--model-config", str(path), "--tp", str(tp),
+                     cache_dir=tmp_path / "cache")
+    compiled, cached, failed = summary(result)
+    assert compiled > 2 and (cached, failed) == (0, 0)
+    for line in expected:
+        assert f"  {line}\n" in result.stdout
+    gate_up, down = (re.match(r"\w+ N=(\d+) K=(\d+)", line).groups() for line in expected)
+    assert f"compiled simt_n{gate_up[0]}_k{gate_up[1]}_g128_gated for sm_120a" in result.stdout
+    assert f"compiled simt_n{down[0]}_k{down[1]}_g128 for sm_120a" in result.stdout
+
+
+def test_bad_shape_exits_nonzero_with_message(tmp_path):
+    result = run_cli("prewarm", "--arch", "sm_120a", "--shape", "100,7168", cache_dir=tmp_path)
+    assert result.returncode == 2
+    assert "N must be a positive multiple of 16" in result.stderr
+    assert "compiled" not in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--shape", "4096,7100"], "K must be a positive multiple of 16"),
+    (["--shape", "48,64", "--gated"], "N must be a positive multiple of 32"),
+    (["--shape", "4096,7168", "--arch", "sm_12"], "unknown arch 'sm_12'"),
+    (["--shape", "4096,7168", "--arch", "120a"], "unknown arch '120a'"),
+    (["--arch", "sm_120a"], "give --shape N,K or --model-config"),
+    (["--arch", "sm_120a", "--model-config", "{missing}"], "No such file"),
+    (["--arch", "sm_120a", "--model-config", "{dense}"], "missing num_experts or n_routed_experts or num_local_experts"),
+    (["--arch", "sm_120a", "--model-config", "{qwen}", "--tp", "5"], "768 is not divisible by tp=5"),
+    (["--arch", "sm_120a", "--model-config", "{not_json}"], "is not valid JSON"),
+])
+def test_prewarm_input_errors(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.setenv("MXFP8_MOE_CACHE_DIR", str(tmp_path / "cache"))
+    paths = {"missing": tmp_path / "missing.json",
+             "dense": write_config(tmp_path / "dense.json", {"hidden_size": 4096, "intermediate_size": 11008}),
+             "qwen": write_config(tmp_path / "qwen.json", QWEN3_30B),
+             "not_json": tmp_path / "not.json"}
+    paths["not_json"].write_text("{")
+    assert cli.main(["prewarm", *(arg.format(**paths) for arg in args)]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith("mxfp8-moe prewarm: error: ") and message in err
+    assert out == ""
+
+
+def test_prewarm_without_gpu_or_arch_says_to_pass_arch(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["prewarm", "--shape", "4096,7168"]) == 2
+    assert "pass --arch" in capsys.readouterr().err
+
+
+def test_unparsable_shape_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["prewarm", "--shape", "4096"])
+    assert exit_info.value.code == 2
+    assert "expected N,K" in capsys.readouterr().err
+
+
+def test_env_without_gpu(tmp_path):
+    result = run_cli("env", cache_dir=tmp_path)
+    assert result.returncode == 0, result.stderr
+    fields = dict(re.match(r"([^:]+):\s+(.*)", line).groups() for line in result.stdout.splitlines())
+    assert fields["torch"].startswith(torch.__version__)
+    assert re.fullmatch(r"\d+\.\d+ \(.*\)", fields["nvrtc"])
+    assert fields["driver"] == "none" or re.fullmatch(r"\d+\.\d+", fields["driver"])
+    assert fields["gpu"].startswith("none")
+    assert fields["cache"] == str(tmp_path)
+    assert fields["MXFP8_MOE_CACHE_DIR"] == str(tmp_path)
+
+
+def test_demo_without_gpu_runs_reference_and_compiles(tmp_path):
+    result = run_cli("demo", "--tokens", "4", cache_dir=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    error = float(re.search(r"relative error (\S+) against the float64 reference", result.stdout)[1])
+    assert 0 < error < 5e-3
+    assert "no GPU: ran the reference backend and compiled the sm_120a kernels" in result.stdout
+    compiled, _, failed = summary(result)
+    assert compiled > 1 and failed == 0
+    assert "compiled simt_n1536_k2048_g128_gated for sm_120a" in result.stdout
+
+
+# --- model_config ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("config, tp, expected", [
+    (QWEN3_30B, 1, [GemmShape("gate_up", 1536, 2048, True, 128), GemmShape("down", 2048, 768, False, 128)]),
+    (DEEPSEEK_V3, 8, [GemmShape("gate_up", 512, 7168, True, 256), GemmShape("down", 7168, 256, False, 256)]),
+    (MIXTRAL_8X7B, 2, [GemmShape("gate_up", 14336, 4096, True, 8), GemmShape("down", 4096, 7168, False, 8)]),
+    # gpt-oss's clamped, interleaved activation is not the fused SwiGLU: its gate_up runs ungated.
+    (GPT_OSS_20B, 1, [GemmShape("gate_up", 5760, 2880, False, 32), GemmShape("down", 2880, 2880, False, 32)]),
+    ({"model_type": "qwen3_vl_moe", "text_config": QWEN3_30B}, 1,
+     [GemmShape("gate_up", 1536, 2048, True, 128), GemmShape("down", 2048, 768, False, 128)]),
+], ids=["qwen3", "deepseek-v3-tp8", "mixtral-tp2", "gpt-oss", "text-config"])
+def test_model_config_shapes(config, tp, expected):
+    assert MoeConfig.from_dict(config).gemm_shapes(tp) == expected
+
+
+@pytest.mark.parametrize("config, missing", [
+    ({}, "missing hidden_size; moe_intermediate_size or intermediate_size; "
+         "num_experts or n_routed_experts or num_local_experts"),
+    ({"hidden_size": 4096, "intermediate_size": 11008, "num_experts": None},
+     "missing num_experts or n_routed_experts or num_local_experts"),
+    ({"hidden_size": 2048, "num_experts": 64}, "missing moe_intermediate_size or intermediate_size"),
+])
+def test_model_config_names_missing_keys(config, missing):
+    with pytest.raises(ValueError) as error:
+        MoeConfig.from_dict(config, source="cfg.json")
+    assert str(error.value) == f"cfg.json is not an MoE config this reads: {missing}"
+
+
+@pytest.mark.parametrize("key, value", [("num_experts", 0), ("hidden_size", "2048"), ("moe_intermediate_size", 1.5),
+                                        ("num_experts", True)])
+def test_model_config_rejects_bad_values(key, value):
+    with pytest.raises(ValueError, match=f"must be a positive integer, got {value!r}"):
+        MoeConfig.from_dict({**QWEN3_30B, key: value})
+
+
+@pytest.mark.parametrize("tp, message", [(5, "768 is not divisible by tp=5"), (0, "tp must be a positive integer")])
+def test_model_config_rejects_bad_tp(tp, message):
+    with pytest.raises(ValueError, match=message):
+        MoeConfig.from_dict(QWEN3_30B).gemm_shapes(tp)
+
+
+def test_model_config_load(tmp_path):
+    assert MoeConfig.load(write_config(tmp_path / "config.json", DEEPSEEK_V3)) == MoeConfig(7168, 2048, 256)
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="does not hold a JSON object"):
+        MoeConfig.load(tmp_path / "list.json")
