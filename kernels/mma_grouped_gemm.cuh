@@ -6,6 +6,10 @@
 // columns x BLOCK_T tokens of one expert (gated: the matching up and gate rows, so the SwiGLU
 // epilogue needs no exchange). Persistent CTAs walk the units of a TileScheduler.
 //
+// Warps: WARPS_N split the tile's columns; WARPS_K split each stage's four k-steps and add their
+// partial sums in shared memory at the end of a tile. Extra K warps buy memory-level parallelism
+// (more warps issuing copies) for narrow tiles, which is what decode with few experts needs.
+//
 // Block scales enter in one of three ways (SCALE_MODE):
 //   kSoftware : unscaled MMAs per K block into a partial sum, promoted with sa * sb in FP32;
 //   kNative   : the block-scaled MMA of sm_120a / sm_121a, each lane passing its own scale words;
@@ -25,15 +29,16 @@ struct alignas(16) u32x4 {
     u32 x, y, z, w;
 };
 
-template <int N, int K, int K_GRAN, bool GATED, int BLOCK_N, int BLOCK_T, int STAGES, int WARPS, int SCALE_MODE>
+template <int N, int K, int K_GRAN, bool GATED, int BLOCK_N, int BLOCK_T, int STAGES, int WARPS_N, int WARPS_K,
+          int SCALE_MODE>
 struct MmaGemm {
-    static constexpr int kThreads = WARPS * 32;
+    static constexpr int kThreads = WARPS_N * WARPS_K * 32;
     static constexpr int kBlockK = 128;  // K bytes per pipeline stage: one 128-byte smem row
     static constexpr int kKIters = ceil_div(K, kBlockK);
     static constexpr int kNOut = GATED ? N / 2 : N;
     static constexpr int kNTiles = ceil_div(kNOut, BLOCK_N);
     static constexpr int kWeightRows = GATED ? 2 * BLOCK_N : BLOCK_N;
-    static constexpr int kWarpCols = BLOCK_N / WARPS;          // output columns per warp
+    static constexpr int kWarpCols = BLOCK_N / WARPS_N;        // output columns per warp
     static constexpr int kColFrags = kWarpCols / 16;           // m16 fragments per half (up or gate)
     static constexpr int kWeightFrags = GATED ? 2 * kColFrags : kColFrags;
     static constexpr int kTokenFrags = BLOCK_T / 8;
@@ -47,19 +52,24 @@ struct MmaGemm {
     static constexpr int kPipelineBytes = STAGES * kStageBytes;
     // Epilogue staging of the bf16 tile, reusing the pipeline buffers; rows padded by 16 bytes.
     static constexpr int kOutPitch = BLOCK_N * 2 + 16;
+    // Then the K warps' partial accumulators, [k warp - 1][n warp][value][lane] (lanes adjacent).
+    static constexpr int kAccumulators = kWeightFrags * kTokenFrags * 4;
+    static constexpr int kPartialsOffset = ceil_div(BLOCK_T * kOutPitch, 16) * 16;
+    static constexpr int kPartialsBytes = (WARPS_K - 1) * WARPS_N * kAccumulators * 32 * 4;
 
     static_assert(K % 16 == 0 && kNOut % 16 == 0, "K and the output width must be multiples of 16");
     static_assert(K_GRAN == 32 || K_GRAN == 128, "k granularity is 32 or 128");
-    static_assert(BLOCK_N % (16 * WARPS) == 0, "each warp owns whole m16 fragments");
+    static_assert(BLOCK_N % (16 * WARPS_N) == 0, "each warp owns whole m16 fragments");
+    static_assert(4 % WARPS_K == 0, "K warps split the four k-steps of a stage");
     static_assert(BLOCK_T % 8 == 0, "tokens come in n8 fragments");
     static_assert(STAGES >= 2, "a pipeline needs two stages");
-    static_assert(BLOCK_T * kOutPitch <= kPipelineBytes, "epilogue tile must fit in the pipeline buffers");
+    static_assert(kPartialsOffset + kPartialsBytes <= kPipelineBytes, "epilogue must fit in the pipeline buffers");
 
     using Scheduler = TileScheduler<kThreads, BLOCK_T, kNTiles>;
 
     const GroupedGemmParams& p;
     u8* stages;
-    int lane, warp;
+    int lane, warp_n, warp_k;
 
     __device__ __forceinline__ static u32 swizzled(int row, int chunk) {
         return row * kBlockK + ((chunk ^ (row & 7)) << 4);
@@ -114,7 +124,7 @@ struct MmaGemm {
 
     // First smem row of weight fragment f of this warp (gated: fragments kColFrags.. are gate rows).
     __device__ __forceinline__ int fragment_row(int f) const {
-        return (f < kColFrags ? 0 : BLOCK_N - kColFrags * 16) + warp * kWarpCols + f * 16;
+        return (f < kColFrags ? 0 : BLOCK_N - kColFrags * 16) + warp_n * kWarpCols + f * 16;
     }
 
     __device__ __forceinline__ void load_fragments(u32 (&a)[kWeightFrags][4], u32 (&b)[kTokenFrags][2],
@@ -144,9 +154,10 @@ struct MmaGemm {
             float partial[kWeightFrags][kTokenFrags][4];
 #pragma unroll
             for (int ks = 0; ks < kBlockK / 32; ++ks) {
+                if (ks % WARPS_K != warp_k) continue;
                 if (k0 + ks * 32 >= K) break;
                 const int byte = K_GRAN == 32 ? ks : block_byte;
-                if (K_GRAN == 32 || ks == 0) {
+                if (K_GRAN == 32 || ks < WARPS_K) {  // this warp's first k-step of the stage
 #pragma unroll
                     for (int f = 0; f < kWeightFrags; ++f)
 #pragma unroll
@@ -170,9 +181,9 @@ struct MmaGemm {
                 for (int f = 0; f < kWeightFrags; ++f)
 #pragma unroll
                     for (int j = 0; j < kTokenFrags; ++j) ptx::mma_e4m3(partial[f][j], a[f], b[j], partial[f][j]);
-                // Promote at the end of each K block: after every k-step for k_gran 32, after the
-                // last valid k-step of the stage for k_gran 128.
-                const bool block_ends = K_GRAN == 32 || ks == kBlockK / 32 - 1 || k0 + (ks + 1) * 32 >= K;
+                // Promote at the end of each K block: after every k-step for k_gran 32, after this
+                // warp's last valid k-step of the stage for k_gran 128.
+                const bool block_ends = K_GRAN == 32 || ks + WARPS_K >= kBlockK / 32 || k0 + (ks + WARPS_K) * 32 >= K;
                 if (block_ends) {
 #pragma unroll
                     for (int f = 0; f < kWeightFrags; ++f)
@@ -196,6 +207,7 @@ struct MmaGemm {
             for (int j = 0; j < kTokenFrags; ++j) sfb[j] = scale_words[kWeightRows + j * 8 + g] >> shift;
 #pragma unroll
             for (int ks = 0; ks < kBlockK / 32; ++ks) {
+                if (ks % WARPS_K != warp_k) continue;
                 if (k0 + ks * 32 >= K) break;
                 u32 a[kWeightFrags][4], b[kTokenFrags][2];
                 load_fragments(a, b, weight_tile, token_tile, ks);
@@ -230,20 +242,50 @@ struct MmaGemm {
 
     // bf16 (gated: up * silu(gate)) through a padded smem tile, then 16-byte row stores of the
     // tile's valid rows and columns only.
+    // K warps > 0 hand their partial sums to K warp 0 through shared memory.
+    __device__ __forceinline__ void reduce_k_warps(float (&acc)[kWeightFrags][kTokenFrags][4]) const {
+        if constexpr (WARPS_K > 1) {
+            float* partials = reinterpret_cast<float*>(stages + kPartialsOffset);
+            auto slot = [&](int k_warp, int f, int j, int i) {
+                return (((k_warp - 1) * WARPS_N + warp_n) * kAccumulators + (f * kTokenFrags + j) * 4 + i) * 32 + lane;
+            };
+            if (warp_k > 0) {
+#pragma unroll
+                for (int f = 0; f < kWeightFrags; ++f)
+#pragma unroll
+                    for (int j = 0; j < kTokenFrags; ++j)
+#pragma unroll
+                        for (int i = 0; i < 4; ++i) partials[slot(warp_k, f, j, i)] = acc[f][j][i];
+            }
+            __syncthreads();
+            if (warp_k == 0) {
+                for (int k_warp = 1; k_warp < WARPS_K; ++k_warp)
+#pragma unroll
+                    for (int f = 0; f < kWeightFrags; ++f)
+#pragma unroll
+                        for (int j = 0; j < kTokenFrags; ++j)
+#pragma unroll
+                            for (int i = 0; i < 4; ++i) acc[f][j][i] += partials[slot(k_warp, f, j, i)];
+            }
+        }
+    }
+
     __device__ __forceinline__ void store_tile(const float (&acc)[kWeightFrags][kTokenFrags][4], const WorkUnit& w, int n0) const {
         const int g = lane / 4, t = lane % 4;
+        if (warp_k == 0) {
 #pragma unroll
-        for (int f = 0; f < kColFrags; ++f)
+            for (int f = 0; f < kColFrags; ++f)
 #pragma unroll
-            for (int j = 0; j < kTokenFrags; ++j)
+                for (int j = 0; j < kTokenFrags; ++j)
 #pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const float up = acc[f][j][i];
-                    const float value = GATED ? up * silu(acc[kColFrags + f][j][i]) : up;
-                    const int col = warp * kWarpCols + f * 16 + g + 8 * (i / 2);
-                    const int token = j * 8 + 2 * t + i % 2;
-                    *reinterpret_cast<u16*>(stages + token * kOutPitch + col * 2) = float_to_bf16(value);
-                }
+                    for (int i = 0; i < 4; ++i) {
+                        const float up = acc[f][j][i];
+                        const float value = GATED ? up * silu(acc[kColFrags + f][j][i]) : up;
+                        const int col = warp_n * kWarpCols + f * 16 + g + 8 * (i / 2);
+                        const int token = j * 8 + 2 * t + i % 2;
+                        *reinterpret_cast<u16*>(stages + token * kOutPitch + col * 2) = float_to_bf16(value);
+                    }
+        }
         __syncthreads();
         constexpr int kChunks = BLOCK_N / 8;
         for (int c = threadIdx.x; c < BLOCK_T * kChunks; c += kThreads) {
@@ -280,6 +322,7 @@ struct MmaGemm {
         }
         ptx::cp_async_wait<0>();
         __syncthreads();
+        reduce_k_warps(acc);
         store_tile(acc, w, n0);
         __syncthreads();
     }
@@ -292,7 +335,8 @@ struct MmaGemm {
         if (dynamic_bytes < static_cast<u32>(scheduler_bytes + kPipelineBytes)) __trap();  // host/device layout mismatch
 
         const Scheduler scheduler(params, reinterpret_cast<int*>(shared));
-        const MmaGemm gemm{params, shared + scheduler_bytes, static_cast<int>(threadIdx.x % 32), static_cast<int>(threadIdx.x / 32)};
+        const int warp = threadIdx.x / 32;
+        const MmaGemm gemm{params, shared + scheduler_bytes, static_cast<int>(threadIdx.x % 32), warp % WARPS_N, warp / WARPS_N};
         for (int u = blockIdx.x; u < scheduler.num_units; u += gridDim.x) gemm.run_unit(scheduler.unit(u));
     }
 };

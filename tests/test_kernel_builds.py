@@ -56,20 +56,8 @@ def _specs() -> list[KernelSpec]:
 SPECS = _specs()
 SM12X_SPECS = [s for s in SPECS if s.arch in SM12X]
 
-# Seen with NVRTC 13.5: software scales with k_gran 32 and a K that ends in a partial stage spill one
-# to three registers around the k loop at 128-168 registers (not at the 255 cap), so it is ptxas'
-# allocation, not pressure. Not a default configuration on SM12x (auto picks native there). Strict:
-# a fix (or a ptxas that stops doing it) turns these into failures, so the entries get removed.
-KNOWN_SPILLS = {
-    "mma_n2880_k2880_g32_bn128_bt32_s4_w4_software": "4 B spilled (ptxas 13.5, sm_120a)",
-    "mma_n2880_k2880_g32_bn128_bt64_s3_w4_software": "12 B spilled (ptxas 13.5, sm_120a)",
-}
-
-
-def _param(specs, known_spills: bool = False):
-    params = [pytest.param(s, marks=pytest.mark.xfail(strict=True, reason=KNOWN_SPILLS[s.label]))
-              if known_spills and s.arch == "sm_120a" and s.label in KNOWN_SPILLS else s for s in specs]
-    return pytest.mark.parametrize("spec", params, ids=lambda s: f"{s.arch}-{s.label}")
+def _param(specs):
+    return pytest.mark.parametrize("spec", specs, ids=lambda s: f"{s.arch}-{s.label}")
 
 
 @functools.cache
@@ -96,13 +84,13 @@ def test_compiles_and_fits_shared_memory(spec):
     assert total <= limit, f"{total} B of shared memory > {limit} B on {spec.arch}"
 
 
-@_param(SM12X_SPECS, known_spills=True)
+@_param(SM12X_SPECS)
 def test_sm12x_no_spills(spec):
     _, usage = build(spec)
     assert (usage["spill_stores"], usage["spill_loads"], usage["stack_frame"]) == (0, 0, 0), usage
 
 
-@_param(SM12X_SPECS, known_spills=True)
+@_param(SM12X_SPECS)
 def test_sm12x_sass(spec):
     counts = sass_counts(spec)
     assert counts["LDL"] == counts["STL"] == 0, counts

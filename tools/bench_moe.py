@@ -21,6 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from problems import indptr, routed_rows  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from host_cost import decode_call, host_cost  # noqa: E402
+
 from mxfp8_moe import k_align, m_padded, moe_gemm_mxfp8_nt_groupwise, quantize_activations, quantize_weights  # noqa: E402
 
 MODELS = {  # name: (experts, hidden, moe_intermediate, top_k)
@@ -125,29 +128,6 @@ def bench_cell(model, gemm, tokens, k_granularity, bandwidth, peers):
     return row
 
 
-def host_cost() -> float:
-    """Seconds of host time per call (no sync), on a decode-sized problem with the kernel warm."""
-    import time
-
-    rows = [1] * 8 + [0] * 120
-    m_indptr = indptr(rows, "cuda")
-    a, a_scale = quantize_activations(torch.randn(8, 2048, device="cuda"), m_indptr)
-    b, b_scale = quantize_weights(torch.randn(128, 1536, 2048, device="cuda"))
-    out = torch.empty(8, 768, dtype=torch.bfloat16, device="cuda")
-    call = lambda: moe_gemm_mxfp8_nt_groupwise(a, b, a_scale, b_scale, m_indptr, out=out, is_gated=True)  # noqa: E731
-    for _ in range(100):
-        call()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(5):
-        start = time.perf_counter()
-        for _ in range(200):
-            call()
-        samples.append((time.perf_counter() - start) / 200)
-        torch.cuda.synchronize()
-    return min(samples)
-
-
 def markdown(rows) -> str:
     head = ("| model | GEMM (N x K) | T | kg | active | floor us | mxfp8_moe us (% floor) | torch FP8 rowwise us (% floor) "
             "| torch bf16 us | speedup vs torch FP8 |\n|---|---|---|---|---|---|---|---|---|---|\n")
@@ -175,7 +155,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     bandwidth = copy_bandwidth()
-    host = host_cost()
+    host = host_cost(decode_call())
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e12:.2f} TB/s, "
           f"host cost per call {host * 1e6:.1f} us", flush=True)
     rows = []

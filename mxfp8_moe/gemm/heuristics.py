@@ -21,6 +21,7 @@ from .spec import KernelSpec
 TOKEN_TILES = (8, 16, 32, 64)
 STAGES = 4  # many-units regime
 MAX_STAGES = 16  # few-units regime
+FEW_UNITS_WARPS = 8
 NATIVE_ARCHS = ("sm_120a", "sm_121a")
 _STATIC_SHARED_RESERVE = 1024  # the kernel's static shared memory (scan scratch), rounded up
 
@@ -53,19 +54,28 @@ def choose_spec(*, device: DeviceInfo, num_experts: int, cum_m: int, n: int, k: 
 
     # Gated tiles carry up and gate rows: half the output columns for the same weight bytes.
     n_out = n // 2 if gated else n
-    block_n, warps = (64, 4) if gated else (128, 4)
+    block_n = 64 if gated else 128
+    warps_n, warps_k = 4, 1
     few_units = token_tiles * math.ceil(n_out / block_n) < device.num_sms
-    while few_units and block_n > 32 and token_tiles * math.ceil(n_out / block_n) < device.num_sms:
-        block_n //= 2
-        warps = min(warps, block_n // 16)
+    if few_units:
+        while block_n > 32 and token_tiles * math.ceil(n_out / block_n) < device.num_sms:
+            block_n //= 2
+        # A narrow tile has few column warps; K warps restore the copy-issuing parallelism.
+        warps_n = min(4, block_n // 16)
+        warps_k = min(4, FEW_UNITS_WARPS // warps_n)
 
     spec = KernelSpec("mma", device.arch, n, k, k_granularity, gated, block_n=block_n, block_t=block_t,
-                      stages=1, warps=warps, scale_mode=resolve_scale_mode(scale_mode, device.arch))
+                      stages=1, warps_n=warps_n, warps_k=warps_k,
+                      scale_mode=resolve_scale_mode(scale_mode, device.arch))
     # Few units: let two CTAs share an SM and give each as deep a pipeline as fits.
     budget = (device.shared_memory_limit // 2 if few_units else device.shared_memory_limit) - _STATIC_SHARED_RESERVE
     budget -= spec.dynamic_shared_bytes(num_experts) - spec.pipeline_bytes()
+    # The epilogue reuses the pipeline's memory: fewer K warps when their partial sums don't fit.
+    while spec.warps_k > 1 and spec.epilogue_bytes() > budget:
+        spec = dataclasses.replace(spec, warps_k=spec.warps_k // 2)
     stages = min(MAX_STAGES if few_units else STAGES, budget // spec.pipeline_bytes())
-    if stages < 2:
+    stages = max(stages, -(-spec.epilogue_bytes() // spec.pipeline_bytes()))
+    if stages < 2 or stages * spec.pipeline_bytes() > budget:
         raise ValueError(f"no tile configuration fits {device.shared_memory_limit} B of shared memory "
                          f"with num_experts={num_experts}")
     return dataclasses.replace(spec, stages=stages)

@@ -33,12 +33,13 @@ class KernelSpec:
     block_n: int = 128  # output columns per tile (simt: threads per block)
     block_t: int = 0  # tokens per tile
     stages: int = 0
-    warps: int = 4
+    warps_n: int = 4  # warps across the tile's columns
+    warps_k: int = 1  # warps across each stage's k-steps (summed at the end of a tile)
     scale_mode: str = "software"
 
     @property
     def threads(self) -> int:
-        return self.warps * 32 if self.kind == "mma" else self.block_n
+        return self.warps_n * self.warps_k * 32 if self.kind == "mma" else self.block_n
 
     @property
     def n_out(self) -> int:
@@ -49,7 +50,7 @@ class KernelSpec:
         common = f"{self.kind}_n{self.n}_k{self.k}_g{self.k_granularity}{'_gated' if self.gated else ''}"
         if self.kind == "simt":
             return common
-        return f"{common}_bn{self.block_n}_bt{self.block_t}_s{self.stages}_w{self.warps}_{self.scale_mode}"
+        return f"{common}_bn{self.block_n}_bt{self.block_t}_s{self.stages}_w{self.warps_n}x{self.warps_k}_{self.scale_mode}"
 
     def source(self) -> str:
         gated = "true" if self.gated else "false"
@@ -61,17 +62,24 @@ class KernelSpec:
                     f"{self.n}, {self.k}>(params);\n}}\n")
         return (f'#include "mma_grouped_gemm.cuh"\n'
                 f"using Gemm = mxfp8_moe::MmaGemm<{self.n}, {self.k}, {self.k_granularity}, {gated}, "
-                f"{self.block_n}, {self.block_t}, {self.stages}, {self.warps}, "
+                f"{self.block_n}, {self.block_t}, {self.stages}, {self.warps_n}, {self.warps_k}, "
                 f"mxfp8_moe::{_SCALE_MODE_ENUM[self.scale_mode]}>;\n"
                 f'extern "C" __global__ void __launch_bounds__(Gemm::kThreads) '
                 f"{ENTRY}(const __grid_constant__ mxfp8_moe::GroupedGemmParams params) {{\n"
                 f"    Gemm::run(params);\n}}\n")
 
     def pipeline_bytes(self) -> int:
-        """Shared memory of the MMA kernel's stages (MmaGemm::kPipelineBytes)."""
+        """Shared memory of the MMA kernel's pipeline stages (MmaGemm::kPipelineBytes)."""
         weight_rows = 2 * self.block_n if self.gated else self.block_n
         scale_bytes = -(-(weight_rows + self.block_t) * 4 // 128) * 128
         return self.stages * ((weight_rows + self.block_t) * BLOCK_K + scale_bytes)
+
+    def epilogue_bytes(self) -> int:
+        """Shared memory the epilogue reuses from the pipeline: the bf16 tile, then the K warps'
+        partial sums (MmaGemm::kPartialsOffset + kPartialsBytes)."""
+        tile = -(-self.block_t * (self.block_n * 2 + 16) // 16) * 16
+        accumulators = (2 if self.gated else 1) * (self.block_n // self.warps_n // 16) * (self.block_t // 8) * 4
+        return tile + (self.warps_k - 1) * self.warps_n * accumulators * 32 * 4
 
     def dynamic_shared_bytes(self, num_experts: int) -> int:
         """Dynamic shared memory for a launch over `num_experts` experts (0 for simt)."""
