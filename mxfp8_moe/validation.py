@@ -58,15 +58,6 @@ def _shape(name: str, x: torch.Tensor, expected: tuple[int, ...], why: str) -> N
         raise ValueError(f"{name} must have shape {list(expected)} ({why}), got {list(x.shape)}")
 
 
-def _byte_range(x: torch.Tensor) -> tuple[int, int]:
-    """[first, last] byte a (non-empty) tensor can address through its strides."""
-    start = x.data_ptr()
-    span = 0
-    for size, stride in zip(x.shape, x.stride()):
-        span += (size - 1) * stride
-    return start, start + (span + 1) * x.element_size() - 1
-
-
 def check_options(scale_granularity_mnk, scale_major_mode, backend, out_dtype) -> int:
     """The non-tensor arguments; returns k_granularity."""
     if not isinstance(backend, str) or backend not in BACKENDS:
@@ -126,17 +117,33 @@ def check_call(a, b, a_scale, b_scale, m_indptr, out, *, k_granularity: int, is_
             raise ValueError(f"out must be on the same device as a ({device}), got {out.device}")
         _shape("out", out, (cum_m, n_out), "cum_m, n / 2 when gated else n")
         _contiguous("out", out)
-        if out.numel():
-            # out is contiguous: its bytes are one interval; an input that shares any byte would be
-            # overwritten while the kernel still reads it.
-            out_first, out_last = out.data_ptr(), out.data_ptr() + 2 * out.numel() - 1
-            for name, x in (("a", a), ("b", b), ("a_scale", a_scale), ("b_scale", b_scale), ("m_indptr", m_indptr)):
-                if x.numel():
-                    first, last = _byte_range(x)
-                    if first <= out_last and out_first <= last:
-                        raise ValueError(f"out must not overlap {name}: out spans bytes [{out_first:#x}, "
-                                         f"{out_last:#x}], {name} spans [{first:#x}, {last:#x}]")
+        if cum_m:
+            _check_no_overlap(out, a, b, a_scale, b_scale, m_indptr)
     return GemmProblem(num_experts, cum_m, n, k, k_granularity, is_gated, device)
+
+
+def _check_no_overlap(out, a, b, a_scale, b_scale, m_indptr) -> None:
+    """An input that shares a byte with `out` would be overwritten while the kernel still reads it.
+
+    Byte spans come from shapes and strides (all validated, all non-empty): a, b, m_indptr and out
+    are contiguous; the scale tensors may have any strides.
+    """
+    (cum_m, k), (num_experts, n, _) = a.shape, b.shape
+    rows, words = a_scale.shape
+    a_row, a_word = a_scale.stride()
+    b_expert, b_row, b_word = b_scale.stride()
+    first = out.data_ptr()
+    last = first + 2 * out.numel() - 1
+    for name, start, size in (
+        ("a", a.data_ptr(), cum_m * k),
+        ("b", b.data_ptr(), num_experts * n * k),
+        ("a_scale", a_scale.data_ptr(), 4 * ((rows - 1) * a_row + (words - 1) * a_word + 1)),
+        ("b_scale", b_scale.data_ptr(), 4 * ((num_experts - 1) * b_expert + (n - 1) * b_row + (words - 1) * b_word + 1)),
+        ("m_indptr", m_indptr.data_ptr(), 4 * (num_experts + 1)),
+    ):
+        if start <= last and first < start + size:
+            raise ValueError(f"out must not overlap {name}: out spans bytes [{first:#x}, {last:#x}], "
+                             f"{name} spans [{start:#x}, {start + size - 1:#x}]")
 
 
 def check_indptr_values(m_indptr: torch.Tensor, cum_m: int) -> None:
