@@ -27,7 +27,8 @@ from . import (
     to_mn_major_b_scale,
 )
 from .gemm.device import DeviceInfo, device_info
-from .gemm.heuristics import candidate_specs
+from .activation_quant import QuantizerSpec
+from .gemm.heuristics import candidate_specs, tensor_core_capable
 from .gemm.spec import KernelSpec, kernel_dir
 from .jit.build import build
 from .jit.cache import default_cache, default_cache_dir
@@ -101,18 +102,21 @@ def _targets(archs: list[str] | None) -> list[DeviceInfo]:
     return list(targets.values())
 
 
-def _kernel_specs(device: DeviceInfo, shape: GemmShape, k_granularity: int) -> list[KernelSpec]:
-    """What the API can pick for this shape on this device: every tile it may choose, plus the
-    portable kernel it falls back to for misaligned tensors."""
+def _kernel_specs(device: DeviceInfo, shape: GemmShape, k_granularity: int) -> list[KernelSpec | QuantizerSpec]:
+    """What the API can pick for this shape on this device: every tile it may choose, the
+    portable kernel it falls back to for misaligned tensors, and the fused quantizer of its input."""
     try:
         specs = candidate_specs(device=device, num_experts=shape.num_experts, n=shape.n, k=shape.k,
                                 k_granularity=k_granularity, gated=shape.gated, scale_mode=envs.scale_mode())
     except ValueError as error:
         raise CliError(f"{shape} on {device.arch}: {error}") from None
-    return [*specs, KernelSpec("simt", device.arch, shape.n, shape.k, k_granularity, shape.gated)]
+    specs.append(KernelSpec("simt", device.arch, shape.n, shape.k, k_granularity, shape.gated))
+    if tensor_core_capable(device):
+        specs.append(QuantizerSpec(device.arch, shape.k, k_granularity))
+    return specs
 
 
-def _compile(specs: list[KernelSpec]) -> bool:
+def _compile(specs: list[KernelSpec | QuantizerSpec]) -> bool:
     """Build each spec through the cache, a line each and a summary; True if all succeeded."""
     compiled = cached = failed = 0
     start = time.perf_counter()
