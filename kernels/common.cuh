@@ -12,7 +12,6 @@ typedef unsigned short u16;
 typedef unsigned int u32;
 typedef int i32;
 typedef long long i64;
-typedef unsigned long long u64;
 
 template <typename T>
 __device__ __forceinline__ constexpr T ceil_div(T a, T b) { return (a + b - 1) / b; }
@@ -38,17 +37,6 @@ __device__ __forceinline__ u16 float_to_bf16(float x) {
     const u32 bits = __float_as_uint(x);
     if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<u16>((bits >> 16) | 0x40u);
     return static_cast<u16>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
-#endif
-}
-
-// Two floats -> packed bfloat16x2 (lo in the low half).
-__device__ __forceinline__ u32 pack_bf16x2(float lo, float hi) {
-#if __CUDA_ARCH__ >= 800
-    u32 packed;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(packed) : "f"(hi), "f"(lo));
-    return packed;
-#else
-    return static_cast<u32>(float_to_bf16(lo)) | (static_cast<u32>(float_to_bf16(hi)) << 16);
 #endif
 }
 

@@ -240,8 +240,6 @@ struct MmaGemm {
             ptx::mma_e4m3_block_scaled_emulated<BYTE, 0, BYTE, 0>(acc, a, b, acc, sfa, sfb);
     }
 
-    // bf16 (gated: up * silu(gate)) through a padded smem tile, then 16-byte row stores of the
-    // tile's valid rows and columns only.
     // K warps > 0 hand their partial sums to K warp 0 through shared memory.
     __device__ __forceinline__ void reduce_k_warps(float (&acc)[kWeightFrags][kTokenFrags][4]) const {
         if constexpr (WARPS_K > 1) {
@@ -270,6 +268,8 @@ struct MmaGemm {
         }
     }
 
+    // bf16 (gated: up * silu(gate)) through a padded smem tile, then 16-byte row stores of the
+    // tile's valid rows and columns only.
     __device__ __forceinline__ void store_tile(const float (&acc)[kWeightFrags][kTokenFrags][4], const WorkUnit& w, int n0) const {
         const int g = lane / 4, t = lane % 4;
         if (warp_k == 0) {
@@ -337,7 +337,7 @@ struct MmaGemm {
         const Scheduler scheduler(params, reinterpret_cast<int*>(shared));
         const int warp = threadIdx.x / 32;
         const MmaGemm gemm{params, shared + scheduler_bytes, static_cast<int>(threadIdx.x % 32), warp % WARPS_N, warp / WARPS_N};
-        for (int u = blockIdx.x; u < scheduler.num_units; u += gridDim.x) gemm.run_unit(scheduler.unit(u));
+        for (i64 u = blockIdx.x; u < scheduler.num_units; u += gridDim.x) gemm.run_unit(scheduler.unit(u));
     }
 };
 

@@ -6,7 +6,7 @@
 namespace mxfp8_moe {
 
 // Passed by value as one __grid_constant__ parameter; the host mirrors this layout with ctypes
-// (mxfp8_moe/gemm/params.py). Strides are in elements of the tensor they belong to.
+// (GroupedGemmParams in mxfp8_moe/gemm/launch.py). Strides are in elements of the tensor they belong to.
 struct GroupedGemmParams {
     const u8* a;           // (cum_m, K) e4m3, row-major
     const u8* b;           // (E, N, K) e4m3, row-major
@@ -24,8 +24,8 @@ struct GroupedGemmParams {
 };
 
 // Rows [begin, end) of `a` and `out` belong to the expert; its first a_scale row is scale_row.
-// m_indptr is clamped to [0, cum_m] and an expert's end is never below its begin, so whatever the
-// caller passed, every row index stays inside the tensors, and the padded scale row
+// m_indptr is clamped to [0, cum_m] and made non-decreasing (a running max), so whatever the
+// caller passed, the experts own disjoint row ranges inside the tensors, and the padded scale row
 // (begin + 3e) / 4 * 4 + i stays below m_padded = (cum_m + 3E) / 4 * 4.
 struct ExpertRows {
     int begin;
@@ -35,6 +35,14 @@ struct ExpertRows {
 
 __device__ __forceinline__ int clamped_offset(const GroupedGemmParams& p, int e) {
     return clamp_int(p.m_indptr[e], 0, p.cum_m);
+}
+
+// Expert e's first row under the running-max rule: the largest clamped offset among m_indptr[0..e].
+// O(e) loads: for kernels that look up one expert per block (the tensor-core scheduler scans).
+__device__ __forceinline__ int monotone_offset(const GroupedGemmParams& p, int e) {
+    int offset = 0;
+    for (int i = 0; i <= e; ++i) offset = max(offset, clamped_offset(p, i));
+    return offset;
 }
 
 __device__ __forceinline__ ExpertRows expert_rows(int e, int begin, int next) {

@@ -18,7 +18,8 @@ __device__ __forceinline__ void simt_grouped_gemm(const GroupedGemmParams& p) {
     __syncthreads();
 
     const int e = blockIdx.y;
-    const ExpertRows rows = expert_rows(e, clamped_offset(p, e), clamped_offset(p, e + 1));
+    const int begin = monotone_offset(p, e);
+    const ExpertRows rows = expert_rows(e, begin, max(begin, clamped_offset(p, e + 1)));
     constexpr int n_out = GATED ? n / 2 : n;
     const int col = blockIdx.x * THREADS + threadIdx.x;
     if (col >= n_out) return;

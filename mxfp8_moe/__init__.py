@@ -12,7 +12,13 @@ from . import envs as _envs
 
 if _envs.log_level():
     _logger = _logging.getLogger("mxfp8_moe")
-    _logger.setLevel(_envs.log_level())
+    try:
+        _logger.setLevel(_envs.log_level())
+    except ValueError:
+        import warnings as _warnings
+
+        _warnings.warn(f"MXFP8_MOE_LOG_LEVEL={_envs.log_level()!r} is not a logging level "
+                       "(DEBUG, INFO, WARNING, ERROR); ignored", stacklevel=2)
     if not _logger.handlers:
         _handler = _logging.StreamHandler()
         _handler.setFormatter(_logging.Formatter("[mxfp8_moe %(levelname)s] %(message)s"))

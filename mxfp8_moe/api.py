@@ -62,6 +62,9 @@ def moe_gemm_mxfp8_nt_groupwise(
     if use_cuda and problem.device.type != "cuda":
         raise ValueError(f"backend={backend!r} needs CUDA tensors, got tensors on {problem.device}")
     if validate if validate is not None else envs.validate_indptr():
+        if problem.device.type == "cuda" and capturing(problem.device.index):
+            raise ValueError("validate=True (or MXFP8_MOE_VALIDATE=1) reads m_indptr on the host, which a CUDA "
+                             "graph capture does not allow; validate outside the capture")
         check_indptr_values(m_indptr, problem.cum_m)
     if out is None:
         out = torch.empty((problem.cum_m, problem.n_out), dtype=torch.bfloat16, device=problem.device)
@@ -72,33 +75,10 @@ def moe_gemm_mxfp8_nt_groupwise(
         result = reference_moe_gemm(a, b, a_scale, b_scale, m_indptr, k_granularity=k_granularity, is_gated=is_gated)
         return out.copy_(result)
 
-    device_index = problem.device.index if problem.device.index is not None else torch.cuda.current_device()
-    aligned = (a.data_ptr() | b.data_ptr() | out.data_ptr()) % _ALIGNMENT == 0
-    kernel = _planned.get((problem, device_index, envs.scale_mode(), aligned)) or _plan(
-        problem, device_index, envs.scale_mode(), aligned)
+    device_index = problem.device.index
+    kernel = kernel_for(device_index=device_index, num_experts=problem.num_experts, cum_m=problem.cum_m,
+                        n=problem.n, k=problem.k, k_granularity=k_granularity, gated=is_gated,
+                        scale_mode=envs.scale_mode(),
+                        aligned=(a.data_ptr() | b.data_ptr() | out.data_ptr()) % _ALIGNMENT == 0)
     kernel(a, b, a_scale, b_scale, m_indptr, out, torch._C._cuda_getCurrentRawStream(device_index))
     return out
-
-
-# (problem, device, scale mode, alignment) -> kernel: the heuristic and the kernel lookup run once
-# per distinct call shape, so a steady-state call costs one dict lookup here.
-_planned: dict[tuple, GemmKernel] = {}
-
-
-def _plan(problem: GemmProblem, device_index: int, requested_mode: str, aligned: bool) -> GemmKernel:
-    device = device_info(device_index)
-    scale_mode = requested_mode
-    if requested_mode == "auto" and device.arch in NATIVE_ARCHS:
-        verdict = native_guard.verified("native", device_index)
-        if verdict is None:  # capturing a CUDA graph before the guard ran: software now, not remembered
-            return get_kernel(_choose(problem, device, "software", aligned), device_index)
-        scale_mode = "native" if verdict else "software"
-    kernel = get_kernel(_choose(problem, device, scale_mode, aligned), device_index)
-    _planned[(problem, device_index, requested_mode, aligned)] = kernel
-    return kernel
-
-
-def _choose(problem: GemmProblem, device, scale_mode: str, aligned: bool):
-    return choose_spec(device=device, num_experts=problem.num_experts, cum_m=problem.cum_m, n=problem.n,
-                       k=problem.k, k_granularity=problem.k_granularity, gated=problem.gated,
-                       scale_mode=scale_mode, aligned=aligned)

@@ -28,7 +28,8 @@ from . import (
 )
 from .gemm.device import DeviceInfo, device_info
 from .activation_quant import QuantizerSpec
-from .gemm.heuristics import candidate_specs, tensor_core_capable
+from .gemm import native_guard
+from .gemm.heuristics import NATIVE_ARCHS, candidate_specs, tensor_core_capable
 from .gemm.spec import KernelSpec, kernel_dir
 from .jit.build import build
 from .jit.cache import default_cache, default_cache_dir
@@ -164,8 +165,12 @@ def _prewarm(args) -> int:
     shapes = _requested_shapes(args)
     targets = _targets(args.arch)
     granularities = sorted({g for choice in args.k_granularity or ["128"] for g in GRANULARITIES[choice]})
-    specs = list(dict.fromkeys(spec for device in targets for shape in shapes for g in granularities
-                               for spec in _kernel_specs(device, shape, g)))
+    specs = [spec for device in targets for shape in shapes for g in granularities
+             for spec in _kernel_specs(device, shape, g)]
+    if envs.scale_mode() == "auto":  # the first native call checks itself against software scaling
+        specs += [spec for device in targets if device.arch in NATIVE_ARCHS
+                  for mode in ("native", "software") for spec in native_guard.specs(device, mode)]
+    specs = list(dict.fromkeys(specs))
     for shape in shapes:
         print(f"  {shape}")
     cache = default_cache()

@@ -1,6 +1,7 @@
 """Every environment variable the package reads, in one place.
 
-Each is read when it is used (not at import), so tests and long-running servers can change them.
+SCALE_MODE, VALIDATE, FORCE_RECOMPILE and DUMP_DIR are read when used; LOG_LEVEL at import;
+CACHE_DIR and DISABLE_DISK_CACHE when the process-wide cache is first created.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def validate_indptr() -> bool:
 
 
 def scale_mode() -> str:
-    """MXFP8_MOE_SCALE_MODE=auto|native|software: how block scales are applied on sm_12x."""
+    """MXFP8_MOE_SCALE_MODE=auto|native|software|emulated: how block scales are applied (emulated:
+    the native code path with the block-scaled MMA emulated, for testing on GPUs without it)."""
     return os.environ.get(PREFIX + "SCALE_MODE", "auto").strip().lower() or "auto"
 
 

@@ -63,7 +63,7 @@ def test_prewarm_compiles_then_finds_everything_cached(prewarmed):
     compiled, cached, failed = summary(first)
     assert compiled > 1 and (cached, failed) == (0, 0)
     assert len(re.findall(r"^compiled \S+ for sm_120a in [\d.]+ s$", first.stdout, re.MULTILINE)) == compiled
-    assert "compiled simt_n4096_k7168_g128 for sm_120a" in first.stdout  # the portable kernel too
+    assert "compiled simt_n4096_k7168_g128_t128 for sm_120a" in first.stdout  # the portable kernel too
 
     second = run_cli("prewarm", "--arch", "sm_120a", "--shape", "4096,7168", cache_dir=cache_dir)
     assert summary(second) == (0, compiled, 0)
@@ -115,8 +115,8 @@ def test_prewarm_model_config(tmp_path, config, tp, expected):
     for line in expected:
         assert f"  {line}\n" in result.stdout
     gate_up, down = (re.match(r"\w+ N=(\d+) K=(\d+)", line).groups() for line in expected)
-    assert f"compiled simt_n{gate_up[0]}_k{gate_up[1]}_g128_gated for sm_120a" in result.stdout
-    assert f"compiled simt_n{down[0]}_k{down[1]}_g128 for sm_120a" in result.stdout
+    assert f"compiled simt_n{gate_up[0]}_k{gate_up[1]}_g128_gated_t128 for sm_120a" in result.stdout
+    assert f"compiled simt_n{down[0]}_k{down[1]}_g128_t128 for sm_120a" in result.stdout
 
 
 def test_bad_shape_exits_nonzero_with_message(tmp_path):
@@ -183,7 +183,7 @@ def test_demo_without_gpu_runs_reference_and_compiles(tmp_path):
     assert "no GPU: ran the reference backend and compiled the sm_120a kernels" in result.stdout
     compiled, _, failed = summary(result)
     assert compiled > 1 and failed == 0
-    assert "compiled simt_n1536_k2048_g128_gated for sm_120a" in result.stdout
+    assert "compiled simt_n1536_k2048_g128_gated_t128 for sm_120a" in result.stdout
 
 
 # --- model_config ---------------------------------------------------------------------------------

@@ -3,9 +3,11 @@ values, which would need a device-to-host sync).
 
 Decode-sized MoE GEMMs are memory-bound: the time is the active experts' weight bytes over the
 bandwidth the CTAs can pull. Two regimes follow from the expected number of work units:
-- many units (at least one per SM): wide tiles, a 4-deep pipeline, several CTAs per SM;
-- few units (few active experts, e.g. one token): narrow N tiles so more SMs stream weights, and
-  deep pipelines so each CTA keeps enough bytes in flight on its own.
+- many units (at least one per SM): wide tiles and a 4-deep pipeline (2-3 CTAs per SM on H100's
+  227 KB of shared memory, one on SM120's 99 KB);
+- few units (few active experts, e.g. one token): narrow N tiles so more SMs stream weights, extra
+  warps splitting K so each CTA keeps enough copies in flight, and deep pipelines.
+A problem no tile configuration fits (e.g. thousands of experts) runs on the portable kernel.
 The token tile covers an expert's expected rows plus two standard deviations of random routing
 (Poisson), so most experts need one tile and their weights are read once.
 """
@@ -16,14 +18,16 @@ import dataclasses
 import math
 
 from .device import DeviceInfo
-from .spec import KernelSpec
+from .spec import SCALE_MODES, KernelSpec
 
 TOKEN_TILES = (8, 16, 32, 64)
-STAGES = 4  # many-units regime
+MANY_UNITS_STAGES = 4
 MAX_STAGES = 16  # few-units regime
 FEW_UNITS_WARPS = 8
 NATIVE_ARCHS = ("sm_120a", "sm_121a")
-_STATIC_SHARED_RESERVE = 1024  # the kernel's static shared memory (scan scratch), rounded up
+# Per block: the kernel's static shared memory (scan scratch, 32 B) plus the 1 KB the hardware
+# reserves for each resident block, so two few-units CTAs really fit on one SM.
+_PER_BLOCK_RESERVE = 1024 + 128
 
 
 def resolve_scale_mode(requested: str, arch: str) -> str:
@@ -32,7 +36,7 @@ def resolve_scale_mode(requested: str, arch: str) -> str:
         return "native" if arch in NATIVE_ARCHS else "software"
     if requested == "native" and arch not in NATIVE_ARCHS:
         raise ValueError(f"MXFP8_MOE_SCALE_MODE=native needs sm_120a or sm_121a; this GPU is {arch}")
-    if requested not in ("native", "software", "emulated"):
+    if requested not in SCALE_MODES:
         raise ValueError(f"MXFP8_MOE_SCALE_MODE must be auto, native, software or emulated; got {requested!r}")
     return requested
 
@@ -44,8 +48,9 @@ def tensor_core_capable(device: DeviceInfo) -> bool:
 
 def choose_spec(*, device: DeviceInfo, num_experts: int, cum_m: int, n: int, k: int, k_granularity: int,
                 gated: bool, scale_mode: str, aligned: bool = True) -> KernelSpec:
+    portable = KernelSpec("simt", device.arch, n, k, k_granularity, gated, block_n=128)
     if not (tensor_core_capable(device) and aligned):
-        return KernelSpec("simt", device.arch, n, k, k_granularity, gated, block_n=128)
+        return portable
 
     active_experts = max(1, min(num_experts, cum_m))
     rows = cum_m / active_experts
@@ -68,16 +73,15 @@ def choose_spec(*, device: DeviceInfo, num_experts: int, cum_m: int, n: int, k: 
                       stages=1, warps_n=warps_n, warps_k=warps_k,
                       scale_mode=resolve_scale_mode(scale_mode, device.arch))
     # Few units: let two CTAs share an SM and give each as deep a pipeline as fits.
-    budget = (device.shared_memory_limit // 2 if few_units else device.shared_memory_limit) - _STATIC_SHARED_RESERVE
+    budget = (device.shared_memory_limit // 2 if few_units else device.shared_memory_limit) - _PER_BLOCK_RESERVE
     budget -= spec.dynamic_shared_bytes(num_experts) - spec.pipeline_bytes()
     # The epilogue reuses the pipeline's memory: fewer K warps when their partial sums don't fit.
     while spec.warps_k > 1 and spec.epilogue_bytes() > budget:
         spec = dataclasses.replace(spec, warps_k=spec.warps_k // 2)
-    stages = min(MAX_STAGES if few_units else STAGES, budget // spec.pipeline_bytes())
+    stages = min(MAX_STAGES if few_units else MANY_UNITS_STAGES, budget // spec.pipeline_bytes())
     stages = max(stages, -(-spec.epilogue_bytes() // spec.pipeline_bytes()))
     if stages < 2 or stages * spec.pipeline_bytes() > budget:
-        raise ValueError(f"no tile configuration fits {device.shared_memory_limit} B of shared memory "
-                         f"with num_experts={num_experts}")
+        return portable
     return dataclasses.replace(spec, stages=stages)
 
 

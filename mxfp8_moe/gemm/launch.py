@@ -43,7 +43,7 @@ class GemmKernel:
 
     def __init__(self, spec: KernelSpec, device_index: int):
         self.spec = spec
-        cubin, self.was_cached = build(spec.source(), arch=spec.arch, include_dir=kernel_dir(), label=spec.label)
+        cubin, _ = build(spec.source(), arch=spec.arch, include_dir=kernel_dir(), label=spec.label)
         self.kernel = LoadedKernel(cubin, ENTRY, device_index, spec.threads)
         self._params = GroupedGemmParams()
         self._pointers = (ctypes.c_void_p * 1)(ctypes.addressof(self._params))
@@ -51,16 +51,16 @@ class GemmKernel:
         self._lock = threading.Lock()  # the argument block is shared by threads calling this kernel
         self._grids: dict[tuple[int, int], tuple[tuple[int, int, int], int]] = {}
 
-    def grid(self, num_experts: int, cum_m: int) -> tuple[tuple[int, int, int], int]:
+    def launch_config(self, num_experts: int, cum_m: int) -> tuple[tuple[int, int, int], int]:
         """(grid, dynamic shared bytes): persistent for the MMA kernel, one block per column
         block x expert x row slice for the SIMT kernel."""
         spec = self.spec
-        key = (num_experts, cum_m if spec.kind == "simt" else 0)
+        row_slices = max(1, min(64, -(-cum_m // num_experts))) if spec.kind == "simt" else 0
+        key = (num_experts, row_slices)
         launch = self._grids.get(key)
         if launch is None:
             shared = spec.dynamic_shared_bytes(num_experts)
             if spec.kind == "simt":
-                row_slices = max(1, min(64, -(-cum_m // num_experts)))
                 grid = (-(-spec.n_out // spec.threads), num_experts, row_slices)
             else:
                 grid = (self.kernel.resident_blocks(shared), 1, 1)
@@ -70,7 +70,7 @@ class GemmKernel:
     def __call__(self, a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
                  m_indptr: torch.Tensor, out: torch.Tensor, stream: int) -> None:
         num_experts = b.shape[0]
-        grid, shared = self.grid(num_experts, a.shape[0])
+        grid, shared = self.launch_config(num_experts, a.shape[0])
         with self._lock:
             p = self._params
             p.a, p.b, p.a_scale, p.b_scale = a.data_ptr(), b.data_ptr(), a_scale.data_ptr(), b_scale.data_ptr()

@@ -1,23 +1,26 @@
 """A guard for the one path nobody here can run: sm_12x's block-scaled MMA.
 
 The first time a process would use the native scale mode on a device, it computes a small random
-problem (both granularities, gated and not) with the native kernels and with the software-scaled
-ones and compares them. If they disagree, it warns once and the device stays on software scaling.
+problem (both granularities, gated and not, with a few-units and a many-units tile configuration:
+narrow tiles with K warps, wide tiles with one warp walking all four byte selectors) with the
+native kernels and with the software-scaled ones and compares them. If they disagree, it warns once and the device stays on software scaling.
 The check allocates and syncs, so it never runs inside a CUDA graph capture: a call captured
 before the verdict exists uses software scaling.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import warnings
 
 import torch
 
 from ..quantize import quantize_activations, quantize_weights
-from .device import device_info
+from .device import DeviceInfo, device_info
 from .heuristics import choose_spec
 from .launch import get_kernel
+from .spec import KernelSpec
 
 _verdicts: dict[tuple[int, str], bool] = {}
 _lock = threading.Lock()
@@ -29,37 +32,47 @@ class NativeScaleWarning(RuntimeWarning):
     """The native block-scaled MMA disagreed with software scaling; software scaling is used."""
 
 
-def _run(mode: str, device_index: int, problem, k_granularity: int, gated: bool) -> torch.Tensor:
+def specs(device: DeviceInfo, mode: str) -> list[KernelSpec]:
+    """The kernels the check runs in `mode` (and, with mode="software", the trusted side)."""
+    # The same device claiming a single SM makes choose_spec pick its many-units configuration.
+    devices = (device, dataclasses.replace(device, num_sms=1))
+    return [choose_spec(device=d, num_experts=len(_ROWS), cum_m=sum(_ROWS), n=_N, k=_K, k_granularity=k_granularity,
+                        gated=gated, scale_mode=mode)
+            for k_granularity in (32, 128) for gated in (False, True) for d in devices]
+
+
+def _run(spec: KernelSpec, device_index: int, problem) -> torch.Tensor:
     a, b, a_scale, b_scale, m_indptr = problem
-    spec = choose_spec(device=device_info(device_index), num_experts=len(_ROWS), cum_m=a.shape[0], n=_N, k=_K,
-                       k_granularity=k_granularity, gated=gated, scale_mode=mode)
-    out = torch.full((a.shape[0], _N // 2 if gated else _N), float("nan"), dtype=torch.bfloat16, device=a.device)
+    out = torch.full((a.shape[0], _N // 2 if spec.gated else _N), float("nan"), dtype=torch.bfloat16,
+                     device=a.device)
     get_kernel(spec, device_index)(a, b, a_scale, b_scale, m_indptr, out,
                                    torch._C._cuda_getCurrentRawStream(device_index))
     return out
 
 
 def _agrees(mode: str, device_index: int) -> bool:
-    device = torch.device("cuda", device_index)
+    where = torch.device("cuda", device_index)
     counts = torch.tensor(_ROWS)
-    m_indptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32).to(device)
-    generator = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(int(counts.sum()), _K, device=device, generator=generator)
-    w = torch.randn(len(_ROWS), _N, _K, device=device, generator=generator)
+    m_indptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32).to(where)
+    generator = torch.Generator(device=where).manual_seed(0)
+    x = torch.randn(int(counts.sum()), _K, device=where, generator=generator)
+    w = torch.randn(len(_ROWS), _N, _K, device=where, generator=generator)
+    operands = {}
     for k_granularity in (32, 128):
-        a, a_scale = quantize_activations(x, m_indptr, k_granularity)
+        a, a_scale = quantize_activations(x, m_indptr, k_granularity, backend="torch")
         b, b_scale = quantize_weights(w, k_granularity)
-        for gated in (False, True):
-            problem = (a, b, a_scale, b_scale, m_indptr)
-            candidate = _run(mode, device_index, problem, k_granularity, gated).float()
-            trusted = _run("software", device_index, problem, k_granularity, gated).float()
-            error = ((candidate - trusted).norm() / trusted.norm()).item()
-            if not error <= 1e-2:  # also catches NaN
-                warnings.warn(f"{mode} block-scaled MMA on cuda:{device_index} disagrees with software scaling "
-                              f"(k_granularity={k_granularity}, gated={gated}, relative difference {error:.3g}); "
-                              "using software scaling. Set MXFP8_MOE_SCALE_MODE to override.",
-                              NativeScaleWarning, stacklevel=4)
-                return False
+        operands[k_granularity] = (a, b, a_scale, b_scale, m_indptr)
+    device = device_info(device_index)
+    for candidate, trusted in zip(specs(device, mode), specs(device, "software")):
+        problem = operands[candidate.k_granularity]
+        result = _run(candidate, device_index, problem).float()
+        expected = _run(trusted, device_index, problem).float()
+        error = ((result - expected).norm() / expected.norm()).item()
+        if not error <= 1e-2:  # also catches NaN
+            warnings.warn(f"{mode} block-scaled MMA on cuda:{device_index} disagrees with software scaling "
+                          f"({candidate.label}: relative difference {error:.3g}); using software scaling. "
+                          "Set MXFP8_MOE_SCALE_MODE to override.", NativeScaleWarning, stacklevel=4)
+            return False
     return True
 
 
@@ -69,8 +82,9 @@ def verified(mode: str, device_index: int) -> bool | None:
     key = (device_index, mode)
     verdict = _verdicts.get(key)
     if verdict is None:
-        if torch.cuda.is_current_stream_capturing():
-            return None
+        with torch.cuda.device(device_index):
+            if torch.cuda.is_current_stream_capturing():
+                return None
         with _lock:
             if key not in _verdicts:
                 _verdicts[key] = _agrees(mode, device_index)

@@ -49,7 +49,7 @@ class KernelSpec:
     def label(self) -> str:
         common = f"{self.kind}_n{self.n}_k{self.k}_g{self.k_granularity}{'_gated' if self.gated else ''}"
         if self.kind == "simt":
-            return common
+            return f"{common}_t{self.threads}"
         return f"{common}_bn{self.block_n}_bt{self.block_t}_s{self.stages}_w{self.warps_n}x{self.warps_k}_{self.scale_mode}"
 
     def source(self) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .. import __version__, envs
 from .cache import default_cache
-from .compiler import CompileError, compile_cubin, nvrtc_version
+from .compiler import BASE_OPTIONS, CompileError, compile_cubin, nvrtc_version
 
 logger = logging.getLogger("mxfp8_moe.jit")
 
@@ -37,7 +37,7 @@ def _tree_digest(include_dir: Path) -> str:
 
 def cache_key(source: str, *, arch: str, include_dir: Path) -> str:
     digest = hashlib.sha256()
-    for part in (__version__, arch, "nvrtc %d.%d" % nvrtc_version(), " ".join(OPTIONS),
+    for part in (__version__, arch, "nvrtc %d.%d" % nvrtc_version(), " ".join((*BASE_OPTIONS, *OPTIONS)),
                  _tree_digest(include_dir), source):
         digest.update(part.encode() + b"\0")
     return digest.hexdigest()[:40]
@@ -69,6 +69,9 @@ def _dump(label: str, arch: str, source: str, log: str) -> None:
     directory = envs.dump_dir()
     if directory is None:
         return
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / f"{label}.{arch}.cu").write_text(source)
-    (directory / f"{label}.{arch}.log").write_text(log)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / f"{label}.{arch}.cu").write_text(source)
+        (directory / f"{label}.{arch}.log").write_text(log)
+    except OSError as error:  # a debugging aid must not fail (or mask the error of) a compile
+        logger.warning("cannot write MXFP8_MOE_DUMP_DIR=%s: %s", directory, error)

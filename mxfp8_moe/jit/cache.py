@@ -140,6 +140,9 @@ class KernelCache:
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0))
         except FileNotFoundError:
             return None
+        except OSError as error:  # a symlink (O_NOFOLLOW), no permission, I/O error: never fail the call
+            self._drop_disk(f"cannot open {path.name} ({error})")
+            return None
         try:
             with open(fd, "rb") as f:
                 problem = _unsafe(os.fstat(f.fileno()))

@@ -42,13 +42,13 @@ def driver_version() -> int | None:
 
 
 _init_lock = threading.Lock()
-_contexts: dict[int, int] = {}
+_contexts: dict[int, tuple[driver.CUcontext, int, driver.CUdevice]] = {}
 
 
-def primary_context(device_index: int) -> int:
-    """The device's primary context (retained once per process), as an int handle."""
-    ctx = _contexts.get(device_index)
-    if ctx is None:
+def primary_context(device_index: int) -> tuple[driver.CUcontext, int, driver.CUdevice]:
+    """The device's primary context (retained once per process): (handle, handle as int, device)."""
+    context = _contexts.get(device_index)
+    if context is None:
         with _init_lock:
             if device_index not in _contexts:
                 (err,) = driver.cuInit(0)
@@ -57,29 +57,21 @@ def primary_context(device_index: int) -> int:
                 _check(err, "cuDeviceGet")
                 err, handle = driver.cuDevicePrimaryCtxRetain(device)
                 _check(err, "cuDevicePrimaryCtxRetain")
-                _contexts[device_index] = int(handle)
-            ctx = _contexts[device_index]
-    return ctx
+                _contexts[device_index] = (handle, int(handle), device)
+            context = _contexts[device_index]
+    return context
 
 
-class _Current:
-    """Makes a context current for a block, and restores the caller's afterwards if it differed."""
-
-    __slots__ = ("ctx", "pushed")
-
-    def __init__(self, ctx: int):
-        self.ctx = ctx
-
-    def __enter__(self):
-        err, current = driver.cuCtxGetCurrent()
-        self.pushed = int(current) != self.ctx
-        if self.pushed:
-            (err,) = driver.cuCtxPushCurrent(driver.CUcontext(self.ctx))
-            _check(err, "cuCtxPushCurrent")
-
-    def __exit__(self, *exc):
-        if self.pushed:
-            driver.cuCtxPopCurrent()
+def _enter(context: driver.CUcontext, context_id: int) -> bool:
+    """Make `context` current on this thread unless it already is; True if it was pushed (the
+    caller pops it). The state lives in the caller's frame: threads never share it."""
+    err, current = driver.cuCtxGetCurrent()
+    _check(err, "cuCtxGetCurrent")
+    if int(current) == context_id:
+        return False
+    (err,) = driver.cuCtxPushCurrent(context)
+    _check(err, "cuCtxPushCurrent")
+    return True
 
 
 class LoadedKernel:
@@ -88,17 +80,18 @@ class LoadedKernel:
     def __init__(self, cubin: bytes, name: str, device_index: int, threads: int):
         self.device_index = device_index
         self.threads = threads
-        self._current = _Current(primary_context(device_index))
-        with self._current:
+        self._context, self._context_id, device = primary_context(device_index)
+        pushed = _enter(self._context, self._context_id)
+        try:
             err, self._module = driver.cuModuleLoadData(cubin)
             _check(err, "cuModuleLoadData")
             err, self.function = driver.cuModuleGetFunction(self._module, name.encode())
             _check(err, f"cuModuleGetFunction({name})")
             err, self.num_sms = driver.cuDeviceGetAttribute(
-                driver.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, device_index)
+                driver.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, device)
             _check(err, "cuDeviceGetAttribute")
             err, max_shared = driver.cuDeviceGetAttribute(
-                driver.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, device_index)
+                driver.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, device)
             _check(err, "cuDeviceGetAttribute")
             err, static_shared = driver.cuFuncGetAttribute(
                 driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, self.function)
@@ -109,16 +102,23 @@ class LoadedKernel:
                 self.function, driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 self.max_dynamic_shared)
             _check(err, "cuFuncSetAttribute")
+        finally:
+            if pushed:
+                driver.cuCtxPopCurrent()
         self._resident: dict[int, int] = {}
 
     def resident_blocks(self, dynamic_shared: int) -> int:
         """How many blocks fit on the whole device at once: the size of a persistent grid."""
         blocks = self._resident.get(dynamic_shared)
         if blocks is None:
-            with self._current:
+            pushed = _enter(self._context, self._context_id)
+            try:
                 err, per_sm = driver.cuOccupancyMaxActiveBlocksPerMultiprocessor(
                     self.function, self.threads, dynamic_shared)
-                _check(err, "cuOccupancyMaxActiveBlocksPerMultiprocessor")
+            finally:
+                if pushed:
+                    driver.cuCtxPopCurrent()
+            _check(err, "cuOccupancyMaxActiveBlocksPerMultiprocessor")
             if per_sm < 1:
                 raise DriverError(f"kernel cannot launch: {dynamic_shared} B of dynamic shared memory "
                                   f"(limit {self.max_dynamic_shared} B), {self.threads} threads")
@@ -127,7 +127,11 @@ class LoadedKernel:
 
     def launch(self, grid: tuple[int, int, int], dynamic_shared: int, stream: int, params_address: int) -> None:
         """Launch on `stream` (a raw handle); params_address points at the void* array of arguments."""
-        with self._current:
+        pushed = _enter(self._context, self._context_id)
+        try:
             (err,) = driver.cuLaunchKernel(self.function, *grid, self.threads, 1, 1, dynamic_shared,
                                            stream, params_address, 0)
+        finally:
+            if pushed:
+                driver.cuCtxPopCurrent()
         _check(err, "cuLaunchKernel")

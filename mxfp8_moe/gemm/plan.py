@@ -1,0 +1,46 @@
+"""Which loaded kernel serves a call: the scale-mode policy, the heuristic and the kernel table,
+memoized per call shape so that a steady-state call costs one dict lookup."""
+
+from __future__ import annotations
+
+import torch
+
+from . import native_guard
+from .device import device_info
+from .heuristics import NATIVE_ARCHS, choose_spec
+from .launch import GemmKernel, get_kernel
+
+# Distinct call shapes in a server are bounded by its batch sizes; the bound only guards against a
+# caller cycling through unbounded shapes.
+_MAX_PLANS = 4096
+_plans: dict[tuple, GemmKernel] = {}
+
+
+def kernel_for(*, device_index: int, num_experts: int, cum_m: int, n: int, k: int, k_granularity: int,
+               gated: bool, scale_mode: str, aligned: bool) -> GemmKernel:
+    key = (device_index, num_experts, cum_m, n, k, k_granularity, gated, scale_mode, aligned)
+    kernel = _plans.get(key)
+    if kernel is not None:
+        return kernel
+    device = device_info(device_index)
+    mode = scale_mode
+    remember = True
+    if scale_mode == "auto" and device.arch in NATIVE_ARCHS:
+        verdict = native_guard.verified("native", device_index)
+        # Capturing a CUDA graph before the guard ran: software scaling now, decided later.
+        remember = verdict is not None
+        mode = "native" if verdict else "software"
+    spec = choose_spec(device=device, num_experts=num_experts, cum_m=cum_m, n=n, k=k, k_granularity=k_granularity,
+                       gated=gated, scale_mode=mode, aligned=aligned)
+    kernel = get_kernel(spec, device_index)
+    if remember:
+        if len(_plans) >= _MAX_PLANS:
+            _plans.clear()
+        _plans[key] = kernel
+    return kernel
+
+
+def capturing(device_index: int) -> bool:
+    """Whether the current stream of `device_index` is capturing a CUDA graph."""
+    with torch.cuda.device(device_index):
+        return torch.cuda.is_current_stream_capturing()

@@ -1,0 +1,136 @@
+"""A whole MoE block (routing, SwiGLU experts, combine) on MXFP8 weights and activations.
+
+    probs = softmax(router_logits); weights, experts = top_k(probs), renormalized
+    out[t] = sum_j weights[t, j] * w2[e] @ (up * silu(gate)),  [up; gate] = w13[e] @ hidden[t],  e = experts[t, j]
+
+Every step runs on the device without a host sync and without data-dependent Python control flow,
+so `moe_forward` traces under torch.compile(fullgraph=True) and captures into CUDA graphs: the
+number of expert rows, T * top_k, comes from shapes, and the quantizer and the GEMM are custom ops
+(`ops.py`).
+
+Weight layout: w13 is (E, 2 I, H) with rows [0, I) "up" and [I, 2 I) "gate" (the GEMM's gated
+epilogue's order; checkpoints that store [gate; up], as vLLM's w13 does, swap the halves first),
+w2 is (E, H, I).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from .ops import grouped_gemm, quantize_activations_op
+from .quantize import quantize_weights
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedExperts:
+    """One projection of every expert in MXFP8: the GEMM's `b` and `b_scale`."""
+
+    b: torch.Tensor  # (E, N, K) float8_e4m3fn
+    b_scale: torch.Tensor  # (E, N, k_align) int32 UE8M0 words, MN-major
+
+    @classmethod
+    def quantize(cls, w: torch.Tensor, k_granularity: int = 128) -> QuantizedExperts:
+        return cls(*quantize_weights(w, k_granularity))
+
+
+class Routing(NamedTuple):
+    """Where each of the T * top_k expert rows comes from, rows in expert order."""
+
+    token: torch.Tensor  # (T * top_k,) int64: the token each row copies
+    weight: torch.Tensor  # (T * top_k,) float32: its routing weight
+    m_indptr: torch.Tensor  # (E + 1,) int32: rows [m_indptr[e], m_indptr[e + 1]) go to expert e
+
+
+def route(router_logits: torch.Tensor, top_k: int, *, renormalize: bool = True) -> Routing:
+    """Softmax top-k routing and the permutation of token copies into expert order."""
+    num_tokens, num_experts = router_logits.shape
+    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
+    weights, experts = probs.topk(top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    # A stable sort keeps each expert's rows in token order. The offsets come from a search of the
+    # sorted ids rather than bincount: bincount's length, max(id) + 1 vs minlength, depends on the
+    # data, which tracing would turn into an unbacked size; this one is E + 1 by construction.
+    sorted_experts, order = experts.flatten().sort(stable=True)
+    boundaries = torch.arange(num_experts + 1, device=router_logits.device, dtype=sorted_experts.dtype)
+    m_indptr = torch.searchsorted(sorted_experts, boundaries, out_int32=True)
+    return Routing(order // top_k, weights.flatten()[order], m_indptr)
+
+
+def combine(rows: torch.Tensor, routing: Routing, num_tokens: int) -> torch.Tensor:
+    """Weight the (T * top_k, H) expert-ordered rows and add each token's top_k rows, in float32."""
+    weighted = rows.float() * routing.weight.unsqueeze(1)
+    out = rows.new_zeros((num_tokens, rows.shape[1]), dtype=torch.float32)
+    return out.index_add_(0, routing.token, weighted).to(torch.bfloat16)
+
+
+def moe_forward(
+    hidden: torch.Tensor,
+    router_logits: torch.Tensor,
+    w13: QuantizedExperts,
+    w2: QuantizedExperts,
+    top_k: int,
+    *,
+    k_granularity: int = 128,
+    renormalize: bool = True,
+) -> torch.Tensor:
+    """MoE block: (T, H) bf16 hidden states and (T, E) router logits -> (T, H) bf16.
+
+    w13: (E, 2 I, H) [up; gate] and w2: (E, H, I), quantized with this k_granularity.
+    """
+    routing = route(router_logits, top_k, renormalize=renormalize)
+    x = hidden[routing.token]
+    a, a_scale = quantize_activations_op(x, routing.m_indptr, k_granularity)
+    h = grouped_gemm(a, w13.b, a_scale, w13.b_scale, routing.m_indptr, k_granularity, is_gated=True)
+    a, a_scale = quantize_activations_op(h, routing.m_indptr, k_granularity)
+    y = grouped_gemm(a, w2.b, a_scale, w2.b_scale, routing.m_indptr, k_granularity)
+    return combine(y, routing, hidden.shape[0])
+
+
+class MXFP8MoE(torch.nn.Module):
+    """MoE block whose expert weights are quantized to MXFP8 once, at construction, on their device.
+
+    The quantized weights and scales are buffers, so `.to()` and `state_dict()` carry them.
+    """
+
+    def __init__(self, w13: torch.Tensor, w2: torch.Tensor, top_k: int, k_granularity: int = 128,
+                 *, renormalize: bool = True):
+        """w13: (E, 2 I, H) [up; gate], w2: (E, H, I), any float dtype."""
+        super().__init__()
+        if w2.dim() != 3 or w13.shape != (w2.shape[0], 2 * w2.shape[2], w2.shape[1]):
+            raise ValueError(f"w13 and w2 must be (E, 2 I, H) and (E, H, I), got {tuple(w13.shape)} and "
+                             f"{tuple(w2.shape)}")
+        self.top_k, self.k_granularity, self.renormalize = top_k, k_granularity, renormalize
+        for name, w in (("w13", w13), ("w2", w2)):
+            b, b_scale = quantize_weights(w, k_granularity)
+            self.register_buffer(name, b)
+            self.register_buffer(f"{name}_scale", b_scale)
+
+    def forward(self, hidden: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        return moe_forward(hidden, router_logits, QuantizedExperts(self.w13, self.w13_scale),
+                           QuantizedExperts(self.w2, self.w2_scale), self.top_k, k_granularity=self.k_granularity,
+                           renormalize=self.renormalize)
+
+
+def reference_moe_forward(hidden: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                          top_k: int, *, renormalize: bool = True) -> torch.Tensor:
+    """The same block in plain bf16 torch, token by expert, to measure the MXFP8 layer against.
+
+    Written independently of the layer (no sort, no permutation, no custom op); it reads routing
+    results on the host, so it is for eager checks only.
+    """
+    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
+    weights, experts = probs.topk(top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    for e in experts.unique().tolist():
+        token, slot = (experts == e).nonzero(as_tuple=True)
+        up, gate = (hidden[token] @ w13[e].to(hidden.dtype).t()).chunk(2, dim=-1)
+        y = (up * F.silu(gate)) @ w2[e].to(hidden.dtype).t()
+        out[token] += y.float() * weights[token, slot].unsqueeze(1)
+    return out.to(hidden.dtype)
