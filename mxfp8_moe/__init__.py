@@ -25,6 +25,7 @@ if _envs.log_level():
         _logger.addHandler(_handler)
 
 from .api import moe_gemm_mxfp8_nt_groupwise  # noqa: E402
+from .convert import from_bf16, from_fp8_block_scaled, from_ocp_mx  # noqa: E402
 from .layout import (  # noqa: E402
     float_to_ue8m0,
     k_align,
@@ -46,6 +47,8 @@ from .quantize import (  # noqa: E402
     quantize_weights,
 )
 from .reference import reference_moe_gemm  # noqa: E402
+from .moe_layer import MXFP8MoE, QuantizedExperts, moe_forward, reference_moe_forward  # noqa: E402
+from .ops import grouped_gemm, quantize_activations_op  # noqa: E402
 
 __all__ = [
     "moe_gemm_mxfp8_nt_groupwise",
@@ -54,6 +57,15 @@ __all__ = [
     "dequantize_activations",
     "dequantize_weights",
     "reference_moe_gemm",
+    "from_bf16",
+    "from_fp8_block_scaled",
+    "from_ocp_mx",
+    "MXFP8MoE",
+    "QuantizedExperts",
+    "moe_forward",
+    "reference_moe_forward",
+    "grouped_gemm",
+    "quantize_activations_op",
     "num_k_blocks",
     "k_align",
     "m_padded",

@@ -13,7 +13,6 @@ import torch
 K_GRANULARITIES = (32, 128)
 
 # One UE8M0 byte per K block, four per int32 word, block 4w + i in byte i (bits 8i..8i+7).
-_BYTE_SHIFTS = (0, 8, 16, 24)
 
 
 def check_arg(ok: bool, name: str, expected: str, got: object) -> None:
@@ -87,7 +86,7 @@ def pack_ue8m0(exponents: torch.Tensor) -> torch.Tensor:
     check_arg(exponents.dtype == torch.uint8, "exponents", "torch.uint8", exponents.dtype)
     nblocks = exponents.shape[-1]
     padded = torch.nn.functional.pad(exponents, (0, -nblocks % 4)).unflatten(-1, (-1, 4))
-    shifts = torch.tensor(_BYTE_SHIFTS, dtype=torch.int64, device=exponents.device)
+    shifts = torch.arange(0, 32, 8, dtype=torch.int64, device=exponents.device)  # no host copy: graph-safe
     # Assemble in int64, where byte 3 cannot overflow, then wrap to the int32 bit pattern explicitly
     # (an int64 -> int32 cast of values >= 2^31 is not something to rely on).
     words = (padded.long() << shifts).sum(-1)
@@ -102,7 +101,7 @@ def unpack_ue8m0(words: torch.Tensor, num_blocks: int) -> torch.Tensor:
     check_arg(words.dtype == torch.int32, "words", "torch.int32", words.dtype)
     capacity = 4 * words.shape[-1]
     check_arg(0 <= num_blocks <= capacity, "num_blocks", f"in [0, {capacity}] (4 per word)", num_blocks)
-    shifts = torch.tensor(_BYTE_SHIFTS, dtype=torch.int32, device=words.device)
+    shifts = torch.arange(0, 32, 8, dtype=torch.int32, device=words.device)
     # The arithmetic shift drags the sign bit in for byte 3; the mask drops it.
     blocks = (words.unsqueeze(-1) >> shifts) & 0xFF
     return blocks.flatten(-2)[..., :num_blocks].to(torch.uint8)

@@ -47,14 +47,14 @@ class Routing(NamedTuple):
 
 def route(router_logits: torch.Tensor, top_k: int, *, renormalize: bool = True) -> Routing:
     """Softmax top-k routing and the permutation of token copies into expert order."""
-    num_tokens, num_experts = router_logits.shape
+    num_experts = router_logits.shape[-1]
     probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
     weights, experts = probs.topk(top_k, dim=-1)
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     # A stable sort keeps each expert's rows in token order. The offsets come from a search of the
-    # sorted ids rather than bincount: bincount's length, max(id) + 1 vs minlength, depends on the
-    # data, which tracing would turn into an unbacked size; this one is E + 1 by construction.
+    # sorted ids rather than bincount(minlength=E).cumsum: bincount's length is max(max(id) + 1, E),
+    # data-dependent to a tracer (a graph break, or an unbacked size), where this one is E + 1.
     sorted_experts, order = experts.flatten().sort(stable=True)
     boundaries = torch.arange(num_experts + 1, device=router_logits.device, dtype=sorted_experts.dtype)
     m_indptr = torch.searchsorted(sorted_experts, boundaries, out_int32=True)

@@ -26,7 +26,8 @@ from .quantize import quantize_activations
     mutates_args=(),
     schema="(Tensor x, Tensor m_indptr, int k_granularity) -> (Tensor, Tensor)",
 )
-def _quantize_activations(x: torch.Tensor, m_indptr: torch.Tensor, k_granularity: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantize_activations(x: torch.Tensor, m_indptr: torch.Tensor,
+                          k_granularity: int) -> tuple[torch.Tensor, torch.Tensor]:
     return quantize_activations(x, m_indptr, k_granularity)
 
 
