@@ -5,12 +5,9 @@ from __future__ import annotations
 import torch
 
 from . import envs
-from .gemm.device import device_info
-from .gemm import native_guard
-from .gemm.heuristics import NATIVE_ARCHS, choose_spec
-from .gemm.launch import GemmKernel, get_kernel
+from .gemm.plan import capturing, kernel_for
 from .reference import reference_moe_gemm
-from .validation import GemmProblem, check_call, check_indptr_values, check_options
+from .validation import check_call, check_indptr_values, check_options
 
 _ALIGNMENT = 16  # bytes; the tensor-core kernels move a, b and out in 16-byte vectors
 
