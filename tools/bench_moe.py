@@ -124,7 +124,6 @@ def bench_cell(model, gemm, tokens, k_granularity, bandwidth, peers):
             except Exception as error:  # noqa: BLE001 - a peer that cannot run this cell is reported, not fatal
                 row[name] = None
                 print(f"  {name} failed: {str(error).splitlines()[0][:120]}", flush=True)
-    del w, b, b_scale, routings
     return row
 
 
