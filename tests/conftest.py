@@ -1,3 +1,5 @@
+import random
+
 import pytest
 import torch
 
@@ -9,3 +11,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def seed():
+    """Fresh data every run; the seed is printed, so pytest shows it with any failure."""
+    value = random.randrange(2**31)
+    print(f"seed = {value}")
+    torch.manual_seed(value)
+    random.seed(value)
+    return value

@@ -55,8 +55,7 @@ def no_cuda_path(monkeypatch):
     """Any attempt to choose or load a CUDA kernel fails the test."""
     def forbidden(*args, **kwargs):
         raise AssertionError("the CUDA path was taken")
-    monkeypatch.setattr(api, "choose_spec", forbidden)
-    monkeypatch.setattr(api, "get_kernel", forbidden)
+    monkeypatch.setattr(api, "kernel_for", forbidden)
 
 
 @pytest.mark.parametrize("gated", [False, True])

@@ -11,7 +11,6 @@ step of 2^-9, so the error is at most 2^-10 S in absolute terms: no relative bou
 This is tighter than the 2^-3 (a full ulp) one might quote for "one e4m3 rounding".
 """
 
-import random
 
 import pytest
 import torch
@@ -21,15 +20,6 @@ from mxfp8_moe.layout import k_align, num_k_blocks, pack_ue8m0, unpack_ue8m0
 from mxfp8_moe.quantize import dequantize_weights, quantize_weights
 
 SHAPES = [(2, 256, 512), (3, 200, 300), (1, 130, 96)]  # full blocks, partial n and k, k < one block
-
-
-@pytest.fixture(autouse=True)
-def seed():
-    """Fresh data every run; the seed is printed, so pytest shows it with any failure."""
-    value = random.randrange(2**31)
-    print(f"seed = {value}")
-    torch.manual_seed(value)
-    return value
 
 
 def block_scaled_checkpoint(num_experts, n, k, scales):

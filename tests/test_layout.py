@@ -23,16 +23,6 @@ from mxfp8_moe.layout import (
 )
 
 
-@pytest.fixture(autouse=True)
-def seed():
-    """Fresh data every run; the seed is printed, so pytest shows it with any failure."""
-    value = random.randrange(2**31)
-    print(f"seed = {value}")
-    torch.manual_seed(value)
-    random.seed(value)
-    return value
-
-
 def random_counts(num_experts):
     """Rows per expert with plenty of empty and tiny experts."""
     return [random.choice([0, 0, 1, 2, 3, 4, 5, random.randrange(40)]) for _ in range(num_experts)]

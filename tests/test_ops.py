@@ -1,7 +1,6 @@
 """The custom ops: same results as the direct calls, fake impls that match the real outputs (shapes,
 dtypes, strides), torch.library.opcheck, and on a GPU torch.compile(fullgraph=True) and CUDA graphs."""
 
-import random
 
 import pytest
 import torch
@@ -14,14 +13,6 @@ from problems import indptr, make_problem, relative_error
 
 ROWS = [3, 0, 9, 4]  # an expert without rows, counts that are not multiples of 4
 GEMM_TOLERANCE = 5e-3  # as in test_gemm_gpu.py: bf16 rounding of the output
-
-
-@pytest.fixture(autouse=True)
-def seed():
-    value = random.randrange(2**31)
-    print(f"seed = {value}")
-    torch.manual_seed(value)
-    return value
 
 
 def assert_same_layout(real: torch.Tensor, fake: torch.Tensor):

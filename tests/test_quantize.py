@@ -1,6 +1,5 @@
 """Quantizers: scale choice, error bounds, layouts, padding, 2-D blocks, K tails, argument checks."""
 
-import random
 
 import pytest
 import torch
@@ -14,16 +13,6 @@ from mxfp8_moe.quantize import (
 )
 
 K_CASES = [(32, 160), (32, 2960), (128, 160), (128, 2880), (128, 2960), (128, 512)]
-
-
-@pytest.fixture(autouse=True)
-def seed():
-    """Fresh data every run; the seed is printed, so pytest shows it with any failure."""
-    value = random.randrange(2**31)
-    print(f"seed = {value}")
-    torch.manual_seed(value)
-    random.seed(value)
-    return value
 
 
 def indptr(counts):

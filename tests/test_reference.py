@@ -25,16 +25,6 @@ from mxfp8_moe.reference import reference_moe_gemm
 COUNTS = [[0, 1, 7, 0, 13], [1], [0, 0, 3, 1], [5, 0]]
 
 
-@pytest.fixture(autouse=True)
-def seed():
-    """Fresh data every run; the seed is printed, so pytest shows it with any failure."""
-    value = random.randrange(2**31)
-    print(f"seed = {value}")
-    torch.manual_seed(value)
-    random.seed(value)
-    return value
-
-
 def random_fp8(*shape):
     return (torch.randn(*shape) * 64).clamp(-448, 448).to(torch.float8_e4m3fn)
 
