@@ -53,9 +53,11 @@ def _contiguous(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name} must be contiguous (row-major), got strides {x.stride()} for shape {tuple(x.shape)}")
 
 
-def _shape(name: str, x: torch.Tensor, expected: tuple[int, ...], why: str) -> None:
+def _shape(name: str, x: torch.Tensor, expected: tuple[int, ...], why: str, k_granularity: int = 0) -> None:
+    # `why` is formatted only on failure: this runs on every call.
     if x.shape != expected:
-        raise ValueError(f"{name} must have shape {list(expected)} ({why}), got {list(x.shape)}")
+        raise ValueError(f"{name} must have shape {list(expected)} ({why.format(k_granularity=k_granularity)}), "
+                         f"got {list(x.shape)}")
 
 
 def check_options(scale_granularity_mnk, scale_major_mode, backend, out_dtype) -> int:
@@ -108,8 +110,9 @@ def check_call(a, b, a_scale, b_scale, m_indptr, out, *, k_granularity: int, is_
                          f"multiple of 16, got {n_out}")
     words = k_align(k, k_granularity)
     _shape("a_scale", a_scale, (m_padded(cum_m, num_experts), words),
-           f"m_padded = (cum_m + 3 * num_experts) // 4 * 4, k_align = ceil(K / (4 * {k_granularity}))")
-    _shape("b_scale", b_scale, (num_experts, n, words), f"num_experts, n, k_align = ceil(K / (4 * {k_granularity}))")
+           "m_padded = (cum_m + 3 * num_experts) // 4 * 4, k_align = ceil(K / (4 * {k_granularity}))", k_granularity)
+    _shape("b_scale", b_scale, (num_experts, n, words), "num_experts, n, k_align = ceil(K / (4 * {k_granularity}))",
+           k_granularity)
 
     if out is not None:
         _tensor("out", out, torch.bfloat16, 2)
