@@ -169,3 +169,24 @@ def test_native_guard_accepts_a_faithful_block_scaled_mma():
     from mxfp8_moe.gemm import native_guard
 
     assert native_guard.verified("emulated", 0) is True
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_alternating_devices_honour_each_current_stream():
+    # Calls alternate between cuda:0 and cuda:1 while the current device stays cuda:0; each device's
+    # current stream is a busy side stream, so a launch on the wrong stream (or device) would finish
+    # before the sleep and leave NaNs or a wrong answer behind.
+    problems = [make_problem([7, 0, 40], 256, 512, gated=True, device=f"cuda:{d}") for d in (0, 1)]
+    outs = [torch.full((47, 128), float("nan"), dtype=torch.bfloat16, device=f"cuda:{d}") for d in (0, 1)]
+    streams = [torch.cuda.Stream(device=d) for d in (0, 1)]
+    with torch.cuda.device(0):
+        for _ in range(3):
+            for d in (0, 1):
+                streams[d].wait_stream(torch.cuda.current_stream(d))
+                with torch.cuda.stream(streams[d]):
+                    torch.cuda._sleep(5_000_000)
+                    moe_gemm_mxfp8_nt_groupwise(*problems[d].args, out=outs[d], is_gated=True)
+    for d in (0, 1):
+        streams[d].synchronize()
+        assert outs[d].device == torch.device("cuda", d)
+        assert relative_error(outs[d], problems[d].reference()) <= TOLERANCE
