@@ -26,20 +26,20 @@ from . import (
     reference_moe_gemm,
     to_mn_major_b_scale,
 )
-from .gemm.device import DeviceInfo, device_info
 from .activation_quant import QuantizerSpec
 from .gemm import native_guard
+from .gemm.device import DeviceInfo, device_info
 from .gemm.heuristics import NATIVE_ARCHS, candidate_specs, tensor_core_capable
 from .gemm.spec import KernelSpec, kernel_dir
 from .jit.build import build
 from .jit.cache import default_cache, default_cache_dir
 from .jit.compiler import CompileError, nvrtc_library_path, nvrtc_version, supported_archs
 from .jit.runtime import driver_version
-from .layout import k_align
+from .layout import K_GRANULARITIES, k_align
 from .model_config import GemmShape, MoeConfig
 
 DEFAULT_EXPERTS = 128
-GRANULARITIES = {"32": (32,), "128": (128,), "both": (32, 128)}
+GRANULARITY_CHOICES = {**{str(g): (g,) for g in K_GRANULARITIES}, "both": K_GRANULARITIES}
 LOG_LINES = 20  # of a failed compile's NVRTC log
 DEMO_TOLERANCE = 5e-3  # relative Frobenius error against the float64 reference
 DEMO_RUNS, DEMO_WARMUP = 20, 3
@@ -164,7 +164,7 @@ def _requested_shapes(args) -> list[GemmShape]:
 def _prewarm(args) -> int:
     shapes = _requested_shapes(args)
     targets = _targets(args.arch)
-    granularities = sorted({g for choice in args.k_granularity or ["128"] for g in GRANULARITIES[choice]})
+    granularities = sorted({g for choice in args.k_granularity or ["128"] for g in GRANULARITY_CHOICES[choice]})
     specs = [spec for device in targets for shape in shapes for g in granularities
              for spec in _kernel_specs(device, shape, g)]
     if envs.scale_mode() == "auto":  # the first native call checks itself against software scaling
@@ -364,7 +364,7 @@ def _parser() -> argparse.ArgumentParser:
     prewarm.add_argument("--shape", action="append", type=_shape_arg, metavar="N,K",
                          help="N = rows of B per expert (2 * intermediate for gate_up), K = columns (repeatable)")
     prewarm.add_argument("--gated", action="store_true", help="the --shape GEMMs fuse SwiGLU (gate_up)")
-    prewarm.add_argument("--k-granularity", action="append", choices=tuple(GRANULARITIES),
+    prewarm.add_argument("--k-granularity", action="append", choices=tuple(GRANULARITY_CHOICES),
                          help="elements of K per scale (repeatable; default 128)")
     prewarm.add_argument("--num-experts", type=int, metavar="E",
                          help=f"experts per GEMM, which sizes the scheduler's shared memory (default {DEFAULT_EXPERTS} "

@@ -13,10 +13,10 @@ from typing import NamedTuple
 
 import torch
 
-from .layout import k_align, m_padded
+from .layout import K_GRANULARITIES, k_align, m_padded
 
 BACKENDS = ("auto", "cuda", "cute", "reference")
-GRANULARITIES = ((1, 1, 32), (1, 1, 128))
+GRANULARITIES = tuple((1, 1, g) for g in K_GRANULARITIES)  # scale_granularity_mnk values
 
 
 class GemmProblem(NamedTuple):
