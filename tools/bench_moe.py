@@ -5,7 +5,8 @@ so the active experts' weights come from HBM, not L2; time = median of the graph
 The HBM floor is the bytes the call must move (active experts' weights and scales, A and its
 scales, out) over the device-to-device copy bandwidth measured in the same run.
 
-    python tools/bench_moe.py --tokens 1 16 64 256 --out bench.json
+    python tools/bench_moe.py --tokens 1 16 64 256 --out bench.json   # also bench.md, bench.png
+    python tools/bench_moe.py --replot docs/bench-h100-v3.json          # redraw a saved result
 """
 
 from __future__ import annotations
@@ -127,6 +128,34 @@ def bench_cell(model, gemm, tokens, k_granularity, bandwidth, peers):
     return row
 
 
+def plot(result: dict, path: Path) -> None:
+    """Percent of the HBM floor against T, one line per GEMM shape and implementation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    shapes = list(dict.fromkeys((r["model"], r["gemm"]) for r in rows))
+    impls = {"mxfp8_moe_us": ("mxfp8_moe", "-"), "torch_fp8_rowwise_us": ("torch FP8 rowwise", ":")}
+    fig, ax = plt.subplots(figsize=(10, 6))
+    for i, shape in enumerate(shapes):
+        cells = sorted((r for r in rows if (r["model"], r["gemm"]) == shape), key=lambda r: r["tokens"])
+        for key, (name, style) in impls.items():
+            points = [(r["tokens"], 100 * r["floor_us"] / r[key]) for r in cells if r.get(key)]
+            if points:
+                ax.plot(*zip(*points), style, marker="o", color=f"C{i}",
+                        label=f"{shape[0]} {shape[1]} ({name})")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tokens T")
+    ax.set_ylabel("% of HBM floor (higher is better)")
+    ax.set_title(f"MXFP8 MoE grouped GEMM, {result['device']}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def markdown(rows) -> str:
     head = ("| model | GEMM (N x K) | T | kg | active | floor us | mxfp8_moe us (% floor) | torch FP8 rowwise us (% floor) "
             "| torch bf16 us | speedup vs torch FP8 |\n|---|---|---|---|---|---|---|---|---|---|\n")
@@ -150,7 +179,11 @@ def main() -> None:
     parser.add_argument("--k-granularity", nargs="+", type=int, default=[128])
     parser.add_argument("--no-peers", action="store_true", help="time only this package")
     parser.add_argument("--out", type=Path, default=Path("bench.json"))
+    parser.add_argument("--replot", type=Path, metavar="JSON", help="only draw the PNG of a saved result (no GPU)")
     args = parser.parse_args()
+    if args.replot:
+        plot(json.loads(args.replot.read_text()), args.replot.with_suffix(".png"))
+        return
 
     torch.manual_seed(0)
     bandwidth = copy_bandwidth()
@@ -170,6 +203,10 @@ def main() -> None:
     args.out.write_text(json.dumps(result, indent=1))
     table = markdown(rows)
     args.out.with_suffix(".md").write_text(table)
+    try:
+        plot(result, args.out.with_suffix(".png"))
+    except ImportError:
+        print("matplotlib is not installed: no plot")
     print(table)
 
 
