@@ -6,7 +6,16 @@ import dataclasses
 
 import torch
 
-from mxfp8_moe import quantize_activations, quantize_weights, reference_moe_gemm, to_k_major
+from mxfp8_moe import (
+    k_align,
+    quantize_activations,
+    quantize_weights,
+    reference_moe_gemm,
+    to_k_major,
+    to_mn_major_b_scale,
+)
+
+_EXPERTS_PER_CHUNK = 16
 
 
 @dataclasses.dataclass
@@ -52,11 +61,20 @@ def make_problem(rows_per_expert, n: int, k: int, *, k_granularity=128, gated=Fa
     cum_m, num_experts = int(sum(rows_per_expert)), len(rows_per_expert)
     magnitudes = torch.exp2(torch.randint(-3, 4, (cum_m, 1), generator=generator, device=device).float())
     x = torch.randn(cum_m, k, generator=generator, device=device) * magnitudes
-    w = torch.randn(num_experts, n, k, generator=generator, device=device) * 0.05
     a, a_scale = quantize_activations(x, m_indptr, k_granularity)
-    b, b_scale = quantize_weights(w, k_granularity)
+    # Weights a few experts at a time: the float32 temporaries of a whole model-sized layer would
+    # need tens of GB, enough to crowd out a second test process on the same GPU.
+    b = torch.empty(num_experts, n, k, dtype=torch.float8_e4m3fn, device=device)
+    b_scale = torch.empty(num_experts, n, k_align(k, k_granularity), dtype=torch.int32, device=device)
+    for first in range(0, num_experts, _EXPERTS_PER_CHUNK):
+        w = torch.randn(min(_EXPERTS_PER_CHUNK, num_experts - first), n, k, generator=generator, device=device)
+        b_chunk, scale_chunk = quantize_weights(w * 0.05, k_granularity)
+        b[first:first + len(w)] = b_chunk
+        b_scale[first:first + len(w)] = scale_chunk
     if scale_layout == "K":
-        a_scale, b_scale = to_k_major(a_scale), to_k_major(b_scale)
+        a_scale = to_k_major(a_scale)
+    else:
+        b_scale = to_mn_major_b_scale(b_scale)
     return Problem(a, b, a_scale, b_scale, m_indptr, k_granularity, gated)
 
 
