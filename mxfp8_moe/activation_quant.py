@@ -60,7 +60,7 @@ class QuantizerSpec:
 def supported(x: torch.Tensor) -> bool:
     """Whether the fused kernel takes this input: bf16, contiguous, on an sm_89+ GPU."""
     return (x.is_cuda and x.dtype == torch.bfloat16 and x.is_contiguous() and x.shape[1] % 16 == 0
-            and x.data_ptr() % 16 == 0 and device_info(x.device.index or 0).capability >= (8, 9))
+            and x.data_ptr() % 16 == 0 and device_info(x.device.index).capability >= (8, 9))
 
 
 class _Quantizer:
@@ -93,7 +93,7 @@ def quantize_activations_cuda(x: torch.Tensor, m_indptr: torch.Tensor, k_granula
     """Fused quantization of (cum_m, k) bf16 CUDA tokens; see mxfp8_moe.quantize_activations."""
     cum_m, k = x.shape
     num_experts = m_indptr.shape[0] - 1
-    device_index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    device_index = x.device.index  # always set for a CUDA tensor
     key = (device_index, k, k_granularity)
     quantizer = _quantizers.get(key)
     if quantizer is None:
