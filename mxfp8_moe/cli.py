@@ -35,7 +35,8 @@ from .jit.build import build
 from .jit.cache import default_cache, default_cache_dir
 from .jit.compiler import CompileError, nvrtc_library_path, nvrtc_version, supported_archs
 from .jit.runtime import driver_version
-from .layout import K_GRANULARITIES, k_align
+from .checks import K_GRANULARITIES
+from .layout import k_align
 from .model_config import GemmShape, MoeConfig
 
 DEFAULT_EXPERTS = 128

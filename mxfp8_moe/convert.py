@@ -14,15 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from .layout import (
-    check_arg,
-    check_k_granularity,
-    float_to_ue8m0,
-    num_k_blocks,
-    pack_ue8m0,
-    to_mn_major_b_scale,
-    ue8m0_to_float,
-)
+from .checks import check_arg, check_k_granularity
+from .layout import float_to_ue8m0, num_k_blocks, pack_ue8m0, to_mn_major_b_scale, ue8m0_to_float
 from .quantize import FP8_MAX, _blocks, _check_fp8, _exponents, quantize_weights
 
 BLOCK = 128  # DeepSeek-V3 style checkpoints: one float32 scale per 128 x 128 block

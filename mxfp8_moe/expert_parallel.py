@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from .layout import check_arg
+from .checks import check_arg
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,5 +1,4 @@
-"""Scale layout helpers: counts, the padded a_scale row map, UE8M0 packing, the MN-major views, and
-the argument checks shared by every module that takes scales.
+"""Scale layout helpers: counts, the padded a_scale row map, UE8M0 packing and the MN-major views.
 
 Everything here follows docs/CONTRACT.md ("Scales"). The tensor functions run on whatever device
 their inputs live on and never read a device tensor's values on the host, so they are safe inside
@@ -10,37 +9,9 @@ from __future__ import annotations
 
 import torch
 
-K_GRANULARITIES = (32, 128)
+from .checks import check_arg
 
 # One UE8M0 byte per K block, four per int32 word, block 4w + i in byte i (bits 8i..8i+7).
-
-
-def check_arg(ok: bool, name: str, expected: str, got: object) -> None:
-    """Raise ValueError("<name> must be <expected>, got <got>") unless ok."""
-    if not ok:
-        raise ValueError(f"{name} must be {expected}, got {got}")
-
-
-def check_k_granularity(k_granularity: int) -> int:
-    """Return k_granularity if it is 32 (OCP MXFP8) or 128 (DeepGEMM-style); else raise ValueError."""
-    check_arg(
-        k_granularity in K_GRANULARITIES, "k_granularity", f"one of {K_GRANULARITIES}", repr(k_granularity)
-    )
-    return k_granularity
-
-
-def check_m_indptr(m_indptr: torch.Tensor) -> int:
-    """Check that m_indptr is a 1-D int32 tensor of E + 1 >= 2 offsets and return E (values unread)."""
-    check_arg(m_indptr.dtype == torch.int32, "m_indptr.dtype", "torch.int32", m_indptr.dtype)
-    shape = tuple(m_indptr.shape)
-    check_arg(len(shape) == 1 and shape[0] >= 2, "m_indptr.shape", "(E + 1,) with E >= 1", shape)
-    return shape[0] - 1
-
-
-def check_scale(name: str, scale: torch.Tensor, shape: tuple[int, ...]) -> None:
-    """Check that a packed scale tensor is int32 of the given logical shape (any strides)."""
-    check_arg(scale.dtype == torch.int32, f"{name}.dtype", "torch.int32", scale.dtype)
-    check_arg(tuple(scale.shape) == shape, f"{name}.shape", str(shape), tuple(scale.shape))
 
 
 def num_k_blocks(k: int, k_granularity: int) -> int:

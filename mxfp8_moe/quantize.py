@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from .checks import check_arg, check_k_granularity, check_m_indptr, check_scale
 from .layout import (
-    check_arg,
-    check_k_granularity,
-    check_m_indptr,
-    check_scale,
     k_align,
     m_padded,
     num_k_blocks,

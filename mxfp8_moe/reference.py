@@ -9,18 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .layout import (
-    check_arg,
-    check_k_granularity,
-    check_m_indptr,
-    check_scale,
-    k_align,
-    m_padded,
-    num_k_blocks,
-    scale_row_starts,
-    ue8m0_to_float,
-    unpack_ue8m0,
-)
+from .checks import check_arg, check_k_granularity, check_m_indptr, check_scale
+from .layout import k_align, m_padded, num_k_blocks, scale_row_starts, ue8m0_to_float, unpack_ue8m0
 
 _ACCUMULATE_DTYPES = (torch.float32, torch.float64)
 

@@ -13,7 +13,8 @@ from typing import NamedTuple
 
 import torch
 
-from .layout import K_GRANULARITIES, k_align, m_padded
+from .checks import K_GRANULARITIES
+from .layout import k_align, m_padded
 
 BACKENDS = ("auto", "cuda", "cute", "reference")
 GRANULARITIES = tuple((1, 1, g) for g in K_GRANULARITIES)  # scale_granularity_mnk values

@@ -6,8 +6,8 @@ import random
 import pytest
 import torch
 
+from mxfp8_moe.checks import check_k_granularity
 from mxfp8_moe.layout import (
-    check_k_granularity,
     float_to_ue8m0,
     k_align,
     m_padded,
