@@ -1,0 +1,65 @@
+"""The host's kernel choice (gemm/heuristics.py), for every architecture, without a GPU."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from mxfp8_moe.gemm.device import DeviceInfo
+from mxfp8_moe.gemm.heuristics import choose_spec, resolve_scale_mode
+
+ARCHS = ("sm_120a", "sm_121a", "sm_90a", "sm_89")
+
+
+def choose(arch="sm_120a", *, num_experts=128, cum_m=64, n=1536, k=2048, k_granularity=128, gated=True,
+           scale_mode="auto", aligned=True):
+    return choose_spec(device=DeviceInfo.for_arch(arch), num_experts=num_experts, cum_m=cum_m, n=n, k=k,
+                       k_granularity=k_granularity, gated=gated, scale_mode=scale_mode, aligned=aligned)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_choice_fits_the_arch(arch):
+    limit = DeviceInfo.for_arch(arch).shared_memory_limit
+    for num_experts, cum_m, (n, k), gated in itertools.product(
+            (1, 8, 32, 128, 512), (1, 3, 8, 64, 512, 4096, 65536), ((1536, 2048), (7168, 2048), (5760, 2880)),
+            (False, True)):
+        spec = choose(arch, num_experts=num_experts, cum_m=cum_m, n=n, k=k, gated=gated)
+        if spec.kind == "simt":
+            continue
+        assert spec.dynamic_shared_bytes(num_experts) + 1024 <= limit, spec
+        assert spec.stages * spec.pipeline_bytes() >= spec.epilogue_bytes(), spec  # epilogue reuses the pipeline
+        assert spec.block_n % (16 * spec.warps_n) == 0 and 4 % spec.warps_k == 0, spec
+
+
+def test_too_many_experts_for_shared_memory_falls_back_to_the_portable_kernel():
+    assert choose("sm_120a", num_experts=8192, cum_m=4).kind == "simt"
+
+
+def test_unaligned_or_pre_ada_run_the_portable_kernel():
+    assert choose(aligned=False).kind == "simt"
+    assert choose("sm_86").kind == "simt"
+
+
+def test_token_tile_covers_random_routing():
+    # 16 rows per expert on average: a 16-row tile would split half the experts in two.
+    assert choose(cum_m=128 * 16).block_t == 32
+    assert choose(cum_m=8).block_t == 8
+
+
+def test_few_units_get_narrow_tiles_and_k_warps():
+    spec = choose("sm_90a", num_experts=32, cum_m=1, n=4096, k=7168)  # one token, one expert
+    assert spec.block_n <= 64 and spec.warps_k > 1 and spec.stages > 4
+    many = choose("sm_90a", num_experts=128, cum_m=512)
+    assert many.warps_k == 1 and many.stages == 4
+
+
+def test_scale_modes():
+    assert choose("sm_120a").scale_mode == "native"
+    assert choose("sm_121a").scale_mode == "native"
+    assert choose("sm_90a").scale_mode == "software"
+    assert choose("sm_90a", scale_mode="emulated").scale_mode == "emulated"
+    with pytest.raises(ValueError, match="sm_120a or sm_121a"):
+        resolve_scale_mode("native", "sm_90a")
+    with pytest.raises(ValueError, match="MXFP8_MOE_SCALE_MODE"):
+        resolve_scale_mode("fast", "sm_120a")
