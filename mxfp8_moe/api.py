@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from . import envs
-from .gemm.plan import capturing, kernel_for
+from .gemm.device import capturing
+from .gemm.plan import kernel_for
 from .reference import reference_moe_gemm
 from .validation import check_call, check_indptr_values, check_options
 

@@ -37,3 +37,9 @@ class DeviceInfo:
 def device_info(index: int) -> DeviceInfo:
     props = torch.cuda.get_device_properties(index)
     return DeviceInfo((props.major, props.minor), props.multi_processor_count, props.shared_memory_per_block_optin)
+
+
+def capturing(index: int) -> bool:
+    """Whether the current stream of device `index` is capturing a CUDA graph (no sync allowed)."""
+    with torch.cuda.device(index):
+        return torch.cuda.is_current_stream_capturing()

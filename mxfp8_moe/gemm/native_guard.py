@@ -17,7 +17,7 @@ import warnings
 import torch
 
 from ..quantize import quantize_activations, quantize_weights
-from .device import DeviceInfo, device_info
+from .device import DeviceInfo, capturing, device_info
 from .heuristics import choose_spec
 from .launch import get_kernel
 from .spec import KernelSpec
@@ -82,9 +82,8 @@ def verified(mode: str, device_index: int) -> bool | None:
     key = (device_index, mode)
     verdict = _verdicts.get(key)
     if verdict is None:
-        with torch.cuda.device(device_index):
-            if torch.cuda.is_current_stream_capturing():
-                return None
+        if capturing(device_index):
+            return None
         with _lock:
             if key not in _verdicts:
                 _verdicts[key] = _agrees(mode, device_index)

@@ -3,8 +3,6 @@ memoized per call shape so that a steady-state call costs one dict lookup."""
 
 from __future__ import annotations
 
-import torch
-
 from . import native_guard
 from .device import device_info
 from .heuristics import NATIVE_ARCHS, choose_spec
@@ -39,8 +37,3 @@ def kernel_for(*, device_index: int, num_experts: int, cum_m: int, n: int, k: in
         _plans[key] = kernel
     return kernel
 
-
-def capturing(device_index: int) -> bool:
-    """Whether the current stream of `device_index` is capturing a CUDA graph."""
-    with torch.cuda.device(device_index):
-        return torch.cuda.is_current_stream_capturing()
