@@ -12,6 +12,11 @@ typedef unsigned short u16;
 typedef unsigned int u32;
 typedef int i32;
 typedef long long i64;
+typedef unsigned long long u64;
+
+struct alignas(16) u32x4 {  // one 16-byte vector access
+    u32 x, y, z, w;
+};
 
 template <typename T>
 __device__ __forceinline__ constexpr T ceil_div(T a, T b) { return (a + b - 1) / b; }

@@ -25,10 +25,6 @@ namespace mxfp8_moe {
 
 enum ScaleMode { kSoftware = 0, kNative = 1, kEmulated = 2 };
 
-struct alignas(16) u32x4 {
-    u32 x, y, z, w;
-};
-
 template <int N, int K, int K_GRAN, bool GATED, int BLOCK_N, int BLOCK_T, int STAGES, int WARPS_N, int WARPS_K,
           int SCALE_MODE>
 struct MmaGemm {

@@ -7,12 +7,14 @@ the output is ~2e-3 per element at worst).
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from mxfp8_moe import moe_gemm_mxfp8_nt_groupwise
 from mxfp8_moe.gemm.device import device_info
-from mxfp8_moe.gemm.heuristics import choose_spec
+from mxfp8_moe.gemm.heuristics import WGMMA_ARCHS, choose_spec, wgmma_spec
 from mxfp8_moe.gemm.launch import get_kernel
 from mxfp8_moe.gemm.spec import KernelSpec
 
@@ -97,6 +99,27 @@ def test_simt_kernel(gated, k_granularity):
     get_kernel(spec, 0)(*problem.args, out, torch.cuda.current_stream().cuda_stream)
     assert not torch.isnan(out).any()
     assert relative_error(out, problem.reference()) <= TOLERANCE
+
+
+@pytest.mark.parametrize("block_t", [64, 128])
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("k_granularity", [32, 128])
+def test_wgmma_kernel(block_t, gated, k_granularity):
+    device = device_info(0)
+    if device.arch not in WGMMA_ARCHS:
+        pytest.skip(f"the wgmma kernel needs sm_90a, this GPU is {device.arch}")
+    # Tiles that end inside an expert, past its last row and past N (2880 = 22.5 x 128), a K tail
+    # (2880 = 22.5 x 128), empty experts first and in the middle.
+    rows = [0, 1, 63, 64, 65, 0, 130, 257, 500]
+    n = 5760 if gated else 2880
+    problem = make_problem(rows, n, 2880, k_granularity=k_granularity, gated=gated,
+                           scale_layout="K" if gated else "MN")
+    spec = dataclasses.replace(wgmma_spec(device, len(rows), 100.0, n, 2880, k_granularity, gated), block_t=block_t)
+    out = torch.full((sum(rows), n // 2 if gated else n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    get_kernel(spec, 0)(*problem.args, out, torch.cuda.current_stream().cuda_stream)
+    assert not torch.isnan(out).any(), "output has unwritten (NaN) elements"
+    error = relative_error(out, problem.reference())
+    assert error <= TOLERANCE, f"relative error {error:.2e}"
 
 
 def test_misaligned_output_uses_portable_kernel():

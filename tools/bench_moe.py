@@ -3,7 +3,10 @@
 Method (docs/PERFORMANCE.md): per cell, 6 random top-k routings are rotated inside one CUDA graph
 so the active experts' weights come from HBM, not L2; time = median of the graph's replays / 6.
 The HBM floor is the bytes the call must move (active experts' weights and scales, A and its
-scales, out) over the device-to-device copy bandwidth measured in the same run.
+scales, out) over the device-to-device copy bandwidth measured in the same run; the roofline is
+the larger of that and the FLOPs over the FP8 tensor-core peak measured in the same run (cuBLAS
+FP8 GEMM, 8192^3). Where the heuristic picks the wgmma kernel, the mma.sync kernel it replaced is
+timed too.
 
     python tools/bench_moe.py --tokens 1 16 64 256 --out bench.json   # also bench.md, bench.png
     python tools/bench_moe.py --replot docs/bench-h100-v3.json          # redraw a saved result
@@ -26,6 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from host_cost import decode_call, host_cost  # noqa: E402
 
 from mxfp8_moe import k_align, m_padded, moe_gemm_mxfp8_nt_groupwise, quantize_activations, quantize_weights  # noqa: E402
+from mxfp8_moe.gemm.device import device_info  # noqa: E402
+from mxfp8_moe.gemm.heuristics import choose_spec  # noqa: E402
+from mxfp8_moe.gemm.launch import get_kernel  # noqa: E402
 
 MODELS = {  # name: (experts, hidden, moe_intermediate, top_k)
     "qwen3-30b-a3b": (128, 2048, 768, 8),
@@ -52,6 +58,16 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() / statistics.median(times)
 
 
+def fp8_peak() -> float:
+    """FLOP/s of torch's FP8 GEMM (cuBLAS, wgmma on Hopper) on an 8192^3 problem of random data."""
+    size = 8192
+    a = torch.randn(size, size, device="cuda").to(torch.float8_e4m3fn)
+    b = torch.randn(size, size, device="cuda").to(torch.float8_e4m3fn).t()
+    one = torch.ones((), device="cuda")
+    seconds = graph_time([lambda: torch._scaled_mm(a, b, one, one, out_dtype=torch.bfloat16)] * 4)
+    return 2 * size**3 / seconds
+
+
 def graph_time(calls) -> float:
     """Median seconds per call of `calls` (a list of closures) captured in one CUDA graph."""
     for call in calls:
@@ -72,7 +88,7 @@ def graph_time(calls) -> float:
     return statistics.median(times) / len(calls)
 
 
-def bench_cell(model, gemm, tokens, k_granularity, bandwidth, peers):
+def bench_cell(model, gemm, tokens, k_granularity, bandwidth, peak, peers):
     experts, hidden, inter, top_k = MODELS[model]
     n, k = (2 * inter, hidden) if gemm == "gate_up" else (hidden, inter)
     gated = gemm == "gate_up"
@@ -92,8 +108,12 @@ def bench_cell(model, gemm, tokens, k_granularity, bandwidth, peers):
     weight_bytes = active * n * (k + 4 * k_align(k, k_granularity))
     act_bytes = cum_m * (k + 2 * n_out) + 4 * m_padded(int(cum_m), experts) * k_align(k, k_granularity)
     floor = (weight_bytes + act_bytes) / bandwidth
+    flops = 2 * cum_m * n * k
+    spec = choose_spec(device=device_info(0), num_experts=experts, cum_m=int(cum_m), n=n, k=k,
+                       k_granularity=k_granularity, gated=gated, scale_mode="auto")
     row = {"model": model, "gemm": gemm, "n": n, "k": k, "tokens": tokens, "cum_m": cum_m, "active": active,
-           "k_granularity": k_granularity, "floor_us": floor * 1e6}
+           "k_granularity": k_granularity, "floor_us": floor * 1e6, "roofline_us": max(floor, flops / peak) * 1e6,
+           "kernel": spec.label}
 
     def ours(r):
         _, m_indptr, a, a_scale, out = r
@@ -101,6 +121,18 @@ def bench_cell(model, gemm, tokens, k_granularity, bandwidth, peers):
                                                    out=out, is_gated=gated)
 
     row["mxfp8_moe_us"] = graph_time([ours(r) for r in routings]) * 1e6
+    row["tflops"] = flops / row["mxfp8_moe_us"] / 1e6
+    if spec.kind == "wgmma":
+        mma = get_kernel(choose_spec(device=device_info(0), num_experts=experts, cum_m=int(cum_m), n=n, k=k,
+                                     k_granularity=k_granularity, gated=gated, scale_mode="auto",
+                                     allow_wgmma=False), 0)
+
+        def mma_sync(r):
+            _, m_indptr, a, a_scale, out = r
+            stream = torch.cuda.current_stream().cuda_stream
+            return lambda: mma(a, b, a_scale, b_scale, m_indptr, out, stream)
+
+        row["mma_sync_us"] = graph_time([mma_sync(r) for r in routings]) * 1e6
     if peers:
         # torch's FP8 grouped GEMM with one scale per row / column: same bytes, coarser scales.
         b_t = b.transpose(1, 2)
@@ -129,7 +161,7 @@ def bench_cell(model, gemm, tokens, k_granularity, bandwidth, peers):
 
 
 def plot(result: dict, path: Path) -> None:
-    """Percent of the HBM floor against T, one line per GEMM shape and implementation."""
+    """Percent of the roofline against T, one line per GEMM shape and implementation."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -142,13 +174,13 @@ def plot(result: dict, path: Path) -> None:
     for i, shape in enumerate(shapes):
         cells = sorted((r for r in rows if (r["model"], r["gemm"]) == shape), key=lambda r: r["tokens"])
         for key, (name, style) in impls.items():
-            points = [(r["tokens"], 100 * r["floor_us"] / r[key]) for r in cells if r.get(key)]
+            points = [(r["tokens"], 100 * r.get("roofline_us", r["floor_us"]) / r[key]) for r in cells if r.get(key)]
             if points:
                 ax.plot(*zip(*points), style, marker="o", color=f"C{i}",
                         label=f"{shape[0]} {shape[1]} ({name})")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("tokens T")
-    ax.set_ylabel("% of HBM floor (higher is better)")
+    ax.set_ylabel("% of roofline: HBM floor or FP8 peak (higher is better)")
     ax.set_title(f"MXFP8 MoE grouped GEMM, {result['device']}")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
@@ -157,17 +189,21 @@ def plot(result: dict, path: Path) -> None:
 
 
 def markdown(rows) -> str:
-    head = ("| model | GEMM (N x K) | T | kg | active | floor us | mxfp8_moe us (% floor) | torch FP8 rowwise us (% floor) "
-            "| torch bf16 us | speedup vs torch FP8 |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    """Percentages are of the roofline: the HBM floor, or FLOPs over the FP8 peak where larger."""
+    head = ("| model | GEMM (N x K) | T | kg | active | floor us | roofline us | mxfp8_moe us (% roofline) | TFLOPS "
+            "| mma.sync us | torch FP8 rowwise us (% roofline) | torch bf16 us | speedup vs torch FP8 |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rows:
         fp8 = r.get("torch_fp8_rowwise_us")
-        pct = lambda t: f"{t:.1f} ({100 * r['floor_us'] / t:.0f}%)" if t else "-"  # noqa: E731
-        bf16 = r.get("torch_bf16_grouped_us")
+        roofline = r.get("roofline_us", r["floor_us"])
+        pct = lambda t: f"{t:.1f} ({100 * roofline / t:.0f}%)" if t else "-"  # noqa: E731
+        us = lambda t: f"{t:.1f}" if t else "-"  # noqa: E731
         speedup = f"{fp8 / r['mxfp8_moe_us']:.2f}x" if fp8 else "-"
         lines.append(f"| {r['model']} | {r['gemm']} {r['n']}x{r['k']} | {r['tokens']} | {r['k_granularity']} "
-                     f"| {r['active']:.0f} | {r['floor_us']:.1f} | {pct(r['mxfp8_moe_us'])} | {pct(fp8)} "
-                     f"| {f'{bf16:.1f}' if bf16 else '-'} | {speedup} |")
+                     f"| {r['active']:.0f} | {r['floor_us']:.1f} | {roofline:.1f} | {pct(r['mxfp8_moe_us'])} "
+                     f"| {r.get('tflops', 0):.0f} | {us(r.get('mma_sync_us'))} | {pct(fp8)} "
+                     f"| {us(r.get('torch_bf16_grouped_us'))} | {speedup} |")
     return head + "\n".join(lines) + "\n"
 
 
@@ -187,19 +223,22 @@ def main() -> None:
 
     torch.manual_seed(0)
     bandwidth = copy_bandwidth()
+    peak = fp8_peak()
     host = host_cost(decode_call())
-    print(f"{torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e12:.2f} TB/s, "
-          f"host cost per call {host * 1e6:.1f} us", flush=True)
+    print(f"{torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e12:.2f} TB/s, FP8 peak "
+          f"{peak / 1e12:.0f} TFLOPS, host cost per call {host * 1e6:.1f} us", flush=True)
     rows = []
     for model in args.models:
         for gemm in args.gemms:
             for kg in args.k_granularity:
                 for tokens in args.tokens:
-                    row = bench_cell(model, gemm, tokens, kg, bandwidth, not args.no_peers)
+                    row = bench_cell(model, gemm, tokens, kg, bandwidth, peak, not args.no_peers)
                     rows.append(row)
-                    print(f"{model} {gemm} T={tokens} kg={kg}: floor {row['floor_us']:.1f} us, "
-                          f"mxfp8_moe {row['mxfp8_moe_us']:.1f} us, torch fp8 {row.get('torch_fp8_rowwise_us')}", flush=True)
-    result = {"device": torch.cuda.get_device_name(), "copy_bandwidth": bandwidth, "host_cost_s": host, "rows": rows}
+                    print(f"{model} {gemm} T={tokens} kg={kg}: roofline {row['roofline_us']:.1f} us, "
+                          f"mxfp8_moe {row['mxfp8_moe_us']:.1f} us ({row['kernel']}), "
+                          f"mma.sync {row.get('mma_sync_us')}, torch fp8 {row.get('torch_fp8_rowwise_us')}", flush=True)
+    result = {"device": torch.cuda.get_device_name(), "copy_bandwidth": bandwidth, "fp8_peak_flops": peak,
+              "host_cost_s": host, "rows": rows}
     args.out.write_text(json.dumps(result, indent=1))
     table = markdown(rows)
     args.out.with_suffix(".md").write_text(table)

@@ -10,6 +10,9 @@ bandwidth the CTAs can pull. Two regimes follow from the expected number of work
 A problem no tile configuration fits (e.g. thousands of experts) runs on the portable kernel.
 The token tile covers an expert's expected rows plus two standard deviations of random routing
 (Poisson), so most experts need one tile and their weights are read once.
+
+On sm_90a, prefill-sized problems (WGMMA_MIN_ROWS or more rows per active expert) are
+compute-bound and go to the wgmma kernel, whose FP8 rate mma.sync cannot reach on Hopper.
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ MANY_UNITS_STAGES = 4
 MAX_STAGES = 16  # few-units regime
 FEW_UNITS_WARPS = 8
 NATIVE_ARCHS = ("sm_120a", "sm_121a")
+WGMMA_ARCHS = ("sm_90a",)
+WGMMA_MIN_ROWS = 48  # rows per active expert from which wgmma beats mma.sync (docs/DESIGN.md)
+WGMMA_TOKEN_TILES = (64, 128)
+WGMMA_MAX_STAGES = 6
 # Per block: the kernel's static shared memory (scan scratch, 32 B) plus the 1 KB the hardware
 # reserves for each resident block, so two few-units CTAs really fit on one SM.
 _PER_BLOCK_RESERVE = 1024 + 128
@@ -47,13 +54,17 @@ def tensor_core_capable(device: DeviceInfo) -> bool:
 
 
 def choose_spec(*, device: DeviceInfo, num_experts: int, cum_m: int, n: int, k: int, k_granularity: int,
-                gated: bool, scale_mode: str, aligned: bool = True) -> KernelSpec:
+                gated: bool, scale_mode: str, aligned: bool = True, allow_wgmma: bool = True) -> KernelSpec:
     portable = KernelSpec("simt", device.arch, n, k, k_granularity, gated, block_n=128)
     if not (tensor_core_capable(device) and aligned):
         return portable
 
     active_experts = max(1, min(num_experts, cum_m))
     rows = cum_m / active_experts
+    if allow_wgmma and device.arch in WGMMA_ARCHS and rows >= WGMMA_MIN_ROWS:
+        spec = wgmma_spec(device, num_experts, rows, n, k, k_granularity, gated)
+        if spec is not None:
+            return spec
     block_t = next((t for t in TOKEN_TILES if t >= rows + 2 * math.sqrt(rows)), TOKEN_TILES[-1])
     token_tiles = active_experts * math.ceil(rows / block_t)
 
@@ -83,6 +94,20 @@ def choose_spec(*, device: DeviceInfo, num_experts: int, cum_m: int, n: int, k: 
     if stages < 2 or stages * spec.pipeline_bytes() > budget:
         return portable
     return dataclasses.replace(spec, stages=stages)
+
+
+def wgmma_spec(device: DeviceInfo, num_experts: int, rows: float, n: int, k: int, k_granularity: int,
+               gated: bool) -> KernelSpec | None:
+    """The wgmma kernel with as many pipeline stages as fit (None if two do not)."""
+    if (n // 2 if gated else n) % (64 if gated else 16):
+        return None  # gated tiles pair 64 up rows with 64 gate rows
+    block_t = next((t for t in WGMMA_TOKEN_TILES if t >= rows + 2 * math.sqrt(rows)), WGMMA_TOKEN_TILES[-1])
+    spec = KernelSpec("wgmma", device.arch, n, k, k_granularity, gated, block_n=64 if gated else 128,
+                      block_t=block_t, stages=1)
+    budget = device.shared_memory_limit - _PER_BLOCK_RESERVE - (spec.dynamic_shared_bytes(num_experts)
+                                                                 - spec.pipeline_bytes())
+    stages = min(WGMMA_MAX_STAGES, budget // spec.pipeline_bytes())
+    return dataclasses.replace(spec, stages=stages) if stages >= 2 else None
 
 
 def candidate_specs(*, device: DeviceInfo, num_experts: int, n: int, k: int, k_granularity: int, gated: bool,

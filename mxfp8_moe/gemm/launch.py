@@ -1,9 +1,9 @@
 """Turn a validated call into a kernel launch: the loaded kernel per (device, spec), its argument
 block, its grid and its stream.
 
-A GemmKernel is created once per (device, spec) and reused: its ctypes argument block and the
-pointer array the driver reads are built once, so a call only writes the new pointers and sizes
-into them before launching.
+A GemmKernel is created once per (device, spec) and reused: its ctypes argument block (and, for
+the wgmma kernel, its tensor maps) and the pointer array the driver reads are built once, so a
+call only writes the new pointers and sizes into them before launching.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import torch
 
 from ..jit.build import build
 from ..jit.runtime import LoadedKernel
-from .spec import ENTRY, KernelSpec, kernel_dir
+from .spec import ENTRY, WGMMA_WEIGHT_ROWS, KernelSpec, kernel_dir
+from .tensor_maps import TensorMapPair, tensor_map
 
 
 class GroupedGemmParams(ctypes.Structure):
@@ -46,7 +47,11 @@ class GemmKernel:
         cubin, _ = build(spec.source(), arch=spec.arch, include_dir=kernel_dir(), label=spec.label)
         self.kernel = LoadedKernel(cubin, ENTRY, device_index, spec.threads)
         self._params = GroupedGemmParams()
-        self._pointers = (ctypes.c_void_p * 1)(ctypes.addressof(self._params))
+        arguments = [self._params]
+        if spec.kind == "wgmma":
+            self._maps = TensorMapPair()
+            arguments.append(self._maps)
+        self._pointers = (ctypes.c_void_p * len(arguments))(*map(ctypes.addressof, arguments))
         self._pointers_address = ctypes.addressof(self._pointers)
         self._lock = threading.Lock()  # the argument block is shared by threads calling this kernel
         self._grids: dict[tuple[int, int], tuple[tuple[int, int, int], int]] = {}
@@ -78,6 +83,10 @@ class GemmKernel:
             p.a_scale_stride_row, p.a_scale_stride_word = a_scale.stride()
             p.b_scale_stride_expert, p.b_scale_stride_row, p.b_scale_stride_word = b_scale.stride()
             p.cum_m, p.num_experts = a.shape[0], num_experts
+            if self.spec.kind == "wgmma":
+                self._maps.set(tokens=tensor_map(a.data_ptr(), a.shape[0], self.spec.k, self.spec.block_t),
+                               weights=tensor_map(b.data_ptr(), num_experts * self.spec.n, self.spec.k,
+                                                  WGMMA_WEIGHT_ROWS // 2))
             self.kernel.launch(grid, shared, stream, self._pointers_address)
 
 

@@ -14,6 +14,8 @@ SCALE_MODES = ("software", "native", "emulated")
 _SCALE_MODE_ENUM = {"software": "kSoftware", "native": "kNative", "emulated": "kEmulated"}
 BLOCK_K = 128  # K bytes per pipeline stage of the MMA kernel (kBlockK in the template)
 ENTRY = "mxfp8_moe_grouped_gemm"
+WGMMA_THREADS = 384  # two consumer warpgroups and a producer (WgmmaGemm::kThreads)
+WGMMA_WEIGHT_ROWS = 128  # weight rows per tile: 64 per consumer warpgroup
 
 
 def kernel_dir() -> Path:
@@ -24,13 +26,13 @@ def kernel_dir() -> Path:
 
 @dataclasses.dataclass(frozen=True)
 class KernelSpec:
-    kind: str  # "mma" (tensor cores, sm_89+) or "simt" (CUDA cores, any arch)
+    kind: str  # "wgmma" (Hopper prefill, sm_90a), "mma" (tensor cores, sm_89+) or "simt" (CUDA cores, any arch)
     arch: str  # NVRTC target, e.g. "sm_120a"
     n: int  # rows of B per expert (2 * output width when gated)
     k: int
     k_granularity: int
     gated: bool
-    block_n: int = 128  # output columns per tile (simt: threads per block)
+    block_n: int = 128  # output columns per tile (simt: threads per block; wgmma: 64 gated, else 128)
     block_t: int = 0  # tokens per tile
     stages: int = 0
     warps_n: int = 4  # warps across the tile's columns
@@ -39,6 +41,8 @@ class KernelSpec:
 
     @property
     def threads(self) -> int:
+        if self.kind == "wgmma":
+            return WGMMA_THREADS
         return self.warps_n * self.warps_k * 32 if self.kind == "mma" else self.block_n
 
     @property
@@ -50,6 +54,8 @@ class KernelSpec:
         common = f"{self.kind}_n{self.n}_k{self.k}_g{self.k_granularity}{'_gated' if self.gated else ''}"
         if self.kind == "simt":
             return f"{common}_t{self.threads}"
+        if self.kind == "wgmma":
+            return f"{common}_bn{self.block_n}_bt{self.block_t}_s{self.stages}"
         return f"{common}_bn{self.block_n}_bt{self.block_t}_s{self.stages}_w{self.warps_n}x{self.warps_k}_{self.scale_mode}"
 
     def source(self) -> str:
@@ -60,6 +66,15 @@ class KernelSpec:
                     f"{ENTRY}(const __grid_constant__ mxfp8_moe::GroupedGemmParams params) {{\n"
                     f"    mxfp8_moe::simt_grouped_gemm<{self.threads}, {self.k_granularity}, {gated}, "
                     f"{self.n}, {self.k}>(params);\n}}\n")
+        if self.kind == "wgmma":
+            # (threads, 1): setmaxnreg needs a register cap at entry.
+            return (f'#include "wgmma_grouped_gemm.cuh"\n'
+                    f"using Gemm = mxfp8_moe::WgmmaGemm<{self.n}, {self.k}, {self.k_granularity}, {gated}, "
+                    f"{self.block_t}, {self.stages}>;\n"
+                    f'extern "C" __global__ void __launch_bounds__(Gemm::kThreads, 1) '
+                    f"{ENTRY}(const __grid_constant__ mxfp8_moe::GroupedGemmParams params, "
+                    f"const __grid_constant__ mxfp8_moe::WgmmaTensorMaps maps) {{\n"
+                    f"    Gemm::run(params, maps);\n}}\n")
         return (f'#include "mma_grouped_gemm.cuh"\n'
                 f"using Gemm = mxfp8_moe::MmaGemm<{self.n}, {self.k}, {self.k_granularity}, {gated}, "
                 f"{self.block_n}, {self.block_t}, {self.stages}, {self.warps_n}, {self.warps_k}, "
@@ -69,14 +84,21 @@ class KernelSpec:
                 f"    Gemm::run(params);\n}}\n")
 
     def pipeline_bytes(self) -> int:
-        """Shared memory of the MMA kernel's pipeline stages (MmaGemm::kPipelineBytes)."""
+        """Shared memory of the pipeline stages (MmaGemm::kPipelineBytes, WgmmaGemm's stages)."""
+        if self.kind == "wgmma":
+            scale_bytes = -(-(WGMMA_WEIGHT_ROWS + self.block_t) * 4 // 1024) * 1024
+            return self.stages * ((WGMMA_WEIGHT_ROWS + self.block_t) * BLOCK_K + scale_bytes)
         weight_rows = 2 * self.block_n if self.gated else self.block_n
         scale_bytes = -(-(weight_rows + self.block_t) * 4 // 128) * 128
         return self.stages * ((weight_rows + self.block_t) * BLOCK_K + scale_bytes)
 
     def epilogue_bytes(self) -> int:
-        """Shared memory the epilogue reuses from the pipeline: the bf16 tile, then the K warps'
-        partial sums (MmaGemm::kPartialsOffset + kPartialsBytes)."""
+        """MMA kernel: shared memory the epilogue reuses from the pipeline, the bf16 tile then the
+        K warps' partial sums (MmaGemm::kPartialsOffset + kPartialsBytes). wgmma kernel: its own
+        bf16 tile, then the gate warpgroup's values (WgmmaGemm::kTileBytes - kStagingOffset)."""
+        if self.kind == "wgmma":
+            tile = -(-self.block_t * (self.block_n * 2 + 16) // 128) * 128
+            return tile + (self.block_t // 2 * 128 * 4 if self.gated else 0)
         tile = -(-self.block_t * (self.block_n * 2 + 16) // 16) * 16
         accumulators = (2 if self.gated else 1) * (self.block_n // self.warps_n // 16) * (self.block_t // 8) * 4
         return tile + (self.warps_k - 1) * self.warps_n * accumulators * 32 * 4
@@ -86,4 +108,6 @@ class KernelSpec:
         if self.kind == "simt":
             return 0
         scheduler = -(-(2 * 4 * (num_experts + 1)) // 128) * 128  # TileScheduler::shared_bytes
+        if self.kind == "wgmma":  # WgmmaGemm::shared_bytes: + barriers + alignment padding
+            return scheduler + 128 + 1024 + self.pipeline_bytes() + self.epilogue_bytes()
         return scheduler + self.pipeline_bytes()

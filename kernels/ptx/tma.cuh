@@ -1,0 +1,66 @@
+// Tensor-memory-accelerator copies and the mbarriers they complete on (sm_90+).
+//
+// A tile copy names a tensor map (built on the host by cuTensorMapEncodeTiled and passed as a
+// __grid_constant__ kernel parameter), the tile's coordinates and an mbarrier; the copy engine
+// zero-fills whatever part of the box lies outside the tensor and counts the box's full byte size
+// against the barrier's expected transaction count.
+#pragma once
+#include "../common.cuh"
+
+namespace mxfp8_moe::ptx {
+
+// CUtensorMap: 128 opaque bytes, 64-byte aligned (cuda.h is not on NVRTC's include path).
+struct alignas(64) TensorMap {
+    u64 opaque[16];
+};
+
+__device__ __forceinline__ void mbarrier_init(u32 barrier, u32 arrivals) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" :: "r"(barrier), "r"(arrivals) : "memory");
+}
+
+// Makes initialized barriers visible to the copy engine (the async proxy) before any copy uses them.
+__device__ __forceinline__ void fence_barrier_init() {
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+
+__device__ __forceinline__ void mbarrier_arrive(u32 barrier) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" :: "r"(barrier) : "memory");
+}
+
+// One arrival, and `bytes` more that copies must deliver before the phase can complete.
+__device__ __forceinline__ void mbarrier_arrive_expect_tx(u32 barrier, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" :: "r"(barrier), "r"(bytes) : "memory");
+}
+
+// An arrival once every cp.async this thread issued so far has landed (counted in the barrier's
+// initial arrival count: .noinc).
+__device__ __forceinline__ void cp_async_mbarrier_arrive(u32 barrier) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" :: "r"(barrier) : "memory");
+}
+
+// Block until the phase with this parity has completed.
+__device__ __forceinline__ void mbarrier_wait(u32 barrier, u32 parity) {
+    u32 done;
+    do {
+        asm volatile("{\n .reg .pred complete;\n"
+                     " mbarrier.try_wait.parity.shared::cta.b64 complete, [%1], %2;\n"
+                     " selp.u32 %0, 1, 0, complete;\n}\n"
+                     : "=r"(done) : "r"(barrier), "r"(parity) : "memory");
+    } while (!done);
+}
+
+// A 2-D tile: x is the innermost (contiguous) coordinate in elements, y the row.
+__device__ __forceinline__ void tma_load_2d(u32 destination, const TensorMap* map, int x, int y, u32 barrier) {
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+                 " [%0], [%1, {%2, %3}], [%4];\n"
+                 :: "r"(destination), "l"(reinterpret_cast<u64>(map)), "r"(x), "r"(y), "r"(barrier) : "memory");
+}
+
+__device__ __forceinline__ void prefetch_tensor_map(const TensorMap* map) {
+    asm volatile("prefetch.tensormap [%0];\n" :: "l"(reinterpret_cast<u64>(map)) : "memory");
+}
+
+// Wait for every cp.async this thread issued (before it exits with copies still in flight).
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+
+}  // namespace mxfp8_moe::ptx

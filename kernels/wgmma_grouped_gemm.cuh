@@ -1,0 +1,273 @@
+// The Hopper prefill grouped GEMM (sm_90a): FP8 wgmma fed by TMA through an mbarrier pipeline.
+//
+// Large per-expert M is compute-bound, and on Hopper only wgmma reaches the FP8 tensor-core rate
+// (mma.sync FP8 is emulated through FP16 there). The structure:
+//   - warpgroup 2 produces: one lane issues the TMA copies of each stage's weight and token tiles
+//     (128-byte swizzled, straight into the layout wgmma reads), the warp's 32 lanes copy the
+//     stage's UE8M0 scale words with cp.async; all of it lands on the stage's "full" barrier;
+//   - warpgroups 0 and 1 consume: each multiplies 64 weight rows by the BLOCK_T-token tile, one
+//     K block (128) at a time, into a partial sum that is promoted into the FP32 accumulators with
+//     the block's scales (per k32 slice for k_gran 32), then releases the stage ("empty" barrier).
+// Operands are swapped as in the mma.sync kernel: weight rows are wgmma's M (64 per warpgroup),
+// tokens its N, so a token tile can be any multiple of 8. A gated tile puts up rows in warpgroup 0
+// and the matching gate rows in warpgroup 1; the epilogue combines them through shared memory.
+// Work units come from the same TileScheduler as the other kernels; the pipeline runs on across
+// units. Rows a tile reads past its expert (another expert's tokens or weights) only feed output
+// elements that are never stored; the copy engine zero-fills what lies past a tensor's end.
+#pragma once
+#include "tile_scheduler.cuh"
+#include "ptx/cp_async.cuh"
+#include "ptx/tma.cuh"
+#include "ptx/wgmma.cuh"
+
+namespace mxfp8_moe {
+
+struct WgmmaTensorMaps {
+    ptx::TensorMap tokens;   // a as (cum_m, K) bytes; box BLOCK_T rows x 128 bytes, 128-byte swizzle
+    ptx::TensorMap weights;  // b as (E * N, K) bytes; box 64 rows x 128 bytes, 128-byte swizzle
+};
+
+template <int N, int K, int K_GRAN, bool GATED, int BLOCK_T, int STAGES>
+struct WgmmaGemm {
+    static constexpr int kConsumers = 2;                      // warpgroups multiplying
+    static constexpr int kThreads = (kConsumers + 1) * 128;   // + the producer warpgroup
+    static constexpr int kProducerRegisters = 40;             // setmaxnreg: 128 x 40 + 256 x 232 <= 64K
+    static constexpr int kConsumerRegisters = 232;
+    static constexpr int kBlockK = 128;
+    static constexpr int kKIters = ceil_div(K, kBlockK);
+    static constexpr int kWeightRows = 64 * kConsumers;       // weight rows per tile
+    static constexpr int kNOut = GATED ? N / 2 : N;
+    static constexpr int kBlockN = GATED ? 64 : kWeightRows;  // output columns per tile
+    static constexpr int kNTiles = ceil_div(kNOut, kBlockN);
+    static constexpr int kAccumulators = BLOCK_T / 2;         // per thread: 64 x BLOCK_T / 128
+
+    // One stage: weight tile, token tile (both 1024-byte aligned for the swizzle), scale words.
+    static constexpr int kWeightBytes = kWeightRows * kBlockK;
+    static constexpr int kTokenBytes = BLOCK_T * kBlockK;
+    static constexpr int kScaleWords = kWeightRows + BLOCK_T;
+    static constexpr int kStageBytes = kWeightBytes + kTokenBytes + ceil_div(kScaleWords * 4, 1024) * 1024;
+    // After the stages: the bf16 output tile (rows padded by 16 bytes), then for gated tiles the
+    // gate warpgroup's silu values, [accumulator][thread] so each access is one 128-byte line.
+    static constexpr int kOutPitch = kBlockN * 2 + 16;
+    static constexpr int kStagingOffset = STAGES * kStageBytes;
+    static constexpr int kExchangeOffset = kStagingOffset + ceil_div(BLOCK_T * kOutPitch, 128) * 128;
+    static constexpr int kTileBytes = kExchangeOffset + (GATED ? kAccumulators * 128 * 4 : 0);
+    // Dynamic shared memory: scheduler, barriers, up to 1 KB of alignment padding, tiles.
+    static constexpr int kBarrierBytes = 128;
+
+    static_assert(K % 16 == 0 && kNOut % 16 == 0, "K and the output width must be multiples of 16");
+    static_assert(K_GRAN == 32 || K_GRAN == 128, "k granularity is 32 or 128");
+    static_assert(BLOCK_T == 64 || BLOCK_T == 128, "token tiles of 64 or 128 (ptx::Wgmma instances)");
+    static_assert(2 * STAGES * 8 <= kBarrierBytes, "barriers must fit their region");
+    static_assert(!GATED || kNOut % 64 == 0, "gated tiles pair 64 up rows with 64 gate rows");
+
+    using Scheduler = TileScheduler<kThreads, BLOCK_T, kNTiles>;
+
+    __host__ __device__ static constexpr int shared_bytes(int num_experts) {
+        return Scheduler::shared_bytes(num_experts) + kBarrierBytes + 1024 + kTileBytes;
+    }
+
+    const GroupedGemmParams& p;
+    const WgmmaTensorMaps& maps;
+    const Scheduler& scheduler;
+    u8* tiles;      // 1024-byte aligned
+    u32 barriers;   // full[STAGES], then empty[STAGES]
+
+    __device__ __forceinline__ u32 full_barrier(int s) const { return barriers + 8 * s; }
+    __device__ __forceinline__ u32 empty_barrier(int s) const { return barriers + 8 * (STAGES + s); }
+    __device__ __forceinline__ u8* stage(int s) const { return tiles + s * kStageBytes; }
+
+    // Global row of b (viewed as (E * N, K)) of a tile's weight rows 64c .. 64c + 63.
+    __device__ __forceinline__ static int weight_row(const WorkUnit& w, int n0, int c) {
+        return w.expert * N + (GATED ? c * kNOut + n0 : n0 + 64 * c);
+    }
+
+    __device__ __forceinline__ static bool weight_row_valid(int n0, int r) {
+        return n0 + (GATED ? r % 64 : r) < kNOut;
+    }
+
+    // ---- producer -------------------------------------------------------------------------------
+
+    __device__ __forceinline__ void produce(int lane) const {
+        if (lane == 0) {
+            ptx::prefetch_tensor_map(&maps.tokens);
+            ptx::prefetch_tensor_map(&maps.weights);
+        }
+        int it = 0;
+        for (i64 u = blockIdx.x; u < scheduler.num_units; u += gridDim.x) {
+            const WorkUnit w = scheduler.unit(u);
+            const int n0 = w.n_tile * kBlockN;
+            for (int kb = 0; kb < kKIters; ++kb, ++it) {
+                const int s = it % STAGES;
+                ptx::mbarrier_wait(empty_barrier(s), ((it / STAGES) & 1) ^ 1);
+                const u32 weights = ptx::shared_address(stage(s));
+                const u32 tokens = weights + kWeightBytes;
+                const u32 scales = tokens + kTokenBytes;
+                if (lane == 0) {
+                    ptx::mbarrier_arrive_expect_tx(full_barrier(s), kWeightBytes + kTokenBytes);
+                    ptx::tma_load_2d(tokens, &maps.tokens, kb * kBlockK, w.row, full_barrier(s));
+#pragma unroll
+                    for (int c = 0; c < kConsumers; ++c)
+                        ptx::tma_load_2d(weights + c * 64 * kBlockK, &maps.weights, kb * kBlockK,
+                                         weight_row(w, n0, c), full_barrier(s));
+                }
+                // The word holding this stage's scales: one 128-K block (k_gran 128) or the four
+                // 32-K blocks of the stage (k_gran 32).
+                const int word = kb * kBlockK / K_GRAN / 4;
+                for (int i = lane; i < kScaleWords; i += 32) {
+                    const i32* src;
+                    bool valid;
+                    if (i < kWeightRows) {
+                        const int c = i / 64;
+                        valid = weight_row_valid(n0, i);
+                        src = p.b_scale + w.expert * p.b_scale_stride_expert +
+                              (weight_row(w, n0, c) - w.expert * N + i % 64) * p.b_scale_stride_row +
+                              word * p.b_scale_stride_word;
+                    } else {
+                        valid = i - kWeightRows < w.rows;
+                        src = p.a_scale + (w.scale_row + i - kWeightRows) * p.a_scale_stride_row +
+                              word * p.a_scale_stride_word;
+                    }
+                    ptx::cp_async_4(scales + 4 * i, valid ? src : p.b_scale, valid);
+                }
+                ptx::cp_async_mbarrier_arrive(full_barrier(s));
+            }
+        }
+        ptx::cp_async_wait_all();
+    }
+
+    // ---- consumers ------------------------------------------------------------------------------
+
+    // acc += partial * (weight scale of the row) * (token scale of the column), for scale byte `byte`.
+    __device__ __forceinline__ static void promote(float (&acc)[kAccumulators], const float (&partial)[kAccumulators],
+                                                   const u32* scale_words, int warpgroup, int thread, int byte) {
+        const int warp = thread / 32, lane = thread % 32;
+        const int row = 64 * warpgroup + 16 * warp + lane / 4;
+        const float weight_scale[2] = {ue8m0_to_float(byte_of(scale_words[row], byte)),
+                                       ue8m0_to_float(byte_of(scale_words[row + 8], byte))};
+        const u32* token_words = scale_words + kWeightRows + 2 * (lane % 4);
+#pragma unroll
+        for (int j = 0; j < BLOCK_T / 8; ++j) {
+            const float token_scale[2] = {ue8m0_to_float(byte_of(token_words[8 * j], byte)),
+                                          ue8m0_to_float(byte_of(token_words[8 * j + 1], byte))};
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[4 * j + i] += partial[4 * j + i] * (weight_scale[i / 2] * token_scale[i % 2]);
+        }
+    }
+
+    __device__ __forceinline__ void consume(int warpgroup, int thread) const {
+        float acc[kAccumulators], partial[kAccumulators];
+        int it = 0;
+        for (i64 u = blockIdx.x; u < scheduler.num_units; u += gridDim.x) {
+            const WorkUnit w = scheduler.unit(u);
+#pragma unroll
+            for (int i = 0; i < kAccumulators; ++i) acc[i] = 0.0f;
+            for (int kb = 0; kb < kKIters; ++kb, ++it) {
+                const int s = it % STAGES;
+                ptx::mbarrier_wait(full_barrier(s), (it / STAGES) & 1);
+                const u32 weights = ptx::shared_address(stage(s)) + warpgroup * 64 * kBlockK;
+                const u32 tokens = ptx::shared_address(stage(s)) + kWeightBytes;
+                const u32* scales = reinterpret_cast<const u32*>(stage(s) + kWeightBytes + kTokenBytes);
+                const u64 a = ptx::smem_descriptor_sw128(weights);
+                const u64 b = ptx::smem_descriptor_sw128(tokens);
+                // k32 slice ks starts 32 bytes further: +2 in the descriptor's address field.
+                if constexpr (K_GRAN == 128) {
+                    ptx::wgmma_fence();
+#pragma unroll
+                    for (int ks = 0; ks < kBlockK / 32; ++ks) ptx::Wgmma<BLOCK_T>::run(partial, a + 2 * ks, b + 2 * ks, ks);
+                    ptx::wgmma_commit();
+                    ptx::wgmma_wait<0>();
+                    ptx::fence_registers(partial);
+                    promote(acc, partial, scales, warpgroup, thread, kb % 4);
+                } else {
+#pragma unroll
+                    for (int ks = 0; ks < kBlockK / 32; ++ks) {
+                        ptx::wgmma_fence();
+                        ptx::Wgmma<BLOCK_T>::run(partial, a + 2 * ks, b + 2 * ks, 0);
+                        ptx::wgmma_commit();
+                        ptx::wgmma_wait<0>();
+                        ptx::fence_registers(partial);
+                        promote(acc, partial, scales, warpgroup, thread, ks);
+                    }
+                }
+                // This warp's wgmmas and scale reads of the stage are done: release it.
+                __syncwarp();
+                if (thread % 32 == 0) ptx::mbarrier_arrive(empty_barrier(s));
+            }
+            store_tile(acc, w, warpgroup, thread);
+        }
+    }
+
+    // Named barrier 1 among the two consumer warpgroups (barrier 0 is __syncthreads).
+    __device__ __forceinline__ static void consumers_sync() {
+        asm volatile("bar.sync 1, %0;\n" :: "n"(kConsumers * 128) : "memory");
+    }
+
+    // bf16 (gated: up * silu(gate)) into the padded smem tile, then 16-byte stores of the unit's
+    // valid rows and columns only.
+    __device__ __forceinline__ void store_tile(const float (&acc)[kAccumulators], const WorkUnit& w, int warpgroup,
+                                               int thread) const {
+        u8* staging = tiles + kStagingOffset;
+        float* exchange = reinterpret_cast<float*>(tiles + kExchangeOffset);
+        const int warp = thread / 32, lane = thread % 32;
+        if (GATED && warpgroup == 1) {
+#pragma unroll
+            for (int i = 0; i < kAccumulators; ++i) exchange[i * 128 + thread] = silu(acc[i]);
+        }
+        consumers_sync();  // exchange written; every thread's stores of the previous tile are done
+        if (!GATED || warpgroup == 0) {
+#pragma unroll
+            for (int j = 0; j < BLOCK_T / 8; ++j)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const int v = 4 * j + i;
+                    const float value = GATED ? acc[v] * exchange[v * 128 + thread] : acc[v];
+                    const int col = (GATED ? 0 : 64 * warpgroup) + 16 * warp + lane / 4 + 8 * (i / 2);
+                    const int token = 8 * j + 2 * (lane % 4) + i % 2;
+                    *reinterpret_cast<u16*>(staging + token * kOutPitch + col * 2) = float_to_bf16(value);
+                }
+        }
+        consumers_sync();
+        const int n0 = w.n_tile * kBlockN;
+        constexpr int kChunks = kBlockN / 8;
+        for (int c = warpgroup * 128 + thread; c < BLOCK_T * kChunks; c += kConsumers * 128) {
+            const int r = c / kChunks, col = n0 + (c % kChunks) * 8;
+            if (r < w.rows && col < kNOut)
+                *reinterpret_cast<u32x4*>(p.out + static_cast<i64>(w.row + r) * kNOut + col) =
+                    *reinterpret_cast<const u32x4*>(staging + r * kOutPitch + (c % kChunks) * 16);
+        }
+    }
+
+    __device__ __forceinline__ static void run(const GroupedGemmParams& params, const WgmmaTensorMaps& maps) {
+        extern __shared__ __align__(128) u8 shared[];
+        const int scheduler_bytes = Scheduler::shared_bytes(params.num_experts);
+        u32 dynamic_bytes;
+        asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dynamic_bytes));
+        if (dynamic_bytes < static_cast<u32>(shared_bytes(params.num_experts))) __trap();  // host/device mismatch
+
+        const Scheduler scheduler(params, reinterpret_cast<int*>(shared));
+        const u32 barriers = ptx::shared_address(shared + scheduler_bytes);
+        const u32 tiles_address = (barriers + kBarrierBytes + 1023) & ~1023u;
+        u8* tiles = shared + scheduler_bytes + (tiles_address - barriers);
+        if (threadIdx.x == 0) {
+            for (int s = 0; s < STAGES; ++s) {
+                ptx::mbarrier_init(barriers + 8 * s, 1 + 32);               // expect_tx + 32 cp.async lanes
+                ptx::mbarrier_init(barriers + 8 * (STAGES + s), kConsumers * 4);  // one per consumer warp
+            }
+            ptx::fence_barrier_init();
+        }
+        __syncthreads();
+
+        const WgmmaGemm gemm{params, maps, scheduler, tiles, barriers};
+        const int warpgroup = threadIdx.x / 128, thread = threadIdx.x % 128;
+        if (warpgroup == kConsumers) {
+            asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" :: "n"(kProducerRegisters));
+            if (thread < 32) gemm.produce(thread);
+        } else {
+            asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" :: "n"(kConsumerRegisters));
+            gemm.consume(warpgroup, thread);
+        }
+    }
+};
+
+}  // namespace mxfp8_moe
