@@ -8,6 +8,7 @@ import torch
 
 from mxfp8_moe import moe_gemm_mxfp8_nt_groupwise
 from mxfp8_moe.gemm.device import device_info
+from mxfp8_moe.gemm.heuristics import WGMMA_ARCHS, wgmma_spec
 from mxfp8_moe.gemm.launch import get_kernel
 from mxfp8_moe.gemm.spec import KernelSpec
 
@@ -36,7 +37,7 @@ def covered_rows(values, cum_m):
     return rows
 
 
-@pytest.mark.parametrize("kernel", ["mma", "simt"])
+@pytest.mark.parametrize("kernel", ["mma", "simt", "wgmma"])
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("case", list(ADVERSARIAL))
 def test_adversarial_m_indptr(case, gated, kernel):
@@ -45,10 +46,14 @@ def test_adversarial_m_indptr(case, gated, kernel):
     problem.m_indptr.copy_(torch.tensor(values, dtype=torch.int32))
     n_out = 64 if gated else 128
     out = torch.full((20, n_out), float("nan"), dtype=torch.bfloat16, device="cuda")
+    device = device_info(0)
     if kernel == "mma":
         moe_gemm_mxfp8_nt_groupwise(*problem.args, out=out, is_gated=gated)
     else:
-        spec = KernelSpec("simt", device_info(0).arch, 128, 288, 128, gated)
+        if kernel == "wgmma" and device.arch not in WGMMA_ARCHS:
+            pytest.skip(f"the wgmma kernel needs sm_90a, this GPU is {device.arch}")
+        spec = (wgmma_spec(device, 4, 5.0, 128, 288, 128, gated) if kernel == "wgmma"
+                else KernelSpec("simt", device.arch, 128, 288, 128, gated))
         get_kernel(spec, 0)(*problem.args, out, torch.cuda.current_stream().cuda_stream)
     torch.cuda.synchronize()
     written = ~torch.isnan(out).all(dim=1)

@@ -5,15 +5,21 @@
 #   bash tools/device_run.sh bash tools/sanitize.sh
 set -u
 OUT=${OUT:-/tmp/out}
-# Adversarial m_indptr through the MMA and SIMT kernels, the fused quantizer, and the few-units
-# (K warps) and emulated-scale configurations at one token.
-TESTS=(tests/test_adversarial_gpu.py tests/test_activation_quant_gpu.py
-       "tests/test_gemm_gpu.py::test_model_shapes"  "tests/test_gemm_gpu.py::test_simt_kernel")
-SELECT="adversarial or quant or simt or (model_shapes and qwen3-30b and (-1- or -16-))"
+TESTS=(tests/test_adversarial_gpu.py tests/test_activation_quant_gpu.py "tests/test_gemm_gpu.py")
+# memcheck: adversarial m_indptr through the MMA and SIMT kernels, the fused quantizer, the
+# few-units (K warps) and emulated-scale configurations, and the wgmma kernel (sm_90a).
+BROAD="adversarial or quant or simt or wgmma or (model_shapes and qwen3-30b and (-1- or -16-))"
+# racecheck and synccheck replay every shared-memory access (~10 s a test): one case per kernel
+# family and configuration kind.
+NARROW="(adversarial and decreasing) or empty_and_adversarial or (simt_kernel and 128-True) \
+or (wgmma and 128-True-64) or (wgmma and 32-False-128) \
+or (model_shapes and qwen3-30b and emulated and gate_up-1-) or (model_shapes and qwen3-30b and software and down-16-)"
 status=0
 for tool in memcheck racecheck synccheck; do
+    select=$NARROW
+    [ "$tool" = memcheck ] && select=$BROAD
     compute-sanitizer --tool "$tool" --report-api-errors no --error-exitcode 99 \
-        python3 -m pytest -q -p no:cacheprovider "${TESTS[@]}" -k "$SELECT" >"$OUT/sanitize-$tool.log" 2>&1
+        python3 -m pytest -q -p no:cacheprovider "${TESTS[@]}" -k "$select" >"$OUT/sanitize-$tool.log" 2>&1
     rc=$?
     echo "$tool: exit $rc; $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|passed|failed' "$OUT/sanitize-$tool.log" | tail -3 | tr '\n' ' ')"
     [ $rc -eq 0 ] || status=1
