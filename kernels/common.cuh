@@ -18,6 +18,10 @@ struct alignas(16) u32x4 {  // one 16-byte vector access
     u32 x, y, z, w;
 };
 
+struct alignas(8) f32x2 {  // one 8-byte vector access
+    float x, y;
+};
+
 template <typename T>
 __device__ __forceinline__ constexpr T ceil_div(T a, T b) { return (a + b - 1) / b; }
 

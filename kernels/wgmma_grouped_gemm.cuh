@@ -2,12 +2,16 @@
 //
 // Large per-expert M is compute-bound, and on Hopper only wgmma reaches the FP8 tensor-core rate
 // (mma.sync FP8 is emulated through FP16 there). The structure:
-//   - warpgroup 2 produces: one lane issues the TMA copies of each stage's weight and token tiles
-//     (128-byte swizzled, straight into the layout wgmma reads), the warp's 32 lanes copy the
-//     stage's UE8M0 scale words with cp.async; all of it lands on the stage's "full" barrier;
+//   - warpgroup 2 produces. Warp 0: one lane issues the TMA copies of each stage's weight and
+//     token tiles (128-byte swizzled, straight into the layout wgmma reads), the 32 lanes copy the
+//     stage's UE8M0 scale words with cp.async; all of it lands on the stage's "full" barrier.
+//     Warp 1 then turns the stage's scale bytes into floats ("scaled" barrier), work the
+//     consumers would otherwise repeat in every thread;
 //   - warpgroups 0 and 1 consume: each multiplies 64 weight rows by the BLOCK_T-token tile, one
 //     K block (128) at a time, into a partial sum that is promoted into the FP32 accumulators with
 //     the block's scales (per k32 slice for k_gran 32), then releases the stage ("empty" barrier).
+// The promotion (a multiply and an FMA per accumulator per K block) is what bounds this kernel
+// below the tensor cores' rate: it runs on the CUDA cores while the other warpgroup's wgmmas run.
 // Operands are swapped as in the mma.sync kernel: weight rows are wgmma's M (64 per warpgroup),
 // tokens its N, so a token tile can be any multiple of 8. A gated tile puts up rows in warpgroup 0
 // and the matching gate rows in warpgroup 1; the epilogue combines them through shared memory.
@@ -31,8 +35,8 @@ template <int N, int K, int K_GRAN, bool GATED, int BLOCK_T, int STAGES>
 struct WgmmaGemm {
     static constexpr int kConsumers = 2;                      // warpgroups multiplying
     static constexpr int kThreads = (kConsumers + 1) * 128;   // + the producer warpgroup
-    static constexpr int kProducerRegisters = 40;             // setmaxnreg: 128 x 40 + 256 x 232 <= 64K
-    static constexpr int kConsumerRegisters = 232;
+    static constexpr int kProducerRegisters = 64;             // setmaxnreg: 128 x 64 + 256 x 216 <= 64K
+    static constexpr int kConsumerRegisters = 216;
     static constexpr int kBlockK = 128;
     static constexpr int kKIters = ceil_div(K, kBlockK);
     static constexpr int kWeightRows = 64 * kConsumers;       // weight rows per tile
@@ -41,11 +45,16 @@ struct WgmmaGemm {
     static constexpr int kNTiles = ceil_div(kNOut, kBlockN);
     static constexpr int kAccumulators = BLOCK_T / 2;         // per thread: 64 x BLOCK_T / 128
 
-    // One stage: weight tile, token tile (both 1024-byte aligned for the swizzle), scale words.
+    // One stage: weight tile, token tile (both 1024-byte aligned for the swizzle), the scale words
+    // (one per weight row, then one per token), then their floats [k32 slice][row] (k_gran 128:
+    // one slice, the stage's K block).
     static constexpr int kWeightBytes = kWeightRows * kBlockK;
     static constexpr int kTokenBytes = BLOCK_T * kBlockK;
     static constexpr int kScaleWords = kWeightRows + BLOCK_T;
-    static constexpr int kStageBytes = kWeightBytes + kTokenBytes + ceil_div(kScaleWords * 4, 1024) * 1024;
+    static constexpr int kScaleSlices = K_GRAN == 32 ? kBlockK / 32 : 1;
+    static constexpr int kScaleFloatsOffset = kWeightBytes + kTokenBytes + kScaleWords * 4;
+    static constexpr int kStageBytes =
+        kWeightBytes + kTokenBytes + ceil_div(kScaleWords * 4 * (1 + kScaleSlices), 1024) * 1024;
     // After the stages: the bf16 output tile (rows padded by 16 bytes), then for gated tiles the
     // gate warpgroup's silu values, [accumulator][thread] so each access is one 128-byte line.
     static constexpr int kOutPitch = kBlockN * 2 + 16;
@@ -53,12 +62,12 @@ struct WgmmaGemm {
     static constexpr int kExchangeOffset = kStagingOffset + ceil_div(BLOCK_T * kOutPitch, 128) * 128;
     static constexpr int kTileBytes = kExchangeOffset + (GATED ? kAccumulators * 128 * 4 : 0);
     // Dynamic shared memory: scheduler, barriers, up to 1 KB of alignment padding, tiles.
-    static constexpr int kBarrierBytes = 128;
+    static constexpr int kBarrierBytes = 256;
 
     static_assert(K % 16 == 0 && kNOut % 16 == 0, "K and the output width must be multiples of 16");
     static_assert(K_GRAN == 32 || K_GRAN == 128, "k granularity is 32 or 128");
-    static_assert(BLOCK_T == 64 || BLOCK_T == 128, "token tiles of 64 or 128 (ptx::Wgmma instances)");
-    static_assert(2 * STAGES * 8 <= kBarrierBytes, "barriers must fit their region");
+    static_assert(BLOCK_T % 32 == 0 && BLOCK_T <= 128, "token tiles of 32, 64, 96 or 128 (ptx::Wgmma instances)");
+    static_assert(3 * STAGES * 8 <= kBarrierBytes, "barriers must fit their region");
     static_assert(!GATED || kNOut % 64 == 0, "gated tiles pair 64 up rows with 64 gate rows");
 
     using Scheduler = TileScheduler<kThreads, BLOCK_T, kNTiles>;
@@ -71,11 +80,15 @@ struct WgmmaGemm {
     const WgmmaTensorMaps& maps;
     const Scheduler& scheduler;
     u8* tiles;      // 1024-byte aligned
-    u32 barriers;   // full[STAGES], then empty[STAGES]
+    u32 barriers;   // full[STAGES], scaled[STAGES], empty[STAGES]
 
     __device__ __forceinline__ u32 full_barrier(int s) const { return barriers + 8 * s; }
-    __device__ __forceinline__ u32 empty_barrier(int s) const { return barriers + 8 * (STAGES + s); }
+    __device__ __forceinline__ u32 scaled_barrier(int s) const { return barriers + 8 * (STAGES + s); }
+    __device__ __forceinline__ u32 empty_barrier(int s) const { return barriers + 8 * (2 * STAGES + s); }
     __device__ __forceinline__ u8* stage(int s) const { return tiles + s * kStageBytes; }
+    __device__ __forceinline__ float* scale_floats(int s) const {
+        return reinterpret_cast<float*>(stage(s) + kScaleFloatsOffset);
+    }
 
     // Global row of b (viewed as (E * N, K)) of a tile's weight rows 64c .. 64c + 63.
     __device__ __forceinline__ static int weight_row(const WorkUnit& w, int n0, int c) {
@@ -136,22 +149,42 @@ struct WgmmaGemm {
         ptx::cp_async_wait_all();
     }
 
+    // Scale bytes -> floats, once per stage for the whole CTA: byte kb % 4 of each word for k_gran
+    // 128, all four bytes (the stage's k32 slices) for k_gran 32.
+    __device__ __forceinline__ void convert_scales(int lane) const {
+        int it = 0;
+        for (i64 u = blockIdx.x; u < scheduler.num_units; u += gridDim.x) {
+            for (int kb = 0; kb < kKIters; ++kb, ++it) {
+                const int s = it % STAGES;
+                ptx::mbarrier_wait(full_barrier(s), (it / STAGES) & 1);
+                const u32* words = reinterpret_cast<const u32*>(stage(s) + kWeightBytes + kTokenBytes);
+                float* floats = scale_floats(s);
+                for (int i = lane; i < kScaleWords; i += 32) {
+                    const u32 word = words[i];
+#pragma unroll
+                    for (int slice = 0; slice < kScaleSlices; ++slice)
+                        floats[slice * kScaleWords + i] = ue8m0_to_float(byte_of(word, K_GRAN == 32 ? slice : kb % 4));
+                }
+                ptx::mbarrier_arrive(scaled_barrier(s));
+            }
+        }
+    }
+
     // ---- consumers ------------------------------------------------------------------------------
 
-    // acc += partial * (weight scale of the row) * (token scale of the column), for scale byte `byte`.
+    // acc += partial * (weight scale of the row) * (token scale of the column), from one slice's floats.
     __device__ __forceinline__ static void promote(float (&acc)[kAccumulators], const float (&partial)[kAccumulators],
-                                                   const u32* scale_words, int warpgroup, int thread, int byte) {
+                                                   const float* scales, int warpgroup, int thread) {
         const int warp = thread / 32, lane = thread % 32;
         const int row = 64 * warpgroup + 16 * warp + lane / 4;
-        const float weight_scale[2] = {ue8m0_to_float(byte_of(scale_words[row], byte)),
-                                       ue8m0_to_float(byte_of(scale_words[row + 8], byte))};
-        const u32* token_words = scale_words + kWeightRows + 2 * (lane % 4);
+        const float weight_scale[2] = {scales[row], scales[row + 8]};
+        const f32x2* token_scales = reinterpret_cast<const f32x2*>(scales + kWeightRows + 2 * (lane % 4));
 #pragma unroll
         for (int j = 0; j < BLOCK_T / 8; ++j) {
-            const float token_scale[2] = {ue8m0_to_float(byte_of(token_words[8 * j], byte)),
-                                          ue8m0_to_float(byte_of(token_words[8 * j + 1], byte))};
+            const f32x2 token_scale = token_scales[4 * j];
 #pragma unroll
-            for (int i = 0; i < 4; ++i) acc[4 * j + i] += partial[4 * j + i] * (weight_scale[i / 2] * token_scale[i % 2]);
+            for (int i = 0; i < 4; ++i)
+                acc[4 * j + i] += partial[4 * j + i] * (weight_scale[i / 2] * (i % 2 ? token_scale.y : token_scale.x));
         }
     }
 
@@ -164,10 +197,13 @@ struct WgmmaGemm {
             for (int i = 0; i < kAccumulators; ++i) acc[i] = 0.0f;
             for (int kb = 0; kb < kKIters; ++kb, ++it) {
                 const int s = it % STAGES;
+                // "scaled" completes after "full" (the converter waited for it); waiting for both
+                // keeps the copies' visibility a direct acquire of the barrier they completed on.
                 ptx::mbarrier_wait(full_barrier(s), (it / STAGES) & 1);
+                ptx::mbarrier_wait(scaled_barrier(s), (it / STAGES) & 1);
                 const u32 weights = ptx::shared_address(stage(s)) + warpgroup * 64 * kBlockK;
                 const u32 tokens = ptx::shared_address(stage(s)) + kWeightBytes;
-                const u32* scales = reinterpret_cast<const u32*>(stage(s) + kWeightBytes + kTokenBytes);
+                const float* scales = scale_floats(s);
                 const u64 a = ptx::smem_descriptor_sw128(weights);
                 const u64 b = ptx::smem_descriptor_sw128(tokens);
                 // k32 slice ks starts 32 bytes further: +2 in the descriptor's address field.
@@ -178,7 +214,7 @@ struct WgmmaGemm {
                     ptx::wgmma_commit();
                     ptx::wgmma_wait<0>();
                     ptx::fence_registers(partial);
-                    promote(acc, partial, scales, warpgroup, thread, kb % 4);
+                    promote(acc, partial, scales, warpgroup, thread);
                 } else {
 #pragma unroll
                     for (int ks = 0; ks < kBlockK / 32; ++ks) {
@@ -187,7 +223,7 @@ struct WgmmaGemm {
                         ptx::wgmma_commit();
                         ptx::wgmma_wait<0>();
                         ptx::fence_registers(partial);
-                        promote(acc, partial, scales, warpgroup, thread, ks);
+                        promote(acc, partial, scales + ks * kScaleWords, warpgroup, thread);
                     }
                 }
                 // This warp's wgmmas and scale reads of the stage are done: release it.
@@ -251,8 +287,9 @@ struct WgmmaGemm {
         u8* tiles = shared + scheduler_bytes + (tiles_address - barriers);
         if (threadIdx.x == 0) {
             for (int s = 0; s < STAGES; ++s) {
-                ptx::mbarrier_init(barriers + 8 * s, 1 + 32);               // expect_tx + 32 cp.async lanes
-                ptx::mbarrier_init(barriers + 8 * (STAGES + s), kConsumers * 4);  // one per consumer warp
+                ptx::mbarrier_init(barriers + 8 * s, 1 + 32);                     // expect_tx + 32 cp.async lanes
+                ptx::mbarrier_init(barriers + 8 * (STAGES + s), 32);                // the converter warp
+                ptx::mbarrier_init(barriers + 8 * (2 * STAGES + s), kConsumers * 4);  // one per consumer warp
             }
             ptx::fence_barrier_init();
         }
@@ -263,6 +300,7 @@ struct WgmmaGemm {
         if (warpgroup == kConsumers) {
             asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" :: "n"(kProducerRegisters));
             if (thread < 32) gemm.produce(thread);
+            else if (thread < 64) gemm.convert_scales(thread - 32);
         } else {
             asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" :: "n"(kConsumerRegisters));
             gemm.consume(warpgroup, thread);

@@ -101,7 +101,7 @@ def test_simt_kernel(gated, k_granularity):
     assert relative_error(out, problem.reference()) <= TOLERANCE
 
 
-@pytest.mark.parametrize("block_t", [64, 128])
+@pytest.mark.parametrize("block_t", [32, 64, 96, 128])
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("k_granularity", [32, 128])
 def test_wgmma_kernel(block_t, gated, k_granularity):

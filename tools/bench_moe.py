@@ -5,8 +5,9 @@ so the active experts' weights come from HBM, not L2; time = median of the graph
 The HBM floor is the bytes the call must move (active experts' weights and scales, A and its
 scales, out) over the device-to-device copy bandwidth measured in the same run; the roofline is
 the larger of that and the FLOPs over the FP8 tensor-core peak measured in the same run (cuBLAS
-FP8 GEMM, 8192^3). Where the heuristic picks the wgmma kernel, the mma.sync kernel it replaced is
-timed too.
+FP8 GEMM, 8192^3).
+On sm_90a both tensor-core kernels (mma.sync and wgmma) are timed on every cell, whichever the
+heuristic picks.
 
     python tools/bench_moe.py --tokens 1 16 64 256 --out bench.json   # also bench.md, bench.png
     python tools/bench_moe.py --replot docs/bench-h100-v3.json          # redraw a saved result
@@ -30,7 +31,7 @@ from host_cost import decode_call, host_cost  # noqa: E402
 
 from mxfp8_moe import k_align, m_padded, moe_gemm_mxfp8_nt_groupwise, quantize_activations, quantize_weights  # noqa: E402
 from mxfp8_moe.gemm.device import device_info  # noqa: E402
-from mxfp8_moe.gemm.heuristics import choose_spec  # noqa: E402
+from mxfp8_moe.gemm.heuristics import WGMMA_ARCHS, choose_spec, wgmma_spec  # noqa: E402
 from mxfp8_moe.gemm.launch import get_kernel  # noqa: E402
 
 MODELS = {  # name: (experts, hidden, moe_intermediate, top_k)
@@ -88,6 +89,13 @@ def graph_time(calls) -> float:
     return statistics.median(times) / len(calls)
 
 
+def direct(kernel, b, b_scale, routing):
+    """A call of one kernel specialization, bypassing the heuristic (the stream is read at call time,
+    so that a graph capture records it)."""
+    _, m_indptr, a, a_scale, out = routing
+    return lambda: kernel(a, b, a_scale, b_scale, m_indptr, out, torch.cuda.current_stream().cuda_stream)
+
+
 def bench_cell(model, gemm, tokens, k_granularity, bandwidth, peak, peers):
     experts, hidden, inter, top_k = MODELS[model]
     n, k = (2 * inter, hidden) if gemm == "gate_up" else (hidden, inter)
@@ -109,7 +117,8 @@ def bench_cell(model, gemm, tokens, k_granularity, bandwidth, peak, peers):
     act_bytes = cum_m * (k + 2 * n_out) + 4 * m_padded(int(cum_m), experts) * k_align(k, k_granularity)
     floor = (weight_bytes + act_bytes) / bandwidth
     flops = 2 * cum_m * n * k
-    spec = choose_spec(device=device_info(0), num_experts=experts, cum_m=int(cum_m), n=n, k=k,
+    device = device_info(0)
+    spec = choose_spec(device=device, num_experts=experts, cum_m=int(cum_m), n=n, k=k,
                        k_granularity=k_granularity, gated=gated, scale_mode="auto")
     row = {"model": model, "gemm": gemm, "n": n, "k": k, "tokens": tokens, "cum_m": cum_m, "active": active,
            "k_granularity": k_granularity, "floor_us": floor * 1e6, "roofline_us": max(floor, flops / peak) * 1e6,
@@ -122,17 +131,15 @@ def bench_cell(model, gemm, tokens, k_granularity, bandwidth, peak, peers):
 
     row["mxfp8_moe_us"] = graph_time([ours(r) for r in routings]) * 1e6
     row["tflops"] = flops / row["mxfp8_moe_us"] / 1e6
-    if spec.kind == "wgmma":
-        mma = get_kernel(choose_spec(device=device_info(0), num_experts=experts, cum_m=int(cum_m), n=n, k=k,
-                                     k_granularity=k_granularity, gated=gated, scale_mode="auto",
-                                     allow_wgmma=False), 0)
-
-        def mma_sync(r):
-            _, m_indptr, a, a_scale, out = r
-            stream = torch.cuda.current_stream().cuda_stream
-            return lambda: mma(a, b, a_scale, b_scale, m_indptr, out, stream)
-
-        row["mma_sync_us"] = graph_time([mma_sync(r) for r in routings]) * 1e6
+    # Both tensor-core kernels on every cell where both exist: the data behind WGMMA_MIN_ROWS.
+    if device.arch in WGMMA_ARCHS:
+        kernels = {"mma_sync_us": choose_spec(device=device, num_experts=experts, cum_m=int(cum_m), n=n, k=k,
+                                              k_granularity=k_granularity, gated=gated, scale_mode="auto",
+                                              allow_wgmma=False),
+                   "wgmma_us": wgmma_spec(device, experts, cum_m / min(experts, cum_m), n, k, k_granularity, gated)}
+        for name, kernel_spec in kernels.items():
+            if kernel_spec is not None:
+                row[name] = graph_time([direct(get_kernel(kernel_spec, 0), b, b_scale, r) for r in routings]) * 1e6
     if peers:
         # torch's FP8 grouped GEMM with one scale per row / column: same bytes, coarser scales.
         b_t = b.transpose(1, 2)
@@ -191,8 +198,8 @@ def plot(result: dict, path: Path) -> None:
 def markdown(rows) -> str:
     """Percentages are of the roofline: the HBM floor, or FLOPs over the FP8 peak where larger."""
     head = ("| model | GEMM (N x K) | T | kg | active | floor us | roofline us | mxfp8_moe us (% roofline) | TFLOPS "
-            "| mma.sync us | torch FP8 rowwise us (% roofline) | torch bf16 us | speedup vs torch FP8 |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+            "| mma.sync us | wgmma us | torch FP8 rowwise us (% roofline) | torch bf16 us | speedup vs torch FP8 |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rows:
         fp8 = r.get("torch_fp8_rowwise_us")
@@ -202,7 +209,7 @@ def markdown(rows) -> str:
         speedup = f"{fp8 / r['mxfp8_moe_us']:.2f}x" if fp8 else "-"
         lines.append(f"| {r['model']} | {r['gemm']} {r['n']}x{r['k']} | {r['tokens']} | {r['k_granularity']} "
                      f"| {r['active']:.0f} | {r['floor_us']:.1f} | {roofline:.1f} | {pct(r['mxfp8_moe_us'])} "
-                     f"| {r.get('tflops', 0):.0f} | {us(r.get('mma_sync_us'))} | {pct(fp8)} "
+                     f"| {r.get('tflops', 0):.0f} | {us(r.get('mma_sync_us'))} | {us(r.get('wgmma_us'))} | {pct(fp8)} "
                      f"| {us(r.get('torch_bf16_grouped_us'))} | {speedup} |")
     return head + "\n".join(lines) + "\n"
 
@@ -236,7 +243,8 @@ def main() -> None:
                     rows.append(row)
                     print(f"{model} {gemm} T={tokens} kg={kg}: roofline {row['roofline_us']:.1f} us, "
                           f"mxfp8_moe {row['mxfp8_moe_us']:.1f} us ({row['kernel']}), "
-                          f"mma.sync {row.get('mma_sync_us')}, torch fp8 {row.get('torch_fp8_rowwise_us')}", flush=True)
+                          f"mma.sync {row.get('mma_sync_us')}, wgmma {row.get('wgmma_us')}, "
+                          f"torch fp8 {row.get('torch_fp8_rowwise_us')}", flush=True)
     result = {"device": torch.cuda.get_device_name(), "copy_bandwidth": bandwidth, "fp8_peak_flops": peak,
               "host_cost_s": host, "rows": rows}
     args.out.write_text(json.dumps(result, indent=1))

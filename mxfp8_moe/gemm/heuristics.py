@@ -29,9 +29,14 @@ MAX_STAGES = 16  # few-units regime
 FEW_UNITS_WARPS = 8
 NATIVE_ARCHS = ("sm_120a", "sm_121a")
 WGMMA_ARCHS = ("sm_90a",)
-WGMMA_MIN_ROWS = 48  # rows per active expert from which wgmma beats mma.sync (docs/DESIGN.md)
-WGMMA_TOKEN_TILES = (64, 128)
-WGMMA_MAX_STAGES = 6
+WGMMA_MIN_ROWS = 8  # rows per active expert from which wgmma beats mma.sync (docs/DESIGN.md)
+WGMMA_TOKEN_TILES = (32, 64, 96, 128)
+WGMMA_MAX_STAGES = 5
+# Fixed cost of a token tile (its epilogue, its weight tile's trip from L2), in token columns.
+WGMMA_TILE_OVERHEAD = 32
+# Standard-normal quantiles at probabilities 0.1, 0.3, 0.5, 0.7, 0.9: an expert's rows under
+# random routing, Poisson(mean) ~ mean + z sqrt(mean).
+_ROUTING_QUANTILES = (-1.2816, -0.5244, 0.0, 0.5244, 1.2816)
 # Per block: the kernel's static shared memory (scan scratch, 32 B) plus the 1 KB the hardware
 # reserves for each resident block, so two few-units CTAs really fit on one SM.
 _PER_BLOCK_RESERVE = 1024 + 128
@@ -101,13 +106,24 @@ def wgmma_spec(device: DeviceInfo, num_experts: int, rows: float, n: int, k: int
     """The wgmma kernel with as many pipeline stages as fit (None if two do not)."""
     if (n // 2 if gated else n) % (64 if gated else 16):
         return None  # gated tiles pair 64 up rows with 64 gate rows
-    block_t = next((t for t in WGMMA_TOKEN_TILES if t >= rows + 2 * math.sqrt(rows)), WGMMA_TOKEN_TILES[-1])
+    block_t = wgmma_token_tile(rows)
     spec = KernelSpec("wgmma", device.arch, n, k, k_granularity, gated, block_n=64 if gated else 128,
                       block_t=block_t, stages=1)
     budget = device.shared_memory_limit - _PER_BLOCK_RESERVE - (spec.dynamic_shared_bytes(num_experts)
                                                                  - spec.pipeline_bytes())
     stages = min(WGMMA_MAX_STAGES, budget // spec.pipeline_bytes())
     return dataclasses.replace(spec, stages=stages) if stages >= 2 else None
+
+
+def wgmma_token_tile(rows: float) -> int:
+    """The token tile with the fewest computed columns (tiles x (tile + overhead)) over an expert's
+    likely row counts; ties go to the larger tile."""
+    samples = [max(1.0, rows + z * math.sqrt(rows)) for z in _ROUTING_QUANTILES]
+
+    def cost(tile: int) -> float:
+        return sum(math.ceil(r / tile) for r in samples) * (tile + WGMMA_TILE_OVERHEAD)
+
+    return min(reversed(WGMMA_TOKEN_TILES), key=cost)
 
 
 def candidate_specs(*, device: DeviceInfo, num_experts: int, n: int, k: int, k_granularity: int, gated: bool,

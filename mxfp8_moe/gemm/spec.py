@@ -85,8 +85,9 @@ class KernelSpec:
 
     def pipeline_bytes(self) -> int:
         """Shared memory of the pipeline stages (MmaGemm::kPipelineBytes, WgmmaGemm's stages)."""
-        if self.kind == "wgmma":
-            scale_bytes = -(-(WGMMA_WEIGHT_ROWS + self.block_t) * 4 // 1024) * 1024
+        if self.kind == "wgmma":  # + scale words and their floats, one set per k32 slice for k_gran 32
+            slices = BLOCK_K // 32 if self.k_granularity == 32 else 1
+            scale_bytes = -(-(WGMMA_WEIGHT_ROWS + self.block_t) * 4 * (1 + slices) // 1024) * 1024
             return self.stages * ((WGMMA_WEIGHT_ROWS + self.block_t) * BLOCK_K + scale_bytes)
         weight_rows = 2 * self.block_n if self.gated else self.block_n
         scale_bytes = -(-(weight_rows + self.block_t) * 4 // 128) * 128
@@ -109,5 +110,5 @@ class KernelSpec:
             return 0
         scheduler = -(-(2 * 4 * (num_experts + 1)) // 128) * 128  # TileScheduler::shared_bytes
         if self.kind == "wgmma":  # WgmmaGemm::shared_bytes: + barriers + alignment padding
-            return scheduler + 128 + 1024 + self.pipeline_bytes() + self.epilogue_bytes()
+            return scheduler + 256 + 1024 + self.pipeline_bytes() + self.epilogue_bytes()
         return scheduler + self.pipeline_bytes()
