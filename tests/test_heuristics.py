@@ -7,15 +7,16 @@ import itertools
 import pytest
 
 from mxfp8_moe.gemm.device import DeviceInfo
-from mxfp8_moe.gemm.heuristics import choose_spec, resolve_scale_mode
+from mxfp8_moe.gemm.heuristics import WGMMA_TOKEN_TILES, choose_spec, resolve_scale_mode, wgmma_token_tile
 
 ARCHS = ("sm_120a", "sm_121a", "sm_90a", "sm_89")
 
 
 def choose(arch="sm_120a", *, num_experts=128, cum_m=64, n=1536, k=2048, k_granularity=128, gated=True,
-           scale_mode="auto", aligned=True):
+           scale_mode="auto", aligned=True, allow_wgmma=True):
     return choose_spec(device=DeviceInfo.for_arch(arch), num_experts=num_experts, cum_m=cum_m, n=n, k=k,
-                       k_granularity=k_granularity, gated=gated, scale_mode=scale_mode, aligned=aligned)
+                       k_granularity=k_granularity, gated=gated, scale_mode=scale_mode, aligned=aligned,
+                       allow_wgmma=allow_wgmma)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -28,6 +29,9 @@ def test_every_choice_fits_the_arch(arch):
         if spec.kind == "simt":
             continue
         assert spec.dynamic_shared_bytes(num_experts) + 1024 <= limit, spec
+        if spec.kind == "wgmma":
+            assert arch == "sm_90a" and spec.stages >= 2 and spec.block_t in WGMMA_TOKEN_TILES, spec
+            continue
         assert spec.stages * spec.pipeline_bytes() >= spec.epilogue_bytes(), spec  # epilogue reuses the pipeline
         assert spec.block_n % (16 * spec.warps_n) == 0 and 4 % spec.warps_k == 0, spec
 
@@ -48,10 +52,30 @@ def test_token_tile_covers_random_routing():
 
 
 def test_few_units_get_narrow_tiles_and_k_warps():
-    spec = choose("sm_90a", num_experts=32, cum_m=1, n=4096, k=7168)  # one token, one expert
+    # The mma.sync kernel's regimes (on sm_90a, with the wgmma kernel ruled out).
+    spec = choose("sm_90a", num_experts=32, cum_m=1, n=4096, k=7168, allow_wgmma=False)  # one token, one expert
     assert spec.block_n <= 64 and spec.warps_k > 1 and spec.stages > 4
-    many = choose("sm_90a", num_experts=128, cum_m=512)
+    many = choose("sm_90a", num_experts=128, cum_m=512, allow_wgmma=False)
     assert many.warps_k == 1 and many.stages == 4
+
+
+def test_wgmma_on_hopper_for_prefill_non_gated_and_long_k():
+    assert choose("sm_90a", cum_m=128 * 256).kind == "wgmma"  # prefill
+    assert choose("sm_90a", cum_m=8, gated=False, n=2048, k=768).kind == "wgmma"  # decode, non-gated
+    assert choose("sm_90a", cum_m=1, num_experts=32, n=4096, k=7168).kind == "wgmma"  # gated, long K
+    assert choose("sm_90a", cum_m=8, n=1536, k=2048).kind == "mma"  # gated decode, short K
+    # The emulated scale mode exists to run the sm_12x mma.sync path on Hopper: never wgmma.
+    assert choose("sm_90a", cum_m=128 * 256, scale_mode="emulated").kind == "mma"
+    for arch in ("sm_120a", "sm_121a", "sm_89"):
+        assert choose(arch, cum_m=128 * 256).kind == "mma"
+
+
+def test_wgmma_token_tile_minimizes_computed_columns():
+    assert wgmma_token_tile(1) == 32 and wgmma_token_tile(16) == 32
+    assert wgmma_token_tile(64) == 96  # 64 +- 8 rows: one 96-row tile, not one or two of 64
+    assert wgmma_token_tile(128) == wgmma_token_tile(4096) == 128
+    tiles = [wgmma_token_tile(r) for r in (1, 8, 32, 48, 64, 100, 128, 256, 1024)]
+    assert tiles == sorted(tiles)
 
 
 def test_scale_modes():

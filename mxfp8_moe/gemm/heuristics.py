@@ -11,8 +11,10 @@ A problem no tile configuration fits (e.g. thousands of experts) runs on the por
 The token tile covers an expert's expected rows plus two standard deviations of random routing
 (Poisson), so most experts need one tile and their weights are read once.
 
-On sm_90a, prefill-sized problems (WGMMA_MIN_ROWS or more rows per active expert) are
-compute-bound and go to the wgmma kernel, whose FP8 rate mma.sync cannot reach on Hopper.
+On sm_90a the wgmma kernel (FP8 at a rate mma.sync cannot reach on Hopper, TMA loads) runs
+every problem with WGMMA_MIN_ROWS or more rows per active expert, every non-gated problem, and
+gated problems with long K loops; mma.sync keeps gated decode with short K, where its finer
+tiles win (measured per cell on the H100: docs/DESIGN.md).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ FEW_UNITS_WARPS = 8
 NATIVE_ARCHS = ("sm_120a", "sm_121a")
 WGMMA_ARCHS = ("sm_90a",)
 WGMMA_MIN_ROWS = 8  # rows per active expert from which wgmma beats mma.sync (docs/DESIGN.md)
+WGMMA_MIN_GATED_K = 4096  # below WGMMA_MIN_ROWS, gated problems need this long a K loop for wgmma
 WGMMA_TOKEN_TILES = (32, 64, 96, 128)
 WGMMA_MAX_STAGES = 5
 # Fixed cost of a token tile (its epilogue, its weight tile's trip from L2), in token columns.
@@ -66,7 +69,9 @@ def choose_spec(*, device: DeviceInfo, num_experts: int, cum_m: int, n: int, k: 
 
     active_experts = max(1, min(num_experts, cum_m))
     rows = cum_m / active_experts
-    if allow_wgmma and device.arch in WGMMA_ARCHS and rows >= WGMMA_MIN_ROWS:
+    mode = resolve_scale_mode(scale_mode, device.arch)
+    # (The emulated mode exists to run the sm_12x mma.sync scale path here: it keeps mma.sync.)
+    if allow_wgmma and device.arch in WGMMA_ARCHS and mode == "software" and prefers_wgmma(rows, k, gated):
         spec = wgmma_spec(device, num_experts, rows, n, k, k_granularity, gated)
         if spec is not None:
             return spec
@@ -86,8 +91,7 @@ def choose_spec(*, device: DeviceInfo, num_experts: int, cum_m: int, n: int, k: 
         warps_k = min(4, FEW_UNITS_WARPS // warps_n)
 
     spec = KernelSpec("mma", device.arch, n, k, k_granularity, gated, block_n=block_n, block_t=block_t,
-                      stages=1, warps_n=warps_n, warps_k=warps_k,
-                      scale_mode=resolve_scale_mode(scale_mode, device.arch))
+                      stages=1, warps_n=warps_n, warps_k=warps_k, scale_mode=mode)
     # Few units: let two CTAs share an SM and give each as deep a pipeline as fits.
     budget = (device.shared_memory_limit // 2 if few_units else device.shared_memory_limit) - _PER_BLOCK_RESERVE
     budget -= spec.dynamic_shared_bytes(num_experts) - spec.pipeline_bytes()
@@ -99,6 +103,13 @@ def choose_spec(*, device: DeviceInfo, num_experts: int, cum_m: int, n: int, k: 
     if stages < 2 or stages * spec.pipeline_bytes() > budget:
         return portable
     return dataclasses.replace(spec, stages=stages)
+
+
+def prefers_wgmma(rows: float, k: int, gated: bool) -> bool:
+    """Whether the wgmma kernel beats mma.sync on sm_90a. The wgmma tile is 128 weight rows; a
+    gated one yields only 64 output columns and pays a shared-memory exchange per tile, which
+    short K loops at decode sizes do not amortize."""
+    return rows >= WGMMA_MIN_ROWS or not gated or k >= WGMMA_MIN_GATED_K
 
 
 def wgmma_spec(device: DeviceInfo, num_experts: int, rows: float, n: int, k: int, k_granularity: int,
