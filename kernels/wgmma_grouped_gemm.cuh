@@ -156,6 +156,10 @@ struct WgmmaGemm {
         for (i64 u = blockIdx.x; u < scheduler.num_units; u += gridDim.x) {
             for (int kb = 0; kb < kKIters; ++kb, ++it) {
                 const int s = it % STAGES;
+                // The consumers' release of the stage's previous round already precedes "full"
+                // (through the producer); waiting for it here as well makes the ordering of these
+                // float writes after their reads direct. It never blocks: "full" implies it.
+                ptx::mbarrier_wait(empty_barrier(s), ((it / STAGES) & 1) ^ 1);
                 ptx::mbarrier_wait(full_barrier(s), (it / STAGES) & 1);
                 const u32* words = reinterpret_cast<const u32*>(stage(s) + kWeightBytes + kTokenBytes);
                 float* floats = scale_floats(s);
