@@ -27,10 +27,10 @@ DEFAULT_SHAPES = ((1536, 2048, True), (2048, 768, False), (3072, 4096, True), (4
                   (4096, 7168, True), (7168, 2048, False), (5760, 2880, True), (2880, 2880, False))
 DEFAULT_ARCHS = ("sm_120a", "sm_90a")
 K_GRANULARITIES = (32, 128)
-OPCODES = ("QMMA.SF", "QMMA", "HMMA", "LDL", "STL")
+OPCODES = ("QMMA.SF", "QMMA", "QGMMA", "HMMA", "LDL", "STL")
 
 COLUMNS = (("label", "<"), ("arch", "<"), ("regs", ">"), ("spill st/ld", ">"), ("stack", ">"),
-           ("smem", ">"), ("dyn smem", ">"), ("QMMA.SF", ">"), ("QMMA", ">"), ("HMMA", ">"),
+           ("smem", ">"), ("dyn smem", ">"), ("QMMA.SF", ">"), ("QMMA", ">"), ("QGMMA", ">"), ("HMMA", ">"),
            ("LDL/STL", ">"), ("time s", ">"), ("flags", "<"))
 
 
@@ -81,7 +81,7 @@ def inspect_spec(spec: KernelSpec, num_experts: int) -> dict:
     })
     try:
         counts = count_instructions(sass(result.cubin), OPCODES)
-        row.update({op: counts[op] for op in ("QMMA.SF", "QMMA", "HMMA")})
+        row.update({op: counts[op] for op in ("QMMA.SF", "QMMA", "QGMMA", "HMMA")})
         row["LDL/STL"] = f"{counts['LDL']}/{counts['STL']}"
     except ToolNotFound:
         pass  # resources are still worth reporting; SASS columns show "-"
