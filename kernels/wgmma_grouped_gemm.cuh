@@ -68,6 +68,10 @@ struct WgmmaGemm {
     static_assert(K_GRAN == 32 || K_GRAN == 128, "k granularity is 32 or 128");
     static_assert(BLOCK_T % 32 == 0 && BLOCK_T <= 128, "token tiles of 32, 64, 96 or 128 (ptx::Wgmma instances)");
     static_assert(3 * STAGES * 8 <= kBarrierBytes, "barriers must fit their region");
+    // setmaxnreg moves registers within what the CTA got at launch: __launch_bounds__(384, 1) caps
+    // every thread at 168 (65536 / 384, in steps of 8), and ptxas allocates exactly that.
+    static_assert(128 * kProducerRegisters + kConsumers * 128 * kConsumerRegisters <= kThreads * 168,
+                  "the warpgroups' register counts exceed the CTA's allocation");
     static_assert(!GATED || kNOut % 64 == 0, "gated tiles pair 64 up rows with 64 gate rows");
 
     using Scheduler = TileScheduler<kThreads, BLOCK_T, kNTiles>;
@@ -166,8 +170,14 @@ struct WgmmaGemm {
                 for (int i = lane; i < kScaleWords; i += 32) {
                     const u32 word = words[i];
 #pragma unroll
-                    for (int slice = 0; slice < kScaleSlices; ++slice)
-                        floats[slice * kScaleWords + i] = ue8m0_to_float(byte_of(word, K_GRAN == 32 ? slice : kb % 4));
+                    for (int slice = 0; slice < kScaleSlices; ++slice) {
+                        // A k32 slice past K (k_gran 32, last stage) has zero-filled data and a
+                        // padding scale byte that may hold anything (0xFF = NaN): scale it by 0,
+                        // so it adds nothing, as in the reference and the mma.sync kernel.
+                        const bool past_k = K_GRAN == 32 && kb * kBlockK + slice * 32 >= K;
+                        floats[slice * kScaleWords + i] =
+                            past_k ? 0.0f : ue8m0_to_float(byte_of(word, K_GRAN == 32 ? slice : kb % 4));
+                    }
                 }
                 ptx::mbarrier_arrive(scaled_barrier(s));
             }

@@ -8,6 +8,7 @@ import pytest
 
 from mxfp8_moe.gemm.device import DeviceInfo
 from mxfp8_moe.gemm.heuristics import WGMMA_TOKEN_TILES, choose_spec, resolve_scale_mode, wgmma_token_tile
+from mxfp8_moe.gemm.spec import KernelSpec
 
 ARCHS = ("sm_120a", "sm_121a", "sm_90a", "sm_89")
 
@@ -87,3 +88,9 @@ def test_scale_modes():
         resolve_scale_mode("native", "sm_90a")
     with pytest.raises(ValueError, match="MXFP8_MOE_SCALE_MODE"):
         resolve_scale_mode("fast", "sm_120a")
+
+
+def test_wgmma_spec_tile_width_follows_gating():
+    assert KernelSpec("wgmma", "sm_90a", 1536, 2048, 128, True, block_n=64, block_t=32, stages=2).n_out == 768
+    with pytest.raises(ValueError, match="block_n 64"):
+        KernelSpec("wgmma", "sm_90a", 1536, 2048, 128, True, block_n=128, block_t=32, stages=2)

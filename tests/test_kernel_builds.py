@@ -8,6 +8,7 @@ form). tools/kernel_report.py prints the same data for all shapes.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import pytest
@@ -138,6 +139,9 @@ def consumer_sass(sass_text: str) -> str:
 def test_wgmma_sass(spec):
     _, usage = build(spec)
     assert usage["spill_stores"] <= WGMMA_SPILL_LIMIT and usage["spill_loads"] <= WGMMA_SPILL_LIMIT, usage
+    # setmaxnreg redistributes the 168 registers per thread the launch bound gives the CTA (the
+    # kernel's static_assert): with fewer at entry the consumers' allocation would wait forever.
+    assert usage["registers"] == 168, usage
     if inspect.find_tool("nvdisasm") is None and inspect.find_tool("cuobjdump") is None:
         pytest.skip("no nvdisasm/cuobjdump (pip install nvidia-cuda-nvdisasm nvidia-cuda-cuobjdump)")
     sass_text = inspect.sass(build(spec)[0].cubin)
@@ -146,6 +150,20 @@ def test_wgmma_sass(spec):
     assert counts["QGMMA"] >= 4 and counts["UTMALDG"] > 0 and counts["QMMA"] == counts["HMMA"] == 0, counts
     consumers = inspect.count_instructions(consumer_sass(sass_text), ("QGMMA", "LDL", "STL"))
     assert consumers["QGMMA"] >= 4 and consumers["LDL"] == consumers["STL"] == 0, consumers
+
+
+def test_wgmma_host_and_kernel_agree_on_shared_memory():
+    # The launch sizes dynamic shared memory from KernelSpec; the kernel lays it out from its own
+    # constants (and traps on a mismatch). Let the compiler compare the two for every config.
+    lines = ['#include "wgmma_grouped_gemm.cuh"']
+    for i, spec in enumerate(WGMMA_SPECS):
+        for stages in (2, spec.stages):
+            for num_experts in (1, 7, 128, 300):
+                lines.append(f"static_assert(mxfp8_moe::WgmmaGemm<{spec.n}, {spec.k}, {spec.k_granularity}, "
+                             f"{str(spec.gated).lower()}, {spec.block_t}, {stages}>::shared_bytes({num_experts}) == "
+                             f"{dataclasses.replace(spec, stages=stages).dynamic_shared_bytes(num_experts)}, "
+                             f'"spec {i}, {stages} stages, {num_experts} experts");')
+    compile_cubin("\n".join(lines) + "\n", arch="sm_90a", include_dir=kernel_dir(), label="layout-check")
 
 
 def test_subset_covers_wgmma_token_tiles():

@@ -39,6 +39,12 @@ class KernelSpec:
     warps_k: int = 1  # warps across each stage's k-steps (summed at the end of a tile)
     scale_mode: str = "software"
 
+    def __post_init__(self):
+        # The wgmma kernel's tile width follows from `gated` (WgmmaGemm::kBlockN); block_n records it.
+        if self.kind == "wgmma" and self.block_n != (64 if self.gated else WGMMA_WEIGHT_ROWS):
+            raise ValueError(f"a wgmma spec has block_n {64 if self.gated else WGMMA_WEIGHT_ROWS} "
+                             f"(gated={self.gated}), got {self.block_n}")
+
     @property
     def threads(self) -> int:
         if self.kind == "wgmma":
