@@ -7,7 +7,8 @@ import itertools
 import pytest
 
 from mxfp8_moe.gemm.device import DeviceInfo
-from mxfp8_moe.gemm.heuristics import WGMMA_TOKEN_TILES, choose_spec, resolve_scale_mode, wgmma_token_tile
+from mxfp8_moe.gemm.heuristics import (WGMMA_TOKEN_TILES, candidate_specs, choose_spec, resolve_scale_mode,
+                                       wgmma_token_tile)
 from mxfp8_moe.gemm.spec import KernelSpec
 
 ARCHS = ("sm_120a", "sm_121a", "sm_90a", "sm_89")
@@ -94,3 +95,14 @@ def test_wgmma_spec_tile_width_follows_gating():
     assert KernelSpec("wgmma", "sm_90a", 1536, 2048, 128, True, block_n=64, block_t=32, stages=2).n_out == 768
     with pytest.raises(ValueError, match="block_n 64"):
         KernelSpec("wgmma", "sm_90a", 1536, 2048, 128, True, block_n=128, block_t=32, stages=2)
+
+
+@pytest.mark.parametrize("arch", ("sm_120a", "sm_90a"))
+def test_prewarm_candidates_cover_every_choice(arch):
+    # What `prewarm` compiles must include whatever a call of up to 65536 rows picks, or the first
+    # such call in a prewarmed deployment would compile.
+    for num_experts, n, k, gated in ((128, 1536, 2048, True), (128, 2048, 768, False), (32, 4096, 7168, True)):
+        candidates = set(candidate_specs(device=DeviceInfo.for_arch(arch), num_experts=num_experts, n=n, k=k,
+                                         k_granularity=128, gated=gated))
+        for cum_m in itertools.chain(range(1, 512), range(512, 65537, 37)):
+            assert choose(arch, num_experts=num_experts, cum_m=cum_m, n=n, k=k, gated=gated) in candidates, cum_m

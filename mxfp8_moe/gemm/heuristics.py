@@ -145,5 +145,5 @@ def candidate_specs(*, device: DeviceInfo, num_experts: int, n: int, k: int, k_g
     while cum_m <= max_tokens:
         specs[choose_spec(device=device, num_experts=num_experts, cum_m=cum_m, n=n, k=k, k_granularity=k_granularity,
                           gated=gated, scale_mode=scale_mode)] = None
-        cum_m = cum_m + 1 if cum_m < 64 else cum_m * 2
+        cum_m = cum_m + 1 if cum_m < 64 else cum_m * 9 // 8  # fine enough to meet every tile boundary
     return list(specs)
