@@ -1,7 +1,8 @@
-// The Hopper prefill grouped GEMM (sm_90a): FP8 wgmma fed by TMA through an mbarrier pipeline.
+// The Hopper grouped GEMM (sm_90a): FP8 wgmma fed by TMA through an mbarrier pipeline.
 //
-// Large per-expert M is compute-bound, and on Hopper only wgmma reaches the FP8 tensor-core rate
-// (mma.sync FP8 is emulated through FP16 there). The structure:
+// On Hopper only wgmma reaches the FP8 tensor-core rate (mma.sync FP8 is emulated through FP16
+// there), and TMA streams weight tiles with one issuing thread; the heuristics send prefill and
+// most decode shapes here (gemm/heuristics.py). The structure:
 //   - warpgroup 2 produces. Warp 0: one lane issues the TMA copies of each stage's weight and
 //     token tiles (128-byte swizzled, straight into the layout wgmma reads), the 32 lanes copy the
 //     stage's UE8M0 scale words with cp.async; all of it lands on the stage's "full" barrier.
@@ -10,14 +11,15 @@
 //   - warpgroups 0 and 1 consume: each multiplies 64 weight rows by the BLOCK_T-token tile, one
 //     K block (128) at a time, into a partial sum that is promoted into the FP32 accumulators with
 //     the block's scales (per k32 slice for k_gran 32), then releases the stage ("empty" barrier).
-// The promotion (a multiply and an FMA per accumulator per K block) is what bounds this kernel
-// below the tensor cores' rate: it runs on the CUDA cores while the other warpgroup's wgmmas run.
+// The promotion (a multiply and an FMA per accumulator per K block) is work a plain FP8 GEMM does
+// not have; it runs on the CUDA cores while the other warpgroup's wgmmas run (docs/DESIGN.md).
 // Operands are swapped as in the mma.sync kernel: weight rows are wgmma's M (64 per warpgroup),
-// tokens its N, so a token tile can be any multiple of 8. A gated tile puts up rows in warpgroup 0
-// and the matching gate rows in warpgroup 1; the epilogue combines them through shared memory.
-// Work units come from the same TileScheduler as the other kernels; the pipeline runs on across
-// units. Rows a tile reads past its expert (another expert's tokens or weights) only feed output
-// elements that are never stored; the copy engine zero-fills what lies past a tensor's end.
+// tokens its N, so a token tile can be any multiple of 8 (ptx::Wgmma has 32, 64, 96 and 128).
+// A gated tile puts up rows in warpgroup 0 and the matching gate rows in warpgroup 1; the
+// epilogue combines them through shared memory. Work units come from the same TileScheduler as
+// the other kernels; the pipeline runs on across units. Rows a tile reads past its expert
+// (another expert's tokens or weights) only feed output elements that are never stored; the copy
+// engine zero-fills what lies past a tensor's end.
 #pragma once
 #include "tile_scheduler.cuh"
 #include "ptx/cp_async.cuh"
