@@ -96,9 +96,9 @@ struct WgmmaGemm {
         return reinterpret_cast<float*>(stage(s) + kScaleFloatsOffset);
     }
 
-    // Global row of b (viewed as (E * N, K)) of a tile's weight rows 64c .. 64c + 63.
-    __device__ __forceinline__ static int weight_row(const WorkUnit& w, int n0, int c) {
-        return w.expert * N + (GATED ? c * kNOut + n0 : n0 + 64 * c);
+    // The expert's weight row (of its N) at which a tile's weight rows 64c .. 64c + 63 start.
+    __device__ __forceinline__ static int weight_row(int n0, int c) {
+        return GATED ? c * kNOut + n0 : n0 + 64 * c;
     }
 
     __device__ __forceinline__ static bool weight_row_valid(int n0, int r) {
@@ -128,7 +128,7 @@ struct WgmmaGemm {
 #pragma unroll
                     for (int c = 0; c < kConsumers; ++c)
                         ptx::tma_load_2d(weights + c * 64 * kBlockK, &maps.weights, kb * kBlockK,
-                                         weight_row(w, n0, c), full_barrier(s));
+                                         w.expert * N + weight_row(n0, c), full_barrier(s));
                 }
                 // The word holding this stage's scales: one 128-K block (k_gran 128) or the four
                 // 32-K blocks of the stage (k_gran 32).
@@ -140,7 +140,7 @@ struct WgmmaGemm {
                         const int c = i / 64;
                         valid = weight_row_valid(n0, i);
                         src = p.b_scale + w.expert * p.b_scale_stride_expert +
-                              (weight_row(w, n0, c) - w.expert * N + i % 64) * p.b_scale_stride_row +
+                              (weight_row(n0, c) + i % 64) * p.b_scale_stride_row +
                               word * p.b_scale_stride_word;
                     } else {
                         valid = i - kWeightRows < w.rows;

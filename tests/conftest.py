@@ -1,4 +1,7 @@
+import contextlib
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -21,3 +24,23 @@ def seed():
     torch.manual_seed(value)
     random.seed(value)
     return value
+
+
+@pytest.fixture
+def foreign_lock():
+    """`with foreign_lock(path):` another process holds the file lock on `path` until the block
+    ends (then it is killed, as a crashed holder would be)."""
+    @contextlib.contextmanager
+    def hold(path):
+        holder = subprocess.Popen(
+            [sys.executable, "-c", "import filelock, sys, time; lock = filelock.FileLock(sys.argv[1]); "
+             "lock.acquire(); print('locked', flush=True); time.sleep(60)", str(path)],
+            stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout.readline().strip() == "locked"
+            yield
+        finally:
+            holder.kill()
+            holder.wait()
+
+    return hold

@@ -284,22 +284,15 @@ def test_unopenable_entry_does_not_fail_the_build(cache_dir, monkeypatch, entry)
 
 
 @pytest.mark.parametrize("stale", ["junk_file", "killed_holder"])
-def test_stale_lock_file_does_not_block(cache_dir, compiles, stale):
+def test_stale_lock_file_does_not_block(cache_dir, compiles, stale, foreign_lock):
     cache_dir.mkdir(mode=0o700)
     lock_path = cache_dir / f"{_key(SIMT_120)}.lock"
     if stale == "junk_file":
         lock_path.write_bytes(os.urandom(37))
         lock_path.chmod(0o600)
     else:
-        holder = subprocess.Popen(
-            [sys.executable, "-c", "import filelock, sys, time; lock = filelock.FileLock(sys.argv[1]); "
-             "lock.acquire(); print('locked', flush=True); time.sleep(60)", str(lock_path)],
-            stdout=subprocess.PIPE, text=True)
-        try:
-            assert holder.stdout.readline().strip() == "locked"
-        finally:
-            holder.kill()
-            holder.wait()
+        with foreign_lock(lock_path):
+            pass  # the holder is killed with the lock file left behind
         assert lock_path.exists()
     begin = time.monotonic()
     with _cache_warnings() as caught:
