@@ -3,11 +3,12 @@
 // On Hopper only wgmma reaches the FP8 tensor-core rate (mma.sync FP8 is emulated through FP16
 // there), and TMA streams weight tiles with one issuing thread; the heuristics send prefill and
 // most decode shapes here (gemm/heuristics.py). The structure:
-//   - warpgroup 2 produces. Warp 0: one lane issues the TMA copies of each stage's weight and
-//     token tiles (128-byte swizzled, straight into the layout wgmma reads), the 32 lanes copy the
-//     stage's UE8M0 scale words with cp.async; all of it lands on the stage's "full" barrier.
-//     Warp 1 then turns the stage's scale bytes into floats ("scaled" barrier), work the
-//     consumers would otherwise repeat in every thread;
+//   - warpgroup 2 produces. One thread issues the TMA copies of each stage: the weight and token
+//     tiles (128-byte swizzled, straight into the layout wgmma reads) and both operands' UE8M0
+//     scale words for the stage's K block, all landing on the stage's "full" barrier. Warp 1
+//     then turns the stage's scale bytes into floats ("scaled" barrier), work the consumers
+//     would otherwise repeat in every thread. (Copying the scale words with cp.async instead,
+//     eight 4-byte copies per lane and stage, cost 30 % of the kernel's time on H100.)
 //   - warpgroups 0 and 1 consume: each multiplies 64 weight rows by the BLOCK_T-token tile, one
 //     K block (128) at a time, into a partial sum that is promoted into the FP32 accumulators with
 //     the block's scales (per k32 slice for k_gran 32), then releases the stage ("empty" barrier).
@@ -18,19 +19,22 @@
 // A gated tile puts up rows in warpgroup 0 and the matching gate rows in warpgroup 1; the
 // epilogue combines them through shared memory. Work units come from the same TileScheduler as
 // the other kernels; the pipeline runs on across units. Rows a tile reads past its expert
-// (another expert's tokens or weights) only feed output elements that are never stored; the copy
-// engine zero-fills what lies past a tensor's end.
+// (another expert's tokens, weights or scales) only feed output elements that are never stored;
+// the copy engine zero-fills what lies past a tensor's end.
 #pragma once
 #include "tile_scheduler.cuh"
-#include "ptx/cp_async.cuh"
 #include "ptx/tma.cuh"
 #include "ptx/wgmma.cuh"
 
 namespace mxfp8_moe {
 
+// The scale maps need MN-major scales (consecutive rows' words adjacent), the layout FlashInfer's
+// quantizers produce; the host sends other layouts to the mma.sync kernel.
 struct WgmmaTensorMaps {
-    ptx::TensorMap tokens;   // a as (cum_m, K) bytes; box BLOCK_T rows x 128 bytes, 128-byte swizzle
-    ptx::TensorMap weights;  // b as (E * N, K) bytes; box 64 rows x 128 bytes, 128-byte swizzle
+    ptx::TensorMap tokens;         // a as (cum_m, K) bytes; box BLOCK_T rows x 128 bytes, 128-byte swizzle
+    ptx::TensorMap weights;        // b as (E * N, K) bytes; box 64 rows x 128 bytes, 128-byte swizzle
+    ptx::TensorMap token_scales;   // a_scale as (k_align, m_padded) words; box 1 x BLOCK_T
+    ptx::TensorMap weight_scales;  // b_scale as (E, k_align, N) words; box 1 x 1 x 64
 };
 
 template <int N, int K, int K_GRAN, bool GATED, int BLOCK_T, int STAGES>
@@ -55,6 +59,7 @@ struct WgmmaGemm {
     static constexpr int kScaleWords = kWeightRows + BLOCK_T;
     static constexpr int kScaleSlices = K_GRAN == 32 ? kBlockK / 32 : 1;
     static constexpr int kScaleFloatsOffset = kWeightBytes + kTokenBytes + kScaleWords * 4;
+    static constexpr int kCopyBytes = kScaleFloatsOffset;  // what a stage's copies deliver
     static constexpr int kStageBytes =
         kWeightBytes + kTokenBytes + ceil_div(kScaleWords * 4 * (1 + kScaleSlices), 1024) * 1024;
     // After the stages: the bf16 output tile (rows padded by 16 bytes), then for gated tiles the
@@ -101,17 +106,14 @@ struct WgmmaGemm {
         return GATED ? c * kNOut + n0 : n0 + 64 * c;
     }
 
-    __device__ __forceinline__ static bool weight_row_valid(int n0, int r) {
-        return n0 + (GATED ? r % 64 : r) < kNOut;
-    }
-
     // ---- producer -------------------------------------------------------------------------------
 
-    __device__ __forceinline__ void produce(int lane) const {
-        if (lane == 0) {
-            ptx::prefetch_tensor_map(&maps.tokens);
-            ptx::prefetch_tensor_map(&maps.weights);
-        }
+    // One thread: every copy of a stage is a TMA box counted on the stage's "full" barrier.
+    __device__ __forceinline__ void produce() const {
+        ptx::prefetch_tensor_map(&maps.tokens);
+        ptx::prefetch_tensor_map(&maps.weights);
+        ptx::prefetch_tensor_map(&maps.token_scales);
+        ptx::prefetch_tensor_map(&maps.weight_scales);
         int it = 0;
         for (i64 u = blockIdx.x; u < scheduler.num_units; u += gridDim.x) {
             const WorkUnit w = scheduler.unit(u);
@@ -119,40 +121,24 @@ struct WgmmaGemm {
             for (int kb = 0; kb < kKIters; ++kb, ++it) {
                 const int s = it % STAGES;
                 ptx::mbarrier_wait(empty_barrier(s), ((it / STAGES) & 1) ^ 1);
+                const u32 full = full_barrier(s);
                 const u32 weights = ptx::shared_address(stage(s));
                 const u32 tokens = weights + kWeightBytes;
-                const u32 scales = tokens + kTokenBytes;
-                if (lane == 0) {
-                    ptx::mbarrier_arrive_expect_tx(full_barrier(s), kWeightBytes + kTokenBytes);
-                    ptx::tma_load_2d(tokens, &maps.tokens, kb * kBlockK, w.row, full_barrier(s));
-#pragma unroll
-                    for (int c = 0; c < kConsumers; ++c)
-                        ptx::tma_load_2d(weights + c * 64 * kBlockK, &maps.weights, kb * kBlockK,
-                                         w.expert * N + weight_row(n0, c), full_barrier(s));
-                }
-                // The word holding this stage's scales: one 128-K block (k_gran 128) or the four
-                // 32-K blocks of the stage (k_gran 32).
+                const u32 scales = tokens + kTokenBytes;  // the weight rows' words, then the tokens'
+                // The scale word holding this stage's K block: one of its bytes for k_gran 128,
+                // all four (the stage's k32 slices) for k_gran 32.
                 const int word = kb * kBlockK / K_GRAN / 4;
-                for (int i = lane; i < kScaleWords; i += 32) {
-                    const i32* src;
-                    bool valid;
-                    if (i < kWeightRows) {
-                        const int c = i / 64;
-                        valid = weight_row_valid(n0, i);
-                        src = p.b_scale + w.expert * p.b_scale_stride_expert +
-                              (weight_row(n0, c) + i % 64) * p.b_scale_stride_row +
-                              word * p.b_scale_stride_word;
-                    } else {
-                        valid = i - kWeightRows < w.rows;
-                        src = p.a_scale + (w.scale_row + i - kWeightRows) * p.a_scale_stride_row +
-                              word * p.a_scale_stride_word;
-                    }
-                    ptx::cp_async_4(scales + 4 * i, valid ? src : p.b_scale, valid);
+                ptx::mbarrier_arrive_expect_tx(full, kCopyBytes);
+                ptx::tma_load_2d(tokens, &maps.tokens, kb * kBlockK, w.row, full);
+                ptx::tma_load_2d(scales + 4 * kWeightRows, &maps.token_scales, w.scale_row, word, full);
+#pragma unroll
+                for (int c = 0; c < kConsumers; ++c) {
+                    const int row = weight_row(n0, c);
+                    ptx::tma_load_2d(weights + c * 64 * kBlockK, &maps.weights, kb * kBlockK, w.expert * N + row, full);
+                    ptx::tma_load_3d(scales + 4 * 64 * c, &maps.weight_scales, row, word, w.expert, full);
                 }
-                ptx::cp_async_mbarrier_arrive(full_barrier(s));
             }
         }
-        ptx::cp_async_wait_all();
     }
 
     // Scale bytes -> floats, once per stage for the whole CTA: byte kb % 4 of each word for k_gran
@@ -242,9 +228,9 @@ struct WgmmaGemm {
                         promote(acc, partial, scales + ks * kScaleWords, warpgroup, thread);
                     }
                 }
-                // This warp's wgmmas and scale reads of the stage are done: release it.
-                __syncwarp();
-                if (thread % 32 == 0) ptx::mbarrier_arrive(empty_barrier(s));
+                // This thread's wgmmas and scale reads of the stage are done: release it. Every
+                // thread arrives, since an arrive releases only the arriving thread's own reads.
+                ptx::mbarrier_arrive(empty_barrier(s));
             }
             store_tile(acc, w, warpgroup, thread);
         }
@@ -303,9 +289,9 @@ struct WgmmaGemm {
         u8* tiles = shared + scheduler_bytes + (tiles_address - barriers);
         if (threadIdx.x == 0) {
             for (int s = 0; s < STAGES; ++s) {
-                ptx::mbarrier_init(barriers + 8 * s, 1 + 32);                     // expect_tx + 32 cp.async lanes
+                ptx::mbarrier_init(barriers + 8 * s, 1);                            // the producer's expect_tx
                 ptx::mbarrier_init(barriers + 8 * (STAGES + s), 32);                // the converter warp
-                ptx::mbarrier_init(barriers + 8 * (2 * STAGES + s), kConsumers * 4);  // one per consumer warp
+                ptx::mbarrier_init(barriers + 8 * (2 * STAGES + s), kConsumers * 128);  // every consumer thread
             }
             ptx::fence_barrier_init();
         }
@@ -315,8 +301,8 @@ struct WgmmaGemm {
         const int warpgroup = threadIdx.x / 128, thread = threadIdx.x % 128;
         if (warpgroup == kConsumers) {
             asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" :: "n"(kProducerRegisters));
-            if (thread < 32) gemm.produce(thread);
-            else if (thread < 64) gemm.convert_scales(thread - 32);
+            if (thread == 0) gemm.produce();
+            else if (thread / 32 == 1) gemm.convert_scales(thread % 32);
         } else {
             asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" :: "n"(kConsumerRegisters));
             gemm.consume(warpgroup, thread);

@@ -7,6 +7,7 @@ import torch
 from . import envs
 from .gemm.device import capturing
 from .gemm.plan import kernel_for
+from .gemm.tensor_maps import scales_fit_tma
 from .reference import reference_moe_gemm
 from .validation import check_call, check_indptr_values, check_options
 
@@ -77,6 +78,7 @@ def moe_gemm_mxfp8_nt_groupwise(
     kernel = kernel_for(device_index=device_index, num_experts=problem.num_experts, cum_m=problem.cum_m,
                         n=problem.n, k=problem.k, k_granularity=k_granularity, gated=is_gated,
                         scale_mode=envs.scale_mode(),
-                        aligned=(a.data_ptr() | b.data_ptr() | out.data_ptr()) % _ALIGNMENT == 0)
+                        aligned=(a.data_ptr() | b.data_ptr() | out.data_ptr()) % _ALIGNMENT == 0,
+                        scales_fit_tma=scales_fit_tma(a_scale, b_scale))
     kernel(a, b, a_scale, b_scale, m_indptr, out, torch._C._cuda_getCurrentRawStream(device_index))
     return out

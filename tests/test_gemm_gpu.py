@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from mxfp8_moe import moe_gemm_mxfp8_nt_groupwise
+from mxfp8_moe.gemm import launch
 from mxfp8_moe.gemm.device import device_info
 from mxfp8_moe.gemm.heuristics import WGMMA_ARCHS, choose_spec, wgmma_spec
 from mxfp8_moe.gemm.launch import get_kernel
@@ -112,14 +113,30 @@ def test_wgmma_kernel(block_t, gated, k_granularity):
     # (2880 = 22.5 x 128), empty experts first and in the middle.
     rows = [0, 1, 63, 64, 65, 0, 130, 257, 500]
     n = 5760 if gated else 2880
-    problem = make_problem(rows, n, 2880, k_granularity=k_granularity, gated=gated,
-                           scale_layout="K" if gated else "MN")
+    problem = make_problem(rows, n, 2880, k_granularity=k_granularity, gated=gated)  # MN-major scales (TMA)
     spec = dataclasses.replace(wgmma_spec(device, len(rows), 100.0, n, 2880, k_granularity, gated), block_t=block_t)
     out = torch.full((sum(rows), n // 2 if gated else n), float("nan"), dtype=torch.bfloat16, device="cuda")
     get_kernel(spec, 0)(*problem.args, out, torch.cuda.current_stream().cuda_stream)
     assert not torch.isnan(out).any(), "output has unwritten (NaN) elements"
     error = relative_error(out, problem.reference())
     assert error <= TOLERANCE, f"relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("layout", ["MN", "K"])
+def test_scale_layout_picks_the_hopper_kernel(layout, monkeypatch):
+    # The wgmma kernel copies scale words with TMA, which needs MN-major scales; K-major ones run
+    # on mma.sync, with the same result.
+    if device_info(0).arch not in WGMMA_ARCHS:
+        pytest.skip("the wgmma kernel needs sm_90a")
+    served, real_call = [], launch.GemmKernel.__call__
+
+    def recording_call(self, *args):
+        served.append(self.spec.kind)
+        return real_call(self, *args)
+
+    monkeypatch.setattr(launch.GemmKernel, "__call__", recording_call)
+    run_and_check(make_problem([70, 0, 130, 33], 512, 1024, scale_layout=layout))
+    assert served == ["wgmma" if layout == "MN" else "mma"]
 
 
 def test_misaligned_output_uses_portable_kernel():

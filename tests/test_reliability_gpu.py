@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from mxfp8_moe import moe_gemm_mxfp8_nt_groupwise
-from mxfp8_moe.gemm import launch
+from mxfp8_moe.gemm import heuristics, launch, plan
 from mxfp8_moe.gemm.device import device_info
-from mxfp8_moe.gemm.heuristics import NATIVE_ARCHS
+from mxfp8_moe.gemm.heuristics import NATIVE_ARCHS, WGMMA_ARCHS
 
 from problems import make_problem, relative_error
 from test_reliability import K, N, ROWS, SPECIAL_CASES, inject_special
@@ -35,15 +35,21 @@ def _misaligned(t: torch.Tensor) -> torch.Tensor:
     return copy.view(t.dtype).view(t.shape)
 
 
-@pytest.mark.parametrize("path", ["mma-software", "mma-emulated", "mma-native", "simt"])
+@pytest.mark.parametrize("path", ["wgmma-software", "mma-software", "mma-emulated", "mma-native", "simt"])
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
 @pytest.mark.parametrize("k_granularity", [32, 128])
 @pytest.mark.parametrize("case", SPECIAL_CASES)
 def test_special_values_cuda(case, k_granularity, gated, path, monkeypatch):
     kind, _, mode = path.partition("-")
-    if mode == "native" and device_info(torch.cuda.current_device()).arch not in NATIVE_ARCHS:
+    arch = device_info(torch.cuda.current_device()).arch
+    if mode == "native" and arch not in NATIVE_ARCHS:
         pytest.skip("native block scales need sm_120a / sm_121a")
+    if kind == "wgmma" and arch not in WGMMA_ARCHS:
+        pytest.skip("wgmma needs sm_90a")
     monkeypatch.setenv("MXFP8_MOE_SCALE_MODE", mode or "software")
+    # Steer the heuristic to the tensor-core kernel under test, past the memoized plans.
+    monkeypatch.setattr(heuristics, "prefers_wgmma", lambda *_: kind == "wgmma")
+    monkeypatch.setattr(plan, "_plans", {})
     problem = make_problem(ROWS, N, K, k_granularity=k_granularity, gated=gated)
     hit = inject_special(case, problem)
     a, b, a_scale, b_scale, m_indptr = problem.args

@@ -8,7 +8,10 @@ import ctypes
 import pytest
 
 from mxfp8_moe.gemm import tensor_maps
-from mxfp8_moe.gemm.tensor_maps import BOX_K, MAP_BYTES, TensorMapPair, tensor_map
+import torch
+
+from mxfp8_moe import to_k_major, to_mn_major_b_scale
+from mxfp8_moe.gemm.tensor_maps import BOX_K, MAP_BYTES, WgmmaTensorMaps, operand_map, scales_fit_tma, wgmma_maps
 from mxfp8_moe.jit.runtime import DriverError
 
 
@@ -36,25 +39,31 @@ def encoder(monkeypatch):
     return calls
 
 
-def test_a_map_describes_a_row_major_byte_matrix_in_swizzled_boxes(encoder):
+def _unpack(call):
+    data_type, rank, address, dims, strides, box, element_strides, interleave, swizzle, _, fill = call
+    assert rank == len(dims) == len(box) == len(element_strides) == len(strides) + 1
+    assert [int(e) for e in element_strides] == [1] * rank
+    assert interleave == tensor_maps.driver.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE
+    assert fill == tensor_maps.driver.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE  # zeros past the end
+    return data_type, address, [int(d) for d in dims], [int(s) for s in strides], [int(b) for b in box], swizzle
+
+
+def test_an_operand_map_describes_a_row_major_byte_matrix_in_swizzled_boxes(encoder):
     driver = tensor_maps.driver
-    encoded = tensor_map(0x10000, 1000, 2880, 96)
-    (data_type, rank, address, dims, strides, box, element_strides, interleave, swizzle, _, fill), = encoder
-    assert (data_type, rank, address) == (driver.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, 0x10000)
+    encoded = operand_map(0x10000, 1000, 2880, 96)
+    data_type, address, dims, strides, box, swizzle = _unpack(encoder[0])
+    assert (data_type, address) == (driver.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_UINT8, 0x10000)
     # Innermost first: K bytes per row, then rows; a box is one 128-byte swizzle row of K by the tile's rows.
-    assert [int(d) for d in dims] == [2880, 1000] and [int(s) for s in strides] == [2880]
-    assert [int(b) for b in box] == [BOX_K, 96] and [int(e) for e in element_strides] == [1, 1]
+    assert (dims, strides, box) == ([2880, 1000], [2880], [BOX_K, 96])
     assert swizzle == driver.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B
-    assert interleave == driver.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE
-    assert fill == driver.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE  # zeros past the end
     assert encoded == bytes([1]) * MAP_BYTES
 
 
 def test_maps_are_encoded_once_per_address_and_shape(encoder):
-    first = tensor_map(0x10000, 1000, 2048, 128)
-    assert tensor_map(0x10000, 1000, 2048, 128) == first and len(encoder) == 1
-    assert tensor_map(0x20000, 1000, 2048, 128) != first  # another buffer
-    assert tensor_map(0x10000, 1001, 2048, 128) != first  # more rows
+    first = operand_map(0x10000, 1000, 2048, 128)
+    assert operand_map(0x10000, 1000, 2048, 128) == first and len(encoder) == 1
+    assert operand_map(0x20000, 1000, 2048, 128) != first  # another buffer
+    assert operand_map(0x10000, 1001, 2048, 128) != first  # more rows
     assert len(encoder) == 3
 
 
@@ -64,11 +73,62 @@ def test_an_encoder_failure_names_the_matrix(monkeypatch):
                         lambda *args: (driver.CUresult.CUDA_ERROR_INVALID_VALUE, None))
     monkeypatch.setattr(tensor_maps, "_maps", {})
     with pytest.raises(DriverError, match=r"\(1000, 2048\) byte matrix at 0x10000, box 128 x 128"):
-        tensor_map(0x10000, 1000, 2048, 128)
+        operand_map(0x10000, 1000, 2048, 128)
 
 
-def test_pair_is_the_kernels_parameter_layout():
-    pair = TensorMapPair()
-    pair.set(tokens=b"\x01" * MAP_BYTES, weights=b"\x02" * MAP_BYTES)
-    assert ctypes.sizeof(pair) == 2 * MAP_BYTES  # WgmmaTensorMaps: two 128-byte CUtensorMaps
-    assert bytes(pair) == b"\x01" * MAP_BYTES + b"\x02" * MAP_BYTES
+def _mn_major_scales(m_padded, num_experts, n, k_align):
+    """Scale tensors in FlashInfer's MN-major layout (layout.py), random words."""
+    a_scale = torch.randint(0, 2**31 - 1, (k_align, m_padded), dtype=torch.int32).t()
+    b_scale = to_mn_major_b_scale(torch.randint(0, 2**31 - 1, (num_experts, n, k_align), dtype=torch.int32))
+    return a_scale, b_scale
+
+
+def test_scale_maps_read_one_word_of_consecutive_rows(encoder):
+    driver = tensor_maps.driver
+    m_padded, num_experts, n, k, k_align = 520, 8, 90, 2048, 4
+    a = torch.empty(500, k, dtype=torch.uint8)
+    b = torch.empty(num_experts, n, k, dtype=torch.uint8)
+    a_scale, b_scale = _mn_major_scales(m_padded, num_experts, n, k_align)
+    maps = wgmma_maps(a, b, a_scale, b_scale, block_t=96, weight_box_rows=64)
+    assert list(maps) == [name for name, _ in WgmmaTensorMaps._fields_]
+    tokens, weights, token_scales, weight_scales = map(_unpack, encoder)
+    assert tokens[1:5] == (a.data_ptr(), [k, 500], [k], [BOX_K, 96])
+    assert weights[1:5] == (b.data_ptr(), [k, num_experts * n], [k], [BOX_K, 64])
+    uint32, no_swizzle = driver.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_UINT32, driver.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_NONE
+    # Rows innermost (stride one word), then words; a box is one word of a tile's rows.
+    assert token_scales == (uint32, a_scale.data_ptr(), [m_padded, k_align], [4 * m_padded], [96, 1], no_swizzle)
+    # Rows (N of them: rows past N read as zeros, not the padding), words, experts.
+    assert weight_scales == (uint32, b_scale.data_ptr(), [n, k_align, num_experts], [4 * 92, 4 * 92 * k_align],
+                             [64, 1, 1], no_swizzle)
+
+
+def test_a_size_one_dimension_gets_a_valid_stride(encoder):
+    # One word per row (K <= 512 at k_gran 128) and one expert: torch reports strides of 1 there.
+    a_scale = torch.randint(0, 2**31 - 1, (10, 1), dtype=torch.int32)
+    b_scale = torch.randint(0, 2**31 - 1, (1, 30, 1), dtype=torch.int32)
+    assert a_scale.stride() == (1, 1) and b_scale.stride() == (30, 1, 1)
+    assert scales_fit_tma(a_scale, b_scale)
+    wgmma_maps(torch.empty(10, 256, dtype=torch.uint8), torch.empty(1, 30, 256, dtype=torch.uint8), a_scale, b_scale,
+               block_t=32, weight_box_rows=64)
+    token_scales, weight_scales = (_unpack(call) for call in encoder[2:])
+    assert token_scales[3] == [48]  # 10 rows of 4 bytes, aligned to 16
+    assert weight_scales[3] == [128, 128]  # 30 rows -> 128 bytes; one word, so the expert step is the same
+
+
+def test_only_mn_major_aligned_scales_fit_tma():
+    a_scale, b_scale = _mn_major_scales(520, 8, 90, 4)
+    assert scales_fit_tma(a_scale, b_scale)
+    assert not scales_fit_tma(to_k_major(a_scale), b_scale)  # words adjacent, rows apart
+    assert not scales_fit_tma(a_scale, to_k_major(b_scale))
+    assert not scales_fit_tma(a_scale[1:], b_scale)  # 4-byte aligned only
+    odd = torch.randint(0, 2**31 - 1, (4, 522), dtype=torch.int32).t()[:520]  # 522-word steps: 2088 bytes
+    assert not scales_fit_tma(odd, b_scale)
+
+
+def test_maps_are_the_kernels_parameter_layout():
+    maps = WgmmaTensorMaps()
+    names = [name for name, _ in WgmmaTensorMaps._fields_]
+    assert names == ["tokens", "weights", "token_scales", "weight_scales"]  # kernels/wgmma_grouped_gemm.cuh
+    maps.set(**{name: bytes([i + 1]) * MAP_BYTES for i, name in enumerate(names)})
+    assert ctypes.sizeof(maps) == 4 * MAP_BYTES
+    assert bytes(maps) == b"".join(bytes([i + 1]) * MAP_BYTES for i in range(4))

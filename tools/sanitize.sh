@@ -12,7 +12,7 @@ TESTS=(tests/test_adversarial_gpu.py tests/test_activation_quant_gpu.py "tests/t
 BROAD="adversarial or quant or simt or wgmma or (model_shapes and qwen3-30b and (-1- or -16-))"
 # racecheck and synccheck replay every shared-memory access (~10 s a test): one case per kernel
 # family and configuration kind.
-NARROW="(adversarial and decreasing and True) or empty_and_adversarial or (wgmma_kernel and 32-False-128) \
+NARROW="(adversarial and decreasing and True) or empty_and_adversarial or (wgmma_kernel and (32-False-128 or 128-True-64)) \
 or (model_shapes and qwen3-30b and emulated and gate_up-1-)"
 status=0
 for tool in ${SANITIZE_TOOLS:-memcheck racecheck synccheck}; do

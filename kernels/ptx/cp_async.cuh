@@ -2,16 +2,9 @@
 // destination without reading the source, which is how tile rows and K chunks past the end of a
 // tensor are handled.
 #pragma once
-#include "../common.cuh"
+#include "address.cuh"
 
 namespace mxfp8_moe::ptx {
-
-__device__ __forceinline__ u32 shared_address(const void* p) {
-    u32 address;
-    asm("{ .reg .u64 generic; cvta.to.shared.u64 generic, %1; cvt.u32.u64 %0, generic; }"
-        : "=r"(address) : "l"(p));
-    return address;
-}
 
 // 16 bytes, bypassing L1 (streamed operands).
 __device__ __forceinline__ void cp_async_16(u32 dst, const void* src, bool valid) {

@@ -5,7 +5,7 @@
 // zero-fills whatever part of the box lies outside the tensor and counts the box's full byte size
 // against the barrier's expected transaction count.
 #pragma once
-#include "../common.cuh"
+#include "address.cuh"
 
 namespace mxfp8_moe::ptx {
 
@@ -32,12 +32,6 @@ __device__ __forceinline__ void mbarrier_arrive_expect_tx(u32 barrier, u32 bytes
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" :: "r"(barrier), "r"(bytes) : "memory");
 }
 
-// An arrival once every cp.async this thread issued so far has landed (counted in the barrier's
-// initial arrival count: .noinc).
-__device__ __forceinline__ void cp_async_mbarrier_arrive(u32 barrier) {
-    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" :: "r"(barrier) : "memory");
-}
-
 // Block until the phase with this parity has completed.
 __device__ __forceinline__ void mbarrier_wait(u32 barrier, u32 parity) {
     u32 done;
@@ -56,11 +50,16 @@ __device__ __forceinline__ void tma_load_2d(u32 destination, const TensorMap* ma
                  :: "r"(destination), "l"(reinterpret_cast<u64>(map)), "r"(x), "r"(y), "r"(barrier) : "memory");
 }
 
+// A 3-D tile: x innermost, then y, then z.
+__device__ __forceinline__ void tma_load_3d(u32 destination, const TensorMap* map, int x, int y, int z, u32 barrier) {
+    asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+                 " [%0], [%1, {%2, %3, %4}], [%5];\n"
+                 :: "r"(destination), "l"(reinterpret_cast<u64>(map)), "r"(x), "r"(y), "r"(z), "r"(barrier)
+                 : "memory");
+}
+
 __device__ __forceinline__ void prefetch_tensor_map(const TensorMap* map) {
     asm volatile("prefetch.tensormap [%0];\n" :: "l"(reinterpret_cast<u64>(map)) : "memory");
 }
-
-// Wait for every cp.async this thread issued (before it exits with copies still in flight).
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 
 }  // namespace mxfp8_moe::ptx

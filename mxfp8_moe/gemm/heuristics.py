@@ -63,6 +63,8 @@ def tensor_core_capable(device: DeviceInfo) -> bool:
 
 def choose_spec(*, device: DeviceInfo, num_experts: int, cum_m: int, n: int, k: int, k_granularity: int,
                 gated: bool, scale_mode: str, aligned: bool = True, allow_wgmma: bool = True) -> KernelSpec:
+    """The kernel for a call shape. `aligned`: a, b and out allow 16-byte vectors (else the SIMT
+    kernel); `allow_wgmma`: the scales are laid out as the wgmma kernel's TMA reads them."""
     portable = KernelSpec("simt", device.arch, n, k, k_granularity, gated, block_n=128)
     if not (tensor_core_capable(device) and aligned):
         return portable

@@ -16,7 +16,7 @@ import torch
 from ..jit.build import build
 from ..jit.runtime import LoadedKernel
 from .spec import ENTRY, WGMMA_WEIGHT_ROWS, KernelSpec, kernel_dir
-from .tensor_maps import TensorMapPair, tensor_map
+from .tensor_maps import WgmmaTensorMaps, wgmma_maps
 
 
 class GroupedGemmParams(ctypes.Structure):
@@ -49,7 +49,7 @@ class GemmKernel:
         self._params = GroupedGemmParams()
         arguments = [self._params]
         if spec.kind == "wgmma":
-            self._maps = TensorMapPair()
+            self._maps = WgmmaTensorMaps()
             arguments.append(self._maps)
         self._pointers = (ctypes.c_void_p * len(arguments))(*map(ctypes.addressof, arguments))
         self._pointers_address = ctypes.addressof(self._pointers)
@@ -84,9 +84,8 @@ class GemmKernel:
             p.b_scale_stride_expert, p.b_scale_stride_row, p.b_scale_stride_word = b_scale.stride()
             p.cum_m, p.num_experts = a.shape[0], num_experts
             if self.spec.kind == "wgmma":
-                self._maps.set(tokens=tensor_map(a.data_ptr(), a.shape[0], self.spec.k, self.spec.block_t),
-                               weights=tensor_map(b.data_ptr(), num_experts * self.spec.n, self.spec.k,
-                                                  WGMMA_WEIGHT_ROWS // 2))
+                self._maps.set(**wgmma_maps(a, b, a_scale, b_scale, block_t=self.spec.block_t,
+                                            weight_box_rows=WGMMA_WEIGHT_ROWS // 2))
             self.kernel.launch(grid, shared, stream, self._pointers_address)
 
 

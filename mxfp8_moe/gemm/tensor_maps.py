@@ -1,52 +1,105 @@
-"""TMA tensor maps for the wgmma kernel: 2-D byte views of `a` (cum_m, K) and `b` (E * N, K) with
-128-byte swizzled boxes of 128 bytes (one K block) by `box_rows` rows.
+"""TMA tensor maps for the wgmma kernel: 2-D byte views of `a` (cum_m, K) and `b` (E * N, K) in
+128-byte swizzled boxes of 128 bytes (one K block) by a tile's rows, and views of the MN-major
+scale tensors whose boxes are one scale word of consecutive rows.
 
-A map embeds its tensor's address, so one is encoded per distinct (address, rows, K, box): weights
-keep their address from call to call and servers reuse token buffers, so a small table of encoded
-maps makes the steady state a dict lookup.
+A map embeds its tensor's address, so one is encoded per distinct (address, shape, strides, box):
+weights keep their address from call to call and servers reuse token buffers, so a small table
+of encoded maps makes the steady state a dict lookup.
 """
 
 from __future__ import annotations
 
 import ctypes
 
+import torch
 from cuda.bindings import driver
 
 from ..jit.runtime import DriverError
 
 MAP_BYTES = 128  # sizeof(CUtensorMap)
-BOX_K = 128  # bytes of K per box: one swizzle row
+BOX_K = 128  # bytes of K per operand box: one swizzle row
+WORD = 4  # bytes per scale word
+_ALIGNMENT = 16  # TMA: global addresses and strides in multiples of 16 bytes
 _MAX_MAPS = 256
-_maps: dict[tuple[int, int, int, int], bytes] = {}
+_maps: dict[tuple, bytes] = {}
 
 
-class TensorMapPair(ctypes.Structure):
+class WgmmaTensorMaps(ctypes.Structure):
     """Mirror of mxfp8_moe::WgmmaTensorMaps (kernels/wgmma_grouped_gemm.cuh), passed by value."""
 
-    _fields_ = [("tokens", ctypes.c_uint8 * MAP_BYTES), ("weights", ctypes.c_uint8 * MAP_BYTES)]
+    _fields_ = [(name, ctypes.c_uint8 * MAP_BYTES) for name in ("tokens", "weights", "token_scales", "weight_scales")]
 
-    def set(self, *, tokens: bytes, weights: bytes) -> None:
+    def set(self, **maps: bytes) -> None:
         base = ctypes.addressof(self)
-        ctypes.memmove(base + TensorMapPair.tokens.offset, tokens, MAP_BYTES)
-        ctypes.memmove(base + TensorMapPair.weights.offset, weights, MAP_BYTES)
+        for name, encoded in maps.items():
+            ctypes.memmove(base + getattr(WgmmaTensorMaps, name).offset, encoded, MAP_BYTES)
 
 
-def tensor_map(address: int, rows: int, k: int, box_rows: int) -> bytes:
-    """The encoded map of a row-major (rows, k) byte matrix at `address` (16-byte aligned, k % 16 == 0)."""
-    key = (address, rows, k, box_rows)
+def scales_fit_tma(a_scale: torch.Tensor, b_scale: torch.Tensor) -> bool:
+    """Whether both scale tensors are MN-major (a row's neighbour is the next word in memory), as
+    FlashInfer's quantizers lay them out, with the 16-byte alignment TMA needs. A stride of a size-1
+    dimension is never taken, so it does not count."""
+    def fits(t: torch.Tensor, row_dim: int) -> bool:
+        if t.data_ptr() % _ALIGNMENT or t.stride(row_dim) != 1:
+            return False
+        return all(size == 1 or stride * WORD % _ALIGNMENT == 0
+                   for d, (size, stride) in enumerate(zip(t.shape, t.stride())) if d != row_dim)
+
+    return fits(a_scale, 0) and fits(b_scale, 1)
+
+
+def wgmma_maps(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor, *,
+               block_t: int, weight_box_rows: int) -> dict[str, bytes]:
+    """The four maps of one call (scales as checked by scales_fit_tma)."""
+    num_experts, n, k = b.shape
+    return {
+        "tokens": operand_map(a.data_ptr(), a.shape[0], k, block_t),
+        "weights": operand_map(b.data_ptr(), num_experts * n, k, weight_box_rows),
+        # a_scale (m_padded, k_align) with rows adjacent: innermost first, as it is.
+        "token_scales": scale_map(a_scale.data_ptr(), tuple(a_scale.shape), a_scale.stride(), block_t),
+        # b_scale (E, N, k_align) with rows adjacent: (rows, words, experts) innermost-first.
+        "weight_scales": scale_map(b_scale.data_ptr(), (b_scale.shape[1], b_scale.shape[2], b_scale.shape[0]),
+                                   (1, b_scale.stride(2), b_scale.stride(0)), weight_box_rows),
+    }
+
+
+def operand_map(address: int, rows: int, k: int, box_rows: int) -> bytes:
+    """A row-major (rows, k) byte matrix at `address` (16-byte aligned, k % 16 == 0)."""
+    return _encoded(driver.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_UINT8, address, (k, rows), (k,),
+                    (BOX_K, box_rows), driver.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B,
+                    f"({rows}, {k}) byte matrix")
+
+
+def scale_map(address: int, dims, strides, box_rows: int) -> bytes:
+    """Scale words at `address` with dims and element strides innermost first (the rows, stride 1);
+    a box is `box_rows` consecutive rows of one word."""
+    # A size-1 dimension's stride is never taken, but the encoder checks it: give it one that
+    # would be valid, the aligned extent of the dimensions inside it.
+    byte_strides, inner_bytes = [], dims[0] * WORD
+    for size, stride in zip(dims[1:], strides[1:]):
+        step = stride * WORD if size > 1 else -(-inner_bytes // _ALIGNMENT) * _ALIGNMENT
+        byte_strides.append(step)
+        inner_bytes = step * size
+    return _encoded(driver.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_UINT32, address, tuple(dims),
+                    tuple(byte_strides), (box_rows,) + (1,) * (len(dims) - 1),
+                    driver.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_NONE,
+                    f"scale tensor of {tuple(reversed(dims))} words")
+
+
+def _encoded(data_type, address: int, dims: tuple, byte_strides: tuple, box: tuple, swizzle, what: str) -> bytes:
+    key = (data_type, address, dims, byte_strides, box, swizzle)
     encoded = _maps.get(key)
     if encoded is None:
         err, encoded_map = driver.cuTensorMapEncodeTiled(
-            driver.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, address,
-            [driver.cuuint64_t(k), driver.cuuint64_t(rows)], [driver.cuuint64_t(k)],
-            [driver.cuuint32_t(BOX_K), driver.cuuint32_t(box_rows)], [driver.cuuint32_t(1), driver.cuuint32_t(1)],
-            driver.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
-            driver.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B,
+            data_type, len(dims), address, [driver.cuuint64_t(d) for d in dims],
+            [driver.cuuint64_t(s) for s in byte_strides], [driver.cuuint32_t(b) for b in box],
+            [driver.cuuint32_t(1)] * len(dims),
+            driver.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle,
             driver.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
             driver.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE)
         if err != driver.CUresult.CUDA_SUCCESS:
-            raise DriverError(f"cuTensorMapEncodeTiled failed ({err}) for a ({rows}, {k}) byte matrix "
-                              f"at {address:#x}, box {box_rows} x {BOX_K}")
+            raise DriverError(f"cuTensorMapEncodeTiled failed ({err}) for a {what} at {address:#x}, "
+                              f"box {' x '.join(map(str, reversed(box)))}")
         encoded = ctypes.string_at(encoded_map.getPtr(), MAP_BYTES)
         if len(_maps) >= _MAX_MAPS:
             _maps.clear()
