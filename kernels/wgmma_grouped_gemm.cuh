@@ -41,8 +41,8 @@ template <int N, int K, int K_GRAN, bool GATED, int BLOCK_T, int STAGES>
 struct WgmmaGemm {
     static constexpr int kConsumers = 2;                      // warpgroups multiplying
     static constexpr int kThreads = (kConsumers + 1) * 128;   // + the producer warpgroup
-    static constexpr int kProducerRegisters = 64;             // setmaxnreg: 128 x 64 + 256 x 216 <= 64K
-    static constexpr int kConsumerRegisters = 216;
+    static constexpr int kProducerRegisters = 40;             // setmaxnreg: 128 x 40 + 256 x 232 <= 64K
+    static constexpr int kConsumerRegisters = 232;
     static constexpr int kBlockK = 128;
     static constexpr int kKIters = ceil_div(K, kBlockK);
     static constexpr int kWeightRows = 64 * kConsumers;       // weight rows per tile
@@ -190,50 +190,85 @@ struct WgmmaGemm {
         }
     }
 
+    // A scale group is the K range of one scale: a stage's K block (k_gran 128) or one of its k32
+    // slices. Its wgmmas sum into a partial that is promoted with the group's scales. Two partials
+    // alternate so that a group's promotion runs while the next group's wgmmas do.
+    static constexpr int kGroupsPerStage = K_GRAN == 32 ? kBlockK / 32 : 1;
+    static constexpr int kGroups = kKIters * kGroupsPerStage;
+    static constexpr int kGroupK = kBlockK / kGroupsPerStage;
+    // Groups per chain: a chain ends with no wgmma in flight, since ptxas serializes every wgmma
+    // of the kernel when a loop carries one in flight across its back edge. The chain's last
+    // promotion does not overlap: 1 in kChain.
+    static constexpr int kChain = 4;
+
     __device__ __forceinline__ void consume(int warpgroup, int thread) const {
-        float acc[kAccumulators], partial[kAccumulators];
-        int it = 0;
-        for (i64 u = blockIdx.x; u < scheduler.num_units; u += gridDim.x) {
+        float acc[kAccumulators], partial[2][kAccumulators];
+        int first_stage = 0;  // pipeline iteration of the unit's first K block
+        for (i64 u = blockIdx.x; u < scheduler.num_units; u += gridDim.x, first_stage += kKIters) {
             const WorkUnit w = scheduler.unit(u);
 #pragma unroll
             for (int i = 0; i < kAccumulators; ++i) acc[i] = 0.0f;
-            for (int kb = 0; kb < kKIters; ++kb, ++it) {
-                const int s = it % STAGES;
-                // "scaled" completes after "full" (the converter waited for it); waiting for both
-                // keeps the copies' visibility a direct acquire of the barrier they completed on.
-                ptx::mbarrier_wait(full_barrier(s), (it / STAGES) & 1);
-                ptx::mbarrier_wait(scaled_barrier(s), (it / STAGES) & 1);
-                const u32 weights = ptx::shared_address(stage(s)) + warpgroup * 64 * kBlockK;
-                const u32 tokens = ptx::shared_address(stage(s)) + kWeightBytes;
-                const float* scales = scale_floats(s);
-                const u64 a = ptx::smem_descriptor_sw128(weights);
-                const u64 b = ptx::smem_descriptor_sw128(tokens);
-                // k32 slice ks starts 32 bytes further: +2 in the descriptor's address field.
-                if constexpr (K_GRAN == 128) {
-                    ptx::wgmma_fence();
-#pragma unroll
-                    for (int ks = 0; ks < kBlockK / 32; ++ks) ptx::Wgmma<BLOCK_T>::run(partial, a + 2 * ks, b + 2 * ks, ks);
-                    ptx::wgmma_commit();
-                    ptx::wgmma_wait<0>();
-                    ptx::fence_registers(partial);
-                    promote(acc, partial, scales, warpgroup, thread);
-                } else {
-#pragma unroll
-                    for (int ks = 0; ks < kBlockK / 32; ++ks) {
-                        ptx::wgmma_fence();
-                        ptx::Wgmma<BLOCK_T>::run(partial, a + 2 * ks, b + 2 * ks, 0);
-                        ptx::wgmma_commit();
-                        ptx::wgmma_wait<0>();
-                        ptx::fence_registers(partial);
-                        promote(acc, partial, scales + ks * kScaleWords, warpgroup, thread);
-                    }
-                }
-                // This thread's wgmmas and scale reads of the stage are done: release it. Every
-                // thread arrives, since an arrive releases only the arriving thread's own reads.
-                ptx::mbarrier_arrive(empty_barrier(s));
-            }
+            int g = 0;
+            for (; g + kChain <= kGroups; g += kChain) chain<kChain>(acc, partial, first_stage, g, warpgroup, thread);
+            chain<kGroups % kChain>(acc, partial, first_stage, g, warpgroup, thread);
             store_tile(acc, w, warpgroup, thread);
         }
+    }
+
+    // Groups g0 .. g0 + COUNT - 1: group g sums into partial[(g - g0) % 2].
+    template <int COUNT>
+    __device__ __forceinline__ void chain(float (&acc)[kAccumulators], float (&partial)[2][kAccumulators],
+                                          int first_stage, int g0, int warpgroup, int thread) const {
+        if constexpr (COUNT > 0) {
+            issue_group<0>(partial, first_stage, g0, warpgroup);
+            chain_link<0, COUNT>(acc, partial, first_stage, g0, warpgroup, thread);
+        }
+    }
+
+    // Link I: issue group I + 1, then promote group I once its wgmmas are done (every read of a
+    // partial follows the wait that retires its wgmmas).
+    template <int I, int COUNT>
+    __device__ __forceinline__ void chain_link(float (&acc)[kAccumulators], float (&partial)[2][kAccumulators],
+                                               int first_stage, int g0, int warpgroup, int thread) const {
+        if constexpr (I + 1 < COUNT) {
+            issue_group<(I + 1) % 2>(partial, first_stage, g0 + I + 1, warpgroup);
+            ptx::wgmma_wait<1>();
+        } else {
+            ptx::wgmma_wait<0>();
+        }
+        finish_group<I % 2>(acc, partial, first_stage, g0 + I, warpgroup, thread);
+        if constexpr (I + 1 < COUNT) chain_link<I + 1, COUNT>(acc, partial, first_stage, g0, warpgroup, thread);
+    }
+
+    // Group g's wgmmas into partial[P], after waiting for its stage at the stage's first group.
+    template <int P>
+    __device__ __forceinline__ void issue_group(float (&partial)[2][kAccumulators], int first_stage, int g,
+                                                int warpgroup) const {
+        const int it = first_stage + g / kGroupsPerStage, s = it % STAGES, slice = g % kGroupsPerStage;
+        if (slice == 0) {
+            // "scaled" completes after "full" (the converter waited for it); waiting for both
+            // keeps the copies' visibility a direct acquire of the barrier they completed on.
+            ptx::mbarrier_wait(full_barrier(s), (it / STAGES) & 1);
+            ptx::mbarrier_wait(scaled_barrier(s), (it / STAGES) & 1);
+        }
+        // k32 step ks of the stage starts 32 bytes further: +2 in the descriptor's address field.
+        const u64 a = ptx::smem_descriptor_sw128(ptx::shared_address(stage(s)) + warpgroup * 64 * kBlockK) + 2 * slice;
+        const u64 b = ptx::smem_descriptor_sw128(ptx::shared_address(stage(s)) + kWeightBytes) + 2 * slice;
+        ptx::wgmma_fence();  // partial[P] was last read by the promotion of group g - 2
+#pragma unroll
+        for (int ks = 0; ks < kGroupK / 32; ++ks) ptx::Wgmma<BLOCK_T>::run(partial[P], a + 2 * ks, b + 2 * ks, ks);
+        ptx::wgmma_commit();
+    }
+
+    // Promote group g's partial (its wgmmas are done); after the stage's last group, release the
+    // stage. Every thread arrives, since an arrive releases only the arriving thread's own reads.
+    template <int P>
+    __device__ __forceinline__ void finish_group(float (&acc)[kAccumulators], float (&partial)[2][kAccumulators],
+                                                 int first_stage, int g, int warpgroup, int thread) const {
+        const int it = first_stage + g / kGroupsPerStage, s = it % STAGES, slice = g % kGroupsPerStage;
+        ptx::fence_registers(partial[P]);
+        promote(acc, partial[P], scale_floats(s) + slice * kScaleWords, warpgroup, thread);
+        if (slice == kGroupsPerStage - 1) ptx::mbarrier_arrive(empty_barrier(s));
     }
 
     // Named barrier 1 among the two consumer warpgroups (barrier 0 is __syncthreads).

@@ -122,7 +122,7 @@ def test_sm12x_sass(spec):
         assert counts["QMMA"] > 0 and counts["QMMA.SF"] == 0, counts
 
 
-# The producer warpgroup runs on 64 registers (setmaxnreg); ptxas may spill a few words there, in
+# The producer warpgroup runs on 40 registers (setmaxnreg); ptxas may spill a few words there, in
 # its per-tile bookkeeping. The consumers (from setmaxnreg's register allocation to their exit)
 # must keep everything in registers.
 WGMMA_SPILL_LIMIT = 32  # bytes
@@ -137,7 +137,10 @@ def consumer_sass(sass_text: str) -> str:
 
 @_param(WGMMA_SPECS)
 def test_wgmma_sass(spec):
-    _, usage = build(spec)
+    result, usage = build(spec)
+    # ptxas' C7514: it could not prove a promotion reads only retired partials, and serialized
+    # every wgmma (each waits for the one before), which undoes the promotion overlap.
+    assert "C7514" not in result.log and "serialized" not in result.log, result.log
     assert usage["spill_stores"] <= WGMMA_SPILL_LIMIT and usage["spill_loads"] <= WGMMA_SPILL_LIMIT, usage
     # setmaxnreg redistributes the 168 registers per thread the launch bound gives the CTA (the
     # kernel's static_assert): with fewer at entry the consumers' allocation would wait forever.
