@@ -35,6 +35,7 @@ struct WgmmaTensorMaps {
     ptx::TensorMap weights;        // b as (E * N, K) bytes; box 64 rows x 128 bytes, 128-byte swizzle
     ptx::TensorMap token_scales;   // a_scale as (k_align, m_padded) words; box 1 x BLOCK_T
     ptx::TensorMap weight_scales;  // b_scale as (E, k_align, N) words; box 1 x 1 x 64
+    ptx::TensorMap output;         // out as (cum_m, N or N / 2) bf16; box BLOCK_T x 64, 128-byte swizzle
 };
 
 template <int N, int K, int K_GRAN, bool GATED, int BLOCK_T, int STAGES>
@@ -62,11 +63,11 @@ struct WgmmaGemm {
     static constexpr int kCopyBytes = kScaleFloatsOffset;  // what a stage's copies deliver
     static constexpr int kStageBytes =
         kWeightBytes + kTokenBytes + ceil_div(kScaleWords * 4 * (1 + kScaleSlices), 1024) * 1024;
-    // After the stages: the bf16 output tile (rows padded by 16 bytes), then for gated tiles the
-    // gate warpgroup's silu values, [accumulator][thread] so each access is one 128-byte line.
-    static constexpr int kOutPitch = kBlockN * 2 + 16;
+    // After the stages: the bf16 output tile as the TMA store reads it (see staging_offset), then
+    // for gated tiles the gate warpgroup's silu values, [accumulator][thread] so each access is
+    // one 128-byte line.
     static constexpr int kStagingOffset = STAGES * kStageBytes;
-    static constexpr int kExchangeOffset = kStagingOffset + ceil_div(BLOCK_T * kOutPitch, 128) * 128;
+    static constexpr int kExchangeOffset = kStagingOffset + BLOCK_T * kBlockN * 2;
     static constexpr int kTileBytes = kExchangeOffset + (GATED ? kAccumulators * 128 * 4 : 0);
     // Dynamic shared memory: scheduler, barriers, up to 1 KB of alignment padding, tiles.
     static constexpr int kBarrierBytes = 256;
@@ -276,18 +277,30 @@ struct WgmmaGemm {
         asm volatile("bar.sync 1, %0;\n" :: "n"(kConsumers * 128) : "memory");
     }
 
-    // bf16 (gated: up * silu(gate)) into the padded smem tile, then 16-byte stores of the unit's
-    // valid rows and columns only.
+    // Byte offset of output element (token, col) of a tile in the staging tile: per 64 columns,
+    // BLOCK_T rows of 128 bytes whose 16-byte chunks are swizzled by row (the TMA store's 128-byte
+    // swizzle), which also spreads a warp's 2-byte writes over distinct banks.
+    __device__ __forceinline__ static int staging_offset(int token, int col) {
+        return (col / 64) * BLOCK_T * 128 + token * 128 + (((col % 64 / 8) ^ (token % 8)) * 16) + col % 8 * 2;
+    }
+
+    // bf16 (gated: up * silu(gate)) into the staging tile, then out. A full tile (every row in its
+    // expert) goes out by TMA store, finished by the copy engine while the consumers go on with the
+    // next unit (storing synchronously cost 9-17 % of the kernel's time); the tile that ends an
+    // expert is stored by the consumers, its valid rows only.
     __device__ __forceinline__ void store_tile(const float (&acc)[kAccumulators], const WorkUnit& w, int warpgroup,
                                                int thread) const {
         u8* staging = tiles + kStagingOffset;
         float* exchange = reinterpret_cast<float*>(tiles + kExchangeOffset);
         const int warp = thread / 32, lane = thread % 32;
+        const bool issuer = warpgroup == 0 && thread == 0;  // issues the TMA stores
         if (GATED && warpgroup == 1) {
 #pragma unroll
             for (int i = 0; i < kAccumulators; ++i) exchange[i * 128 + thread] = silu(acc[i]);
         }
-        consumers_sync();  // exchange written; every thread's stores of the previous tile are done
+        if (issuer) ptx::bulk_wait_read();  // the last TMA store has read the staging tile
+        consumers_sync();                   // ... every thread's stores of the last tile are done,
+                                            // and the exchange is written
         if (!GATED || warpgroup == 0) {
 #pragma unroll
             for (int j = 0; j < BLOCK_T / 8; ++j)
@@ -297,17 +310,29 @@ struct WgmmaGemm {
                     const float value = GATED ? acc[v] * exchange[v * 128 + thread] : acc[v];
                     const int col = (GATED ? 0 : 64 * warpgroup) + 16 * warp + lane / 4 + 8 * (i / 2);
                     const int token = 8 * j + 2 * (lane % 4) + i % 2;
-                    *reinterpret_cast<u16*>(staging + token * kOutPitch + col * 2) = float_to_bf16(value);
+                    *reinterpret_cast<u16*>(staging + staging_offset(token, col)) = float_to_bf16(value);
                 }
+            ptx::fence_proxy_async_shared();  // for the TMA store
         }
         consumers_sync();
         const int n0 = w.n_tile * kBlockN;
-        constexpr int kChunks = kBlockN / 8;
-        for (int c = warpgroup * 128 + thread; c < BLOCK_T * kChunks; c += kConsumers * 128) {
-            const int r = c / kChunks, col = n0 + (c % kChunks) * 8;
-            if (r < w.rows && col < kNOut)
-                *reinterpret_cast<u32x4*>(p.out + static_cast<i64>(w.row + r) * kNOut + col) =
-                    *reinterpret_cast<const u32x4*>(staging + r * kOutPitch + (c % kChunks) * 16);
+        if (w.rows == BLOCK_T) {
+            if (issuer) {
+#pragma unroll
+                for (int box = 0; box < kBlockN / 64; ++box)  // columns past N are clipped
+                    if (n0 + 64 * box < kNOut)
+                        ptx::tma_store_2d(&maps.output, ptx::shared_address(staging + box * BLOCK_T * 128),
+                                          n0 + 64 * box, w.row);
+                ptx::bulk_commit();
+            }
+        } else {
+            constexpr int kChunks = kBlockN / 8;
+            for (int c = warpgroup * 128 + thread; c < BLOCK_T * kChunks; c += kConsumers * 128) {
+                const int r = c / kChunks, col = 8 * (c % kChunks);
+                if (r < w.rows && n0 + col < kNOut)
+                    *reinterpret_cast<u32x4*>(p.out + static_cast<i64>(w.row + r) * kNOut + n0 + col) =
+                        *reinterpret_cast<const u32x4*>(staging + staging_offset(r, col));
+            }
         }
     }
 
@@ -341,6 +366,7 @@ struct WgmmaGemm {
         } else {
             asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" :: "n"(kConsumerRegisters));
             gemm.consume(warpgroup, thread);
+            if (warpgroup == 0 && thread == 0) ptx::bulk_wait();  // shared memory outlives the last store
         }
     }
 };

@@ -83,15 +83,16 @@ def _mn_major_scales(m_padded, num_experts, n, k_align):
     return a_scale, b_scale
 
 
-def test_scale_maps_read_one_word_of_consecutive_rows(encoder):
+def test_call_maps_cover_operands_scales_and_output(encoder):
     driver = tensor_maps.driver
     m_padded, num_experts, n, k, k_align = 520, 8, 90, 2048, 4
     a = torch.empty(500, k, dtype=torch.uint8)
     b = torch.empty(num_experts, n, k, dtype=torch.uint8)
     a_scale, b_scale = _mn_major_scales(m_padded, num_experts, n, k_align)
-    maps = wgmma_maps(a, b, a_scale, b_scale, block_t=96, weight_box_rows=64)
+    out = torch.empty(500, 2 * n, dtype=torch.bfloat16)
+    maps = wgmma_maps(a, b, a_scale, b_scale, out, block_t=96, weight_box_rows=64)
     assert list(maps) == [name for name, _ in WgmmaTensorMaps._fields_]
-    tokens, weights, token_scales, weight_scales = map(_unpack, encoder)
+    tokens, weights, token_scales, weight_scales, output = map(_unpack, encoder)
     assert tokens[1:5] == (a.data_ptr(), [k, 500], [k], [BOX_K, 96])
     assert weights[1:5] == (b.data_ptr(), [k, num_experts * n], [k], [BOX_K, 64])
     uint32, no_swizzle = driver.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_UINT32, driver.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_NONE
@@ -100,6 +101,9 @@ def test_scale_maps_read_one_word_of_consecutive_rows(encoder):
     # Rows (N of them: rows past N read as zeros, not the padding), words, experts.
     assert weight_scales == (uint32, b_scale.data_ptr(), [n, k_align, num_experts], [4 * 92, 4 * 92 * k_align],
                              [64, 1, 1], no_swizzle)
+    # Output columns innermost; a box is 64 bf16 columns (128 swizzled bytes) by a tile's rows.
+    assert output == (driver.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, out.data_ptr(), [2 * n, 500],
+                      [4 * n], [64, 96], driver.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B)
 
 
 def test_a_size_one_dimension_gets_a_valid_stride(encoder):
@@ -109,8 +113,8 @@ def test_a_size_one_dimension_gets_a_valid_stride(encoder):
     assert a_scale.stride() == (1, 1) and b_scale.stride() == (30, 1, 1)
     assert scales_fit_tma(a_scale, b_scale)
     wgmma_maps(torch.empty(10, 256, dtype=torch.uint8), torch.empty(1, 30, 256, dtype=torch.uint8), a_scale, b_scale,
-               block_t=32, weight_box_rows=64)
-    token_scales, weight_scales = (_unpack(call) for call in encoder[2:])
+               torch.empty(10, 32, dtype=torch.bfloat16), block_t=32, weight_box_rows=64)
+    token_scales, weight_scales = (_unpack(call) for call in encoder[2:4])
     assert token_scales[3] == [48]  # 10 rows of 4 bytes, aligned to 16
     assert weight_scales[3] == [128, 128]  # 30 rows -> 128 bytes; one word, so the expert step is the same
 
@@ -128,7 +132,7 @@ def test_only_mn_major_aligned_scales_fit_tma():
 def test_maps_are_the_kernels_parameter_layout():
     maps = WgmmaTensorMaps()
     names = [name for name, _ in WgmmaTensorMaps._fields_]
-    assert names == ["tokens", "weights", "token_scales", "weight_scales"]  # kernels/wgmma_grouped_gemm.cuh
+    assert names == ["tokens", "weights", "token_scales", "weight_scales", "output"]  # kernels/wgmma_grouped_gemm.cuh
     maps.set(**{name: bytes([i + 1]) * MAP_BYTES for i, name in enumerate(names)})
-    assert ctypes.sizeof(maps) == 4 * MAP_BYTES
-    assert bytes(maps) == b"".join(bytes([i + 1]) * MAP_BYTES for i in range(4))
+    assert ctypes.sizeof(maps) == 5 * MAP_BYTES
+    assert bytes(maps) == b"".join(bytes([i + 1]) * MAP_BYTES for i in range(5))

@@ -58,6 +58,24 @@ __device__ __forceinline__ void tma_load_3d(u32 destination, const TensorMap* ma
                  : "memory");
 }
 
+// A 2-D tile from shared to global memory, tracked by this thread's bulk async-groups; the copy
+// engine skips the part of the box outside the tensor.
+__device__ __forceinline__ void tma_store_2d(const TensorMap* map, u32 source, int x, int y) {
+    asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];\n"
+                 :: "l"(reinterpret_cast<u64>(map)), "r"(source), "r"(x), "r"(y) : "memory");
+}
+
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+
+// Wait until this thread's committed bulk copies have read their shared-memory sources.
+__device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
+
+// Wait until this thread's committed bulk copies are complete.
+__device__ __forceinline__ void bulk_wait() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
+
+// Makes this thread's ordinary shared-memory writes visible to the copy engine (the async proxy).
+__device__ __forceinline__ void fence_proxy_async_shared() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
 __device__ __forceinline__ void prefetch_tensor_map(const TensorMap* map) {
     asm volatile("prefetch.tensormap [%0];\n" :: "l"(reinterpret_cast<u64>(map)) : "memory");
 }

@@ -84,7 +84,7 @@ class GemmKernel:
             p.b_scale_stride_expert, p.b_scale_stride_row, p.b_scale_stride_word = b_scale.stride()
             p.cum_m, p.num_experts = a.shape[0], num_experts
             if self.spec.kind == "wgmma":
-                self._maps.set(**wgmma_maps(a, b, a_scale, b_scale, block_t=self.spec.block_t,
+                self._maps.set(**wgmma_maps(a, b, a_scale, b_scale, out, block_t=self.spec.block_t,
                                             weight_box_rows=WGMMA_WEIGHT_ROWS // 2))
             self.kernel.launch(grid, shared, stream, self._pointers_address)
 

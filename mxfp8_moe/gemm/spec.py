@@ -104,8 +104,7 @@ class KernelSpec:
         K warps' partial sums (MmaGemm::kPartialsOffset + kPartialsBytes). wgmma kernel: its own
         bf16 tile, then the gate warpgroup's values (WgmmaGemm::kTileBytes - kStagingOffset)."""
         if self.kind == "wgmma":
-            tile = -(-self.block_t * (self.block_n * 2 + 16) // 128) * 128
-            return tile + (self.block_t // 2 * 128 * 4 if self.gated else 0)
+            return self.block_t * self.block_n * 2 + (self.block_t // 2 * 128 * 4 if self.gated else 0)
         tile = -(-self.block_t * (self.block_n * 2 + 16) // 16) * 16
         accumulators = (2 if self.gated else 1) * (self.block_n // self.warps_n // 16) * (self.block_t // 8) * 4
         return tile + (self.warps_k - 1) * self.warps_n * accumulators * 32 * 4

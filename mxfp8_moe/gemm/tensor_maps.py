@@ -1,6 +1,7 @@
 """TMA tensor maps for the wgmma kernel: 2-D byte views of `a` (cum_m, K) and `b` (E * N, K) in
-128-byte swizzled boxes of 128 bytes (one K block) by a tile's rows, and views of the MN-major
-scale tensors whose boxes are one scale word of consecutive rows.
+128-byte swizzled boxes of 128 bytes (one K block) by a tile's rows, views of the MN-major scale
+tensors whose boxes are one scale word of consecutive rows, and `out` in 128-byte swizzled boxes
+of 64 columns by a tile's rows (the kernel's stores).
 
 A map embeds its tensor's address, so one is encoded per distinct (address, shape, strides, box):
 weights keep their address from call to call and servers reuse token buffers, so a small table
@@ -18,6 +19,7 @@ from ..jit.runtime import DriverError
 
 MAP_BYTES = 128  # sizeof(CUtensorMap)
 BOX_K = 128  # bytes of K per operand box: one swizzle row
+OUTPUT_BOX_COLUMNS = 64  # bf16 columns per output box: one swizzle row
 WORD = 4  # bytes per scale word
 _ALIGNMENT = 16  # TMA: global addresses and strides in multiples of 16 bytes
 _MAX_MAPS = 256
@@ -27,7 +29,8 @@ _maps: dict[tuple, bytes] = {}
 class WgmmaTensorMaps(ctypes.Structure):
     """Mirror of mxfp8_moe::WgmmaTensorMaps (kernels/wgmma_grouped_gemm.cuh), passed by value."""
 
-    _fields_ = [(name, ctypes.c_uint8 * MAP_BYTES) for name in ("tokens", "weights", "token_scales", "weight_scales")]
+    _fields_ = [(name, ctypes.c_uint8 * MAP_BYTES)
+                for name in ("tokens", "weights", "token_scales", "weight_scales", "output")]
 
     def set(self, **maps: bytes) -> None:
         base = ctypes.addressof(self)
@@ -48,9 +51,9 @@ def scales_fit_tma(a_scale: torch.Tensor, b_scale: torch.Tensor) -> bool:
     return fits(a_scale, 0) and fits(b_scale, 1)
 
 
-def wgmma_maps(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor, *,
+def wgmma_maps(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor, out: torch.Tensor, *,
                block_t: int, weight_box_rows: int) -> dict[str, bytes]:
-    """The four maps of one call (scales as checked by scales_fit_tma)."""
+    """The five maps of one call (scales as checked by scales_fit_tma)."""
     num_experts, n, k = b.shape
     return {
         "tokens": operand_map(a.data_ptr(), a.shape[0], k, block_t),
@@ -60,6 +63,7 @@ def wgmma_maps(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale:
         # b_scale (E, N, k_align) with rows adjacent: (rows, words, experts) innermost-first.
         "weight_scales": scale_map(b_scale.data_ptr(), (b_scale.shape[1], b_scale.shape[2], b_scale.shape[0]),
                                    (1, b_scale.stride(2), b_scale.stride(0)), weight_box_rows),
+        "output": output_map(out.data_ptr(), out.shape[0], out.shape[1], block_t),
     }
 
 
@@ -68,6 +72,13 @@ def operand_map(address: int, rows: int, k: int, box_rows: int) -> bytes:
     return _encoded(driver.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_UINT8, address, (k, rows), (k,),
                     (BOX_K, box_rows), driver.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B,
                     f"({rows}, {k}) byte matrix")
+
+
+def output_map(address: int, rows: int, columns: int, box_rows: int) -> bytes:
+    """A row-major (rows, columns) bf16 matrix at `address` (16-byte aligned, columns % 16 == 0)."""
+    return _encoded(driver.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, address, (columns, rows),
+                    (2 * columns,), (OUTPUT_BOX_COLUMNS, box_rows),
+                    driver.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B, f"({rows}, {columns}) bf16 matrix")
 
 
 def scale_map(address: int, dims, strides, box_rows: int) -> bytes:
