@@ -61,11 +61,14 @@ def test_few_units_get_narrow_tiles_and_k_warps():
     assert many.warps_k == 1 and many.stages == 4
 
 
-def test_wgmma_on_hopper_for_prefill_non_gated_and_long_k():
+def test_wgmma_on_hopper_from_decode_to_prefill():
     assert choose("sm_90a", cum_m=128 * 256).kind == "wgmma"  # prefill
     assert choose("sm_90a", cum_m=8, gated=False, n=2048, k=768).kind == "wgmma"  # decode, non-gated
     assert choose("sm_90a", cum_m=1, num_experts=32, n=4096, k=7168).kind == "wgmma"  # gated, long K
-    assert choose("sm_90a", cum_m=8, n=1536, k=2048).kind == "mma"  # gated decode, short K
+    assert choose("sm_90a", cum_m=8, n=1536, k=2048).kind == "wgmma"  # gated decode, short K
+    # Shapes it cannot tile (gated output width not a multiple of 64) and K-major scales: mma.sync.
+    assert choose("sm_90a", cum_m=8, n=1568, k=2048).kind == "mma"
+    assert choose("sm_90a", cum_m=128 * 256, allow_wgmma=False).kind == "mma"
     # The emulated scale mode exists to run the sm_12x mma.sync path on Hopper: never wgmma.
     assert choose("sm_90a", cum_m=128 * 256, scale_mode="emulated").kind == "mma"
     for arch in ("sm_120a", "sm_121a", "sm_89"):

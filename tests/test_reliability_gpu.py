@@ -48,7 +48,8 @@ def test_special_values_cuda(case, k_granularity, gated, path, monkeypatch):
         pytest.skip("wgmma needs sm_90a")
     monkeypatch.setenv("MXFP8_MOE_SCALE_MODE", mode or "software")
     # Steer the heuristic to the tensor-core kernel under test, past the memoized plans.
-    monkeypatch.setattr(heuristics, "prefers_wgmma", lambda *_: kind == "wgmma")
+    if kind == "mma":
+        monkeypatch.setattr(heuristics, "WGMMA_ARCHS", ())
     monkeypatch.setattr(plan, "_plans", {})
     problem = make_problem(ROWS, N, K, k_granularity=k_granularity, gated=gated)
     hit = inject_special(case, problem)

@@ -11,10 +11,9 @@ A problem no tile configuration fits (e.g. thousands of experts) runs on the por
 The token tile covers an expert's expected rows plus two standard deviations of random routing
 (Poisson), so most experts need one tile and their weights are read once.
 
-On sm_90a the wgmma kernel (FP8 at a rate mma.sync cannot reach on Hopper, TMA loads) runs
-every problem with WGMMA_MIN_ROWS or more rows per active expert, every non-gated problem, and
-gated problems with long K loops; mma.sync keeps gated decode with short K, where its finer
-tiles win (measured per cell on the H100: docs/DESIGN.md).
+On sm_90a the wgmma kernel (FP8 at a rate mma.sync cannot reach on Hopper, TMA loads) runs every
+problem it supports: with TMA scale loads, the promotion overlap and TMA stores it beat mma.sync
+in every model cell from one token up (measured per cell on the H100: docs/DESIGN.md).
 """
 
 from __future__ import annotations
@@ -31,8 +30,6 @@ MAX_STAGES = 16  # few-units regime
 FEW_UNITS_WARPS = 8
 NATIVE_ARCHS = ("sm_120a", "sm_121a")
 WGMMA_ARCHS = ("sm_90a",)
-WGMMA_MIN_ROWS = 8  # rows per active expert from which wgmma beats mma.sync (docs/DESIGN.md)
-WGMMA_MIN_GATED_K = 4096  # below WGMMA_MIN_ROWS, gated problems need this long a K loop for wgmma
 WGMMA_TOKEN_TILES = (32, 64, 96, 128)
 WGMMA_MAX_STAGES = 5
 # Fixed cost of a token tile (its epilogue, its weight tile's trip from L2), in token columns.
@@ -73,7 +70,7 @@ def choose_spec(*, device: DeviceInfo, num_experts: int, cum_m: int, n: int, k: 
     rows = cum_m / active_experts
     mode = resolve_scale_mode(scale_mode, device.arch)
     # (The emulated mode exists to run the sm_12x mma.sync scale path here: it keeps mma.sync.)
-    if allow_wgmma and device.arch in WGMMA_ARCHS and mode == "software" and prefers_wgmma(rows, k, gated):
+    if allow_wgmma and device.arch in WGMMA_ARCHS and mode == "software":
         spec = wgmma_spec(device, num_experts, rows, n, k, k_granularity, gated)
         if spec is not None:
             return spec
@@ -105,13 +102,6 @@ def choose_spec(*, device: DeviceInfo, num_experts: int, cum_m: int, n: int, k: 
     if stages < 2 or stages * spec.pipeline_bytes() > budget:
         return portable
     return dataclasses.replace(spec, stages=stages)
-
-
-def prefers_wgmma(rows: float, k: int, gated: bool) -> bool:
-    """Whether the wgmma kernel beats mma.sync on sm_90a. The wgmma tile is 128 weight rows; a
-    gated one yields only 64 output columns and pays a shared-memory exchange per tile, which
-    short K loops at decode sizes do not amortize."""
-    return rows >= WGMMA_MIN_ROWS or not gated or k >= WGMMA_MIN_GATED_K
 
 
 def wgmma_spec(device: DeviceInfo, num_experts: int, rows: float, n: int, k: int, k_granularity: int,
