@@ -14,7 +14,7 @@ import functools
 import pytest
 
 from mxfp8_moe.gemm.device import DeviceInfo
-from mxfp8_moe.gemm.heuristics import candidate_specs
+from mxfp8_moe.gemm.heuristics import candidate_specs, choose_spec
 from mxfp8_moe.gemm.spec import KernelSpec, kernel_dir
 from mxfp8_moe.jit import inspect
 from mxfp8_moe.jit.build import OPTIONS
@@ -49,9 +49,10 @@ def _specs() -> list[KernelSpec]:
         specs.update(dict.fromkeys(_candidates("sm_120a", *SHAPES[1], k_granularity, scale_mode="software")))
     for arch in ("sm_121a", "sm_89"):
         specs[_largest(_candidates(arch, *SHAPES[0], 32))] = None
-    # sm_90a keeps mma.sync for gated decode with short K (software scales), and for kEmulated,
-    # which the H100 GPU tests run: keep both building.
-    specs[_largest([s for s in _candidates("sm_90a", 1536, 2048, True, 32) if s.kind == "mma"])] = None
+    # sm_90a runs mma.sync with software scales for K-major scales (no TMA for them), and with
+    # emulated ones, which the H100 GPU tests run: keep both building.
+    specs[choose_spec(device=DeviceInfo.for_arch("sm_90a"), num_experts=NUM_EXPERTS, cum_m=64, n=1536, k=2048,
+                      k_granularity=32, gated=True, scale_mode="software", allow_wgmma=False)] = None
     specs[_largest(_candidates("sm_90a", *SHAPES[1], 128, scale_mode="emulated"))] = None
     # Every wgmma configuration the heuristic picks for these shapes on sm_90a.
     for n, k, gated in SHAPES:
