@@ -11,8 +11,9 @@ TESTS=(tests/test_adversarial_gpu.py tests/test_activation_quant_gpu.py "tests/t
 # few-units (K warps) and emulated-scale configurations, and the wgmma kernel (sm_90a).
 BROAD="adversarial or quant or simt or wgmma or (model_shapes and qwen3-30b and (-1- or -16-))"
 # racecheck and synccheck replay every shared-memory access (~10 s a test): one case per kernel
-# family and configuration kind.
-NARROW="(adversarial and decreasing and True) or empty_and_adversarial or (wgmma_kernel and (32-False-128 or 128-True-64)) \
+# family and configuration kind, on small problems (racecheck's host memory grows with the
+# problem: a test_wgmma_kernel case needs more than 128 GB).
+NARROW="(adversarial and decreasing and True) or empty_and_adversarial or wgmma_kernel_small \
 or (model_shapes and qwen3-30b and emulated and gate_up-1-)"
 status=0
 for tool in ${SANITIZE_TOOLS:-memcheck racecheck synccheck}; do
