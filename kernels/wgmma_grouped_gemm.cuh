@@ -1,8 +1,8 @@
 // The Hopper grouped GEMM (sm_90a): FP8 wgmma fed by TMA through an mbarrier pipeline.
 //
 // On Hopper only wgmma reaches the FP8 tensor-core rate (mma.sync FP8 is emulated through FP16
-// there), and TMA streams weight tiles with one issuing thread; the heuristics send prefill and
-// most decode shapes here (gemm/heuristics.py). The structure:
+// there), and TMA streams tiles with one issuing thread; on sm_90a the heuristics send every shape
+// this kernel supports here (gemm/heuristics.py). The structure:
 //   - warpgroup 2 produces. One thread issues the TMA copies of each stage: the weight and token
 //     tiles (128-byte swizzled, straight into the layout wgmma reads) and both operands' UE8M0
 //     scale words for the stage's K block, all landing on the stage's "full" barrier. Warp 1
@@ -10,10 +10,12 @@
 //     would otherwise repeat in every thread. (Copying the scale words with cp.async instead,
 //     eight 4-byte copies per lane and stage, cost 30 % of the kernel's time on H100.)
 //   - warpgroups 0 and 1 consume: each multiplies 64 weight rows by the BLOCK_T-token tile, one
-//     K block (128) at a time, into a partial sum that is promoted into the FP32 accumulators with
-//     the block's scales (per k32 slice for k_gran 32), then releases the stage ("empty" barrier).
-// The promotion (a multiply and an FMA per accumulator per K block) is work a plain FP8 GEMM does
-// not have; it runs on the CUDA cores while the other warpgroup's wgmmas run (docs/DESIGN.md).
+//     scale group (a K block; a k32 slice for k_gran 32) at a time, into one of two partial sums,
+//     and promotes it into the FP32 accumulators with the group's scales while the next group's
+//     wgmmas run; after a stage's last group it releases the stage ("empty" barrier).
+//   - the epilogue writes a full tile out by TMA store, finished while the consumers go on.
+// The promotion (a multiply and an FMA per accumulator per scale group) is work a plain FP8 GEMM
+// does not have; it runs on the CUDA cores beside the tensor work (docs/DESIGN.md).
 // Operands are swapped as in the mma.sync kernel: weight rows are wgmma's M (64 per warpgroup),
 // tokens its N, so a token tile can be any multiple of 8 (ptx::Wgmma has 32, 64, 96 and 128).
 // A gated tile puts up rows in warpgroup 0 and the matching gate rows in warpgroup 1; the
