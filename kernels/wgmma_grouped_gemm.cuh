@@ -78,6 +78,8 @@ struct WgmmaGemm {
     static_assert(K_GRAN == 32 || K_GRAN == 128, "k granularity is 32 or 128");
     static_assert(BLOCK_T % 32 == 0 && BLOCK_T <= 128, "token tiles of 32, 64, 96 or 128 (ptx::Wgmma instances)");
     static_assert(3 * STAGES * 8 <= kBarrierBytes, "barriers must fit their region");
+    // A chain issues the next group before releasing the current one's stage: that must be another stage.
+    static_assert(STAGES >= 2, "the promotion overlap needs two stages");
     // setmaxnreg moves registers within what the CTA got at launch: __launch_bounds__(384, 1) caps
     // every thread at 168 (65536 / 384, in steps of 8), and ptxas allocates exactly that.
     static_assert(128 * kProducerRegisters + kConsumers * 128 * kConsumerRegisters <= kThreads * 168,
@@ -117,6 +119,7 @@ struct WgmmaGemm {
         ptx::prefetch_tensor_map(&maps.weights);
         ptx::prefetch_tensor_map(&maps.token_scales);
         ptx::prefetch_tensor_map(&maps.weight_scales);
+        ptx::prefetch_tensor_map(&maps.output);  // for the consumers' stores
         int it = 0;
         for (i64 u = blockIdx.x; u < scheduler.num_units; u += gridDim.x) {
             const WorkUnit w = scheduler.unit(u);
@@ -153,7 +156,7 @@ struct WgmmaGemm {
                 const int s = it % STAGES;
                 // The consumers' release of the stage's previous round already precedes "full"
                 // (through the producer); waiting for it here as well makes the ordering of these
-                // float writes after their reads direct. It never blocks: "full" implies it.
+                // float writes after their reads direct, and adds no wait beyond "full"'s.
                 ptx::mbarrier_wait(empty_barrier(s), ((it / STAGES) & 1) ^ 1);
                 ptx::mbarrier_wait(full_barrier(s), (it / STAGES) & 1);
                 const u32* words = reinterpret_cast<const u32*>(stage(s) + kWeightBytes + kTokenBytes);

@@ -124,17 +124,23 @@ def test_wgmma_kernel(block_t, gated, k_granularity):
 
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("k_granularity", [32, 128])
-def test_wgmma_kernel_small(k_granularity, gated):
+def test_wgmma_kernel_small(k_granularity, gated, monkeypatch):
     # The wgmma kernel on problems small enough for racecheck, whose host-side tracking of a
-    # test_wgmma_kernel problem outgrows a 128 GB machine: a full tile, a partial one, an empty expert.
+    # test_wgmma_kernel problem outgrows a 128 GB machine: full 128-row tiles and partial ones, an
+    # empty expert, an N tail inside a TMA store box (208 = 128 + 64 + 16), two stages that the
+    # 5 K blocks wrap around several times, and two CTAs, so each reuses its staging tile after a
+    # TMA store.
     device = device_info(0)
     if device.arch not in WGMMA_ARCHS:
         pytest.skip(f"the wgmma kernel needs sm_90a, this GPU is {device.arch}")
-    rows, n, k = [128, 0, 45], 256, 640
+    rows, n, k = [128, 0, 45, 256], 256 if gated else 208, 640
     problem = make_problem(rows, n, k, k_granularity=k_granularity, gated=gated)
-    spec = wgmma_spec(device, len(rows), 86.0, n, k, k_granularity, gated)
+    spec = dataclasses.replace(wgmma_spec(device, len(rows), 143.0, n, k, k_granularity, gated), block_t=128, stages=2)
+    kernel = get_kernel(spec, 0)
+    shared = kernel.launch_config(len(rows), sum(rows))[1]
+    monkeypatch.setattr(kernel, "launch_config", lambda *_: ((2, 1, 1), shared))
     out = torch.full((sum(rows), n // 2 if gated else n), float("nan"), dtype=torch.bfloat16, device="cuda")
-    get_kernel(spec, 0)(*problem.args, out, torch.cuda.current_stream().cuda_stream)
+    kernel(*problem.args, out, torch.cuda.current_stream().cuda_stream)
     assert not torch.isnan(out).any(), "output has unwritten (NaN) elements"
     assert relative_error(out, problem.reference()) <= TOLERANCE
 

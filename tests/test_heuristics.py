@@ -108,4 +108,6 @@ def test_prewarm_candidates_cover_every_choice(arch):
         candidates = set(candidate_specs(device=DeviceInfo.for_arch(arch), num_experts=num_experts, n=n, k=k,
                                          k_granularity=128, gated=gated))
         for cum_m in itertools.chain(range(1, 512), range(512, 65537, 37)):
-            assert choose(arch, num_experts=num_experts, cum_m=cum_m, n=n, k=k, gated=gated) in candidates, cum_m
+            for allow_wgmma in (True, False):  # False: scales the wgmma kernel cannot read
+                assert choose(arch, num_experts=num_experts, cum_m=cum_m, n=n, k=k, gated=gated,
+                              allow_wgmma=allow_wgmma) in candidates, (cum_m, allow_wgmma)

@@ -149,9 +149,11 @@ def test_wgmma_sass(spec):
     if inspect.find_tool("nvdisasm") is None and inspect.find_tool("cuobjdump") is None:
         pytest.skip("no nvdisasm/cuobjdump (pip install nvidia-cuda-nvdisasm nvidia-cuda-cuobjdump)")
     sass_text = inspect.sass(build(spec)[0].cubin)
-    counts = inspect.count_instructions(sass_text, ("QGMMA", "QMMA", "HMMA", "UTMALDG"))
-    # Four k32 wgmmas per stage, operands by TMA; no mma.sync path compiled in beside them.
-    assert counts["QGMMA"] >= 4 and counts["UTMALDG"] > 0 and counts["QMMA"] == counts["HMMA"] == 0, counts
+    counts = inspect.count_instructions(sass_text, ("QGMMA", "QMMA", "HMMA", "UTMALDG", "UTMASTG"))
+    # Four k32 wgmmas per stage, operands and scales by TMA, full output tiles out by TMA store; no
+    # mma.sync path compiled in beside them.
+    assert counts["QGMMA"] >= 4 and counts["UTMALDG"] > 0 and counts["UTMASTG"] > 0, counts
+    assert counts["QMMA"] == counts["HMMA"] == 0, counts
     consumers = inspect.count_instructions(consumer_sass(sass_text), ("QGMMA", "LDL", "STL"))
     assert consumers["QGMMA"] >= 4 and consumers["LDL"] == consumers["STL"] == 0, consumers
 

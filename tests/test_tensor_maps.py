@@ -127,6 +127,16 @@ def test_only_mn_major_aligned_scales_fit_tma():
     assert not scales_fit_tma(a_scale[1:], b_scale)  # 4-byte aligned only
     odd = torch.randint(0, 2**31 - 1, (4, 522), dtype=torch.int32).t()[:520]  # 522-word steps: 2088 bytes
     assert not scales_fit_tma(odd, b_scale)
+    broadcast = b_scale[:1].expand(8, -1, -1)  # one expert's scales for all: a 0 expert step
+    assert not scales_fit_tma(a_scale, broadcast)
+
+
+def test_a_scale_map_refuses_rows_that_are_not_adjacent(encoder):
+    a_scale, b_scale = _mn_major_scales(520, 8, 90, 4)
+    with pytest.raises(ValueError, match="row stride of 4 words"):
+        wgmma_maps(torch.empty(500, 2048, dtype=torch.uint8), torch.empty(8, 90, 2048, dtype=torch.uint8),
+                   a_scale, to_k_major(b_scale), torch.empty(500, 90, dtype=torch.bfloat16), block_t=96,
+                   weight_box_rows=64)
 
 
 def test_maps_are_the_kernels_parameter_layout():

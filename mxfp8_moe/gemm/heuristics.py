@@ -131,11 +131,14 @@ def wgmma_token_tile(rows: float) -> int:
 
 def candidate_specs(*, device: DeviceInfo, num_experts: int, n: int, k: int, k_granularity: int, gated: bool,
                     scale_mode: str = "auto", max_tokens: int = 1 << 16) -> list[KernelSpec]:
-    """Every specialization choose_spec can pick for this weight shape (what `prewarm` compiles)."""
+    """Every specialization choose_spec can pick for this weight shape (what `prewarm` compiles),
+    on sm_90a also for scales the wgmma kernel cannot read (K-major: mma.sync)."""
     specs: dict[KernelSpec, None] = {}
-    cum_m = 1
-    while cum_m <= max_tokens:
-        specs[choose_spec(device=device, num_experts=num_experts, cum_m=cum_m, n=n, k=k, k_granularity=k_granularity,
-                          gated=gated, scale_mode=scale_mode)] = None
-        cum_m = cum_m + 1 if cum_m < 64 else cum_m * 9 // 8  # fine enough to meet every tile boundary
+    for allow_wgmma in (True, False) if device.arch in WGMMA_ARCHS else (True,):
+        cum_m = 1
+        while cum_m <= max_tokens:
+            specs[choose_spec(device=device, num_experts=num_experts, cum_m=cum_m, n=n, k=k,
+                              k_granularity=k_granularity, gated=gated, scale_mode=scale_mode,
+                              allow_wgmma=allow_wgmma)] = None
+            cum_m = cum_m + 1 if cum_m < 64 else cum_m * 9 // 8  # fine enough to meet every tile boundary
     return list(specs)

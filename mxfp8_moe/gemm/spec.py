@@ -26,7 +26,7 @@ def kernel_dir() -> Path:
 
 @dataclasses.dataclass(frozen=True)
 class KernelSpec:
-    kind: str  # "wgmma" (Hopper prefill, sm_90a), "mma" (tensor cores, sm_89+) or "simt" (CUDA cores, any arch)
+    kind: str  # "wgmma" (Hopper, sm_90a), "mma" (tensor cores, sm_89+) or "simt" (CUDA cores, any arch)
     arch: str  # NVRTC target, e.g. "sm_120a"
     n: int  # rows of B per expert (2 * output width when gated)
     k: int

@@ -41,11 +41,11 @@ class WgmmaTensorMaps(ctypes.Structure):
 def scales_fit_tma(a_scale: torch.Tensor, b_scale: torch.Tensor) -> bool:
     """Whether both scale tensors are MN-major (a row's neighbour is the next word in memory), as
     FlashInfer's quantizers lay them out, with the 16-byte alignment TMA needs. A stride of a size-1
-    dimension is never taken, so it does not count."""
+    dimension is never taken, so it does not count; a broadcast (stride 0) dimension does not fit."""
     def fits(t: torch.Tensor, row_dim: int) -> bool:
         if t.data_ptr() % _ALIGNMENT or t.stride(row_dim) != 1:
             return False
-        return all(size == 1 or stride * WORD % _ALIGNMENT == 0
+        return all(size == 1 or (stride > 0 and stride * WORD % _ALIGNMENT == 0)
                    for d, (size, stride) in enumerate(zip(t.shape, t.stride())) if d != row_dim)
 
     return fits(a_scale, 0) and fits(b_scale, 1)
@@ -62,7 +62,7 @@ def wgmma_maps(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale:
         "token_scales": scale_map(a_scale.data_ptr(), tuple(a_scale.shape), a_scale.stride(), block_t),
         # b_scale (E, N, k_align) with rows adjacent: (rows, words, experts) innermost-first.
         "weight_scales": scale_map(b_scale.data_ptr(), (b_scale.shape[1], b_scale.shape[2], b_scale.shape[0]),
-                                   (1, b_scale.stride(2), b_scale.stride(0)), weight_box_rows),
+                                   (b_scale.stride(1), b_scale.stride(2), b_scale.stride(0)), weight_box_rows),
         "output": output_map(out.data_ptr(), out.shape[0], out.shape[1], block_t),
     }
 
@@ -84,6 +84,9 @@ def output_map(address: int, rows: int, columns: int, box_rows: int) -> bytes:
 def scale_map(address: int, dims, strides, box_rows: int) -> bytes:
     """Scale words at `address` with dims and element strides innermost first (the rows, stride 1);
     a box is `box_rows` consecutive rows of one word."""
+    if strides[0] != 1:
+        raise ValueError(f"the wgmma kernel reads scale rows as adjacent words (MN-major scales); got a row "
+                         f"stride of {strides[0]} words (scales_fit_tma decides which scales it may be given)")
     # A size-1 dimension's stride is never taken, but the encoder checks it: give it one that
     # would be valid, the aligned extent of the dimensions inside it.
     byte_strides, inner_bytes = [], dims[0] * WORD
