@@ -7,7 +7,8 @@ import ctypes
 
 import pytest
 
-from mxfp8_moe.gemm import tensor_maps
+from mxfp8_moe.gemm import launch, tensor_maps
+from mxfp8_moe.gemm.spec import KernelSpec
 import torch
 
 from mxfp8_moe import to_k_major, to_mn_major_b_scale
@@ -95,7 +96,8 @@ def test_call_maps_cover_operands_scales_and_output(encoder):
     tokens, weights, token_scales, weight_scales, output = map(_unpack, encoder)
     assert tokens[1:5] == (a.data_ptr(), [k, 500], [k], [BOX_K, 96])
     assert weights[1:5] == (b.data_ptr(), [k, num_experts * n], [k], [BOX_K, 64])
-    uint32, no_swizzle = driver.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_UINT32, driver.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_NONE
+    uint32 = driver.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_UINT32
+    no_swizzle = driver.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_NONE
     # Rows innermost (stride one word), then words; a box is one word of a tile's rows.
     assert token_scales == (uint32, a_scale.data_ptr(), [m_padded, k_align], [4 * m_padded], [96, 1], no_swizzle)
     # Rows (N of them: rows past N read as zeros, not the padding), words, experts.
@@ -146,3 +148,39 @@ def test_maps_are_the_kernels_parameter_layout():
     maps.set(**{name: bytes([i + 1]) * MAP_BYTES for i, name in enumerate(names)})
     assert ctypes.sizeof(maps) == 5 * MAP_BYTES
     assert bytes(maps) == b"".join(bytes([i + 1]) * MAP_BYTES for i in range(5))
+
+
+class _RecordingKernel:
+    """Stands in for a loaded kernel: records the tensor maps each launch passes."""
+
+    def __init__(self, cubin, entry, device_index, threads):
+        self.launched: list[bytes] = []
+
+    def resident_blocks(self, shared_bytes):
+        return 132
+
+    def launch(self, grid, shared_bytes, stream, pointers):
+        params, maps = (ctypes.c_void_p * 2).from_address(pointers)
+        self.launched.append(ctypes.string_at(maps, ctypes.sizeof(WgmmaTensorMaps)))
+
+
+def test_a_kernel_reencodes_its_maps_only_when_a_tensor_moves(encoder, monkeypatch):
+    monkeypatch.setattr(launch, "build", lambda *args, **kwargs: (b"", False))
+    monkeypatch.setattr(launch, "LoadedKernel", _RecordingKernel)
+    spec = KernelSpec("wgmma", "sm_90a", 96, 2048, 128, False, block_n=128, block_t=32, stages=2)
+    kernel = launch.GemmKernel(spec, 0)
+    a, b = torch.empty(500, 2048, dtype=torch.uint8), torch.empty(8, 96, 2048, dtype=torch.uint8)
+    a_scale, b_scale = _mn_major_scales(520, 8, 96, 4)
+    m_indptr, out = torch.zeros(9, dtype=torch.int32), torch.empty(500, 96, dtype=torch.bfloat16)
+    kernel(a, b, a_scale, b_scale, m_indptr, out, 0)
+    first = kernel.kernel.launched[-1]
+    assert len(encoder) == 5 and first == b"".join(bytes([i]) * MAP_BYTES for i in range(1, 6))
+    kernel(a, b, a_scale, b_scale, m_indptr, out, 0)  # the same tensors: nothing re-encoded or rewritten
+    assert len(encoder) == 5 and kernel.kernel.launched[-1] == first
+    kernel(a, b, a_scale, b_scale, m_indptr, torch.empty_like(out), 0)  # a new output buffer
+    moved = kernel.kernel.launched[-1]
+    assert len(encoder) == 6 and moved[:4 * MAP_BYTES] == first[:4 * MAP_BYTES]
+    assert moved[4 * MAP_BYTES:] == bytes([6]) * MAP_BYTES
+    kernel(a.clone(), b, a_scale, b_scale, m_indptr, out, 0)  # new tokens, the first output again
+    assert len(encoder) == 7 and kernel.kernel.launched[-1][:MAP_BYTES] == bytes([7]) * MAP_BYTES
+    assert kernel.kernel.launched[-1][4 * MAP_BYTES:] == first[4 * MAP_BYTES:]  # that map was kept
