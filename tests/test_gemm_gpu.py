@@ -51,6 +51,25 @@ def run_and_check(problem, *, out=None, backend="cuda"):
     return out
 
 
+def run_kernel_and_check(kernel, problem):
+    """run_and_check for one kernel specialization launched directly, past the heuristic."""
+    n_out = problem.b.shape[1] // (2 if problem.gated else 1)
+    out = torch.full((problem.a.shape[0], n_out), float("nan"), dtype=torch.bfloat16, device=problem.a.device)
+    kernel(*problem.args, out, torch.cuda.current_stream().cuda_stream)
+    assert not torch.isnan(out).any(), "output has unwritten (NaN) elements"
+    error = relative_error(out, problem.reference())
+    assert error <= TOLERANCE, f"relative error {error:.2e}"
+
+
+@pytest.fixture
+def hopper():
+    """The device, when it runs the wgmma kernel."""
+    device = device_info(0)
+    if device.arch not in WGMMA_ARCHS:
+        pytest.skip(f"the wgmma kernel needs sm_90a, this GPU is {device.arch}")
+    return device
+
+
 @pytest.fixture(params=["software", "emulated"])
 def scale_mode(request, monkeypatch):
     monkeypatch.setenv("MXFP8_MOE_SCALE_MODE", request.param)
@@ -95,62 +114,43 @@ def test_row_counts(k_granularity, scale_mode):
 @pytest.mark.parametrize("k_granularity", [32, 128])
 def test_simt_kernel(gated, k_granularity):
     problem = make_problem([5, 0, 17, 2], 96, 336, k_granularity=k_granularity, gated=gated)
-    spec = KernelSpec("simt", device_info(0).arch, 96, 336, k_granularity, gated)
-    out = torch.full((24, 48 if gated else 96), float("nan"), dtype=torch.bfloat16, device="cuda")
-    get_kernel(spec, 0)(*problem.args, out, torch.cuda.current_stream().cuda_stream)
-    assert not torch.isnan(out).any()
-    assert relative_error(out, problem.reference()) <= TOLERANCE
+    run_kernel_and_check(get_kernel(KernelSpec("simt", device_info(0).arch, 96, 336, k_granularity, gated), 0), problem)
 
 
 @pytest.mark.parametrize("block_t", [32, 64, 96, 128])
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("k_granularity", [32, 128])
-def test_wgmma_kernel(block_t, gated, k_granularity):
-    device = device_info(0)
-    if device.arch not in WGMMA_ARCHS:
-        pytest.skip(f"the wgmma kernel needs sm_90a, this GPU is {device.arch}")
+def test_wgmma_kernel(block_t, gated, k_granularity, hopper):
     # Tiles that end inside an expert, past its last row and past N (2880 = 22.5 x 128), a K tail
     # (2880 = 22.5 x 128), empty experts first and in the middle.
     rows = [0, 1, 63, 64, 65, 0, 130, 257, 500]
     n = 5760 if gated else 2880
     problem = make_problem(rows, n, 2880, k_granularity=k_granularity, gated=gated)  # MN-major scales (TMA)
-    spec = dataclasses.replace(wgmma_spec(device, len(rows), 100.0, n, 2880, k_granularity, gated), block_t=block_t)
-    out = torch.full((sum(rows), n // 2 if gated else n), float("nan"), dtype=torch.bfloat16, device="cuda")
-    get_kernel(spec, 0)(*problem.args, out, torch.cuda.current_stream().cuda_stream)
-    assert not torch.isnan(out).any(), "output has unwritten (NaN) elements"
-    error = relative_error(out, problem.reference())
-    assert error <= TOLERANCE, f"relative error {error:.2e}"
+    spec = dataclasses.replace(wgmma_spec(hopper, len(rows), 100.0, n, 2880, k_granularity, gated), block_t=block_t)
+    run_kernel_and_check(get_kernel(spec, 0), problem)
 
 
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("k_granularity", [32, 128])
-def test_wgmma_kernel_small(k_granularity, gated, monkeypatch):
+def test_wgmma_kernel_small(k_granularity, gated, hopper, monkeypatch):
     # The wgmma kernel on problems small enough for racecheck, whose host-side tracking of a
     # test_wgmma_kernel problem outgrows a 128 GB machine: full 128-row tiles and partial ones, an
     # empty expert, an N tail inside a TMA store box (208 = 128 + 64 + 16), two stages that the
     # 5 K blocks wrap around several times, and two CTAs, so each reuses its staging tile after a
     # TMA store.
-    device = device_info(0)
-    if device.arch not in WGMMA_ARCHS:
-        pytest.skip(f"the wgmma kernel needs sm_90a, this GPU is {device.arch}")
     rows, n, k = [128, 0, 45, 256], 256 if gated else 208, 640
     problem = make_problem(rows, n, k, k_granularity=k_granularity, gated=gated)
-    spec = dataclasses.replace(wgmma_spec(device, len(rows), 143.0, n, k, k_granularity, gated), block_t=128, stages=2)
+    spec = dataclasses.replace(wgmma_spec(hopper, len(rows), 143.0, n, k, k_granularity, gated), block_t=128, stages=2)
     kernel = get_kernel(spec, 0)
     shared = kernel.launch_config(len(rows), sum(rows))[1]
     monkeypatch.setattr(kernel, "launch_config", lambda *_: ((2, 1, 1), shared))
-    out = torch.full((sum(rows), n // 2 if gated else n), float("nan"), dtype=torch.bfloat16, device="cuda")
-    kernel(*problem.args, out, torch.cuda.current_stream().cuda_stream)
-    assert not torch.isnan(out).any(), "output has unwritten (NaN) elements"
-    assert relative_error(out, problem.reference()) <= TOLERANCE
+    run_kernel_and_check(kernel, problem)
 
 
 @pytest.mark.parametrize("layout", ["MN", "K"])
-def test_scale_layout_picks_the_hopper_kernel(layout, monkeypatch):
+def test_scale_layout_picks_the_hopper_kernel(layout, hopper, monkeypatch):
     # The wgmma kernel copies scale words with TMA, which needs MN-major scales; K-major ones run
     # on mma.sync, with the same result.
-    if device_info(0).arch not in WGMMA_ARCHS:
-        pytest.skip("the wgmma kernel needs sm_90a")
     served, real_call = [], launch.GemmKernel.__call__
 
     def recording_call(self, *args):
