@@ -17,7 +17,8 @@
 // The promotion (a multiply and an FMA per accumulator per scale group) is work a plain FP8 GEMM
 // does not have; it runs on the CUDA cores beside the tensor work (docs/DESIGN.md).
 // Operands are swapped as in the mma.sync kernel: weight rows are wgmma's M (64 per warpgroup),
-// tokens its N, so a token tile can be any multiple of 8 (ptx::Wgmma has 32, 64, 96 and 128).
+// tokens its N: a token tile is 32, 64, 96 or 128 tokens, and the tile that ends an expert runs
+// the narrowest wgmma that covers its rows.
 // A gated tile puts up rows in warpgroup 0 and the matching gate rows in warpgroup 1; the
 // epilogue combines them through shared memory. Work units come from the same TileScheduler as
 // the other kernels; the pipeline runs on across units. Rows a tile reads past its expert
@@ -180,15 +181,17 @@ struct WgmmaGemm {
 
     // ---- consumers ------------------------------------------------------------------------------
 
-    // acc += partial * (weight scale of the row) * (token scale of the column), from one slice's floats.
-    __device__ __forceinline__ static void promote(float (&acc)[kAccumulators], const float (&partial)[kAccumulators],
+    // acc += partial * (weight scale of the row) * (token scale of the column), from one slice's
+    // floats, over the tile's first WIDTH token columns.
+    template <int WIDTH>
+    __device__ __forceinline__ static void promote(float (&acc)[kAccumulators], const float (&partial)[WIDTH / 2],
                                                    const float* scales, int warpgroup, int thread) {
         const int warp = thread / 32, lane = thread % 32;
         const int row = 64 * warpgroup + 16 * warp + lane / 4;
         const float weight_scale[2] = {scales[row], scales[row + 8]};
         const f32x2* token_scales = reinterpret_cast<const f32x2*>(scales + kWeightRows + 2 * (lane % 4));
 #pragma unroll
-        for (int j = 0; j < BLOCK_T / 8; ++j) {
+        for (int j = 0; j < WIDTH / 8; ++j) {
             const f32x2 token_scale = token_scales[4 * j];
 #pragma unroll
             for (int i = 0; i < 4; ++i)
@@ -204,51 +207,83 @@ struct WgmmaGemm {
     static constexpr int kGroupK = kBlockK / kGroupsPerStage;
     // Groups per chain: a chain ends with no wgmma in flight, since ptxas serializes every wgmma
     // of the kernel when a loop carries one in flight across its back edge. The chain's last
-    // promotion does not overlap: 1 in kChain.
-    static constexpr int kChain = 4;
+    // promotion does not overlap: 1 in kChain. Chains of 3 where they divide K and 4 do not:
+    // 4 + 2 groups (K = 768) made ptxas spill in the consumers.
+    static constexpr int kChain = kGroups % 4 != 0 && kGroups % 3 == 0 ? 3 : 4;
+    // Token columns a tile's wgmmas cover come in steps of 32 (ptx::Wgmma has 32, 64, 96 and 128).
+    static constexpr int kWidthStep = 32;
 
     __device__ __forceinline__ void consume(int warpgroup, int thread) const {
-        float acc[kAccumulators], partial[2][kAccumulators];
+        float acc[kAccumulators];
         int first_stage = 0;  // pipeline iteration of the unit's first K block
         for (i64 u = blockIdx.x; u < scheduler.num_units; u += gridDim.x, first_stage += kKIters) {
             const WorkUnit w = scheduler.unit(u);
 #pragma unroll
             for (int i = 0; i < kAccumulators; ++i) acc[i] = 0.0f;
-            int g = 0;
-            for (; g + kChain <= kGroups; g += kChain) chain<kChain>(acc, partial, first_stage, g, warpgroup, thread);
-            chain<kGroups % kChain>(acc, partial, first_stage, g, warpgroup, thread);
+            multiply_narrowest<kWidthStep>(acc, first_stage, w.rows, warpgroup, thread);
             store_tile(acc, w, warpgroup, thread);
         }
     }
 
+    // The tile's K loop with the narrowest wgmma that covers its rows: under random routing every
+    // expert's last tile is partial, and a full-width wgmma would spend a full tile's tensor time
+    // on it. The width is uniform across the CTA (one unit), as wgmma requires; accumulators past
+    // it keep their zeros and belong to rows that are never stored. Each width has its own
+    // partials, live only inside its loop: partials shared by all widths stay live across the
+    // branches, and ptxas then serializes the wgmmas for want of registers (C7511).
+    template <int WIDTH>
+    __device__ __forceinline__ void multiply_narrowest(float (&acc)[kAccumulators], int first_stage, int rows,
+                                                       int warpgroup, int thread) const {
+        if constexpr (WIDTH < BLOCK_T) {
+            if (rows > WIDTH) {
+                multiply_narrowest<WIDTH + kWidthStep>(acc, first_stage, rows, warpgroup, thread);
+                return;
+            }
+        }
+        float partial[2][WIDTH / 2];
+        if constexpr (WIDTH == BLOCK_T) {
+            int g = 0;
+            for (; g + kChain <= kGroups; g += kChain) chain<kChain, WIDTH>(acc, partial, first_stage, g, warpgroup, thread);
+            chain<kGroups % kChain, WIDTH>(acc, partial, first_stage, g, warpgroup, thread);
+        } else {
+            // A narrower tile (at most one per expert) runs chains of two groups: its wgmmas are
+            // short, and chains of kChain for every width made the code 1.7x larger (gpt-oss
+            // gate_up: 68 -> 118 KB of SASS) for no measured gain. (Chains of one made ptxas
+            // spill in the consumers.)
+            int g = 0;
+            for (; g + 2 <= kGroups; g += 2) chain<2, WIDTH>(acc, partial, first_stage, g, warpgroup, thread);
+            chain<kGroups % 2, WIDTH>(acc, partial, first_stage, g, warpgroup, thread);
+        }
+    }
+
     // Groups g0 .. g0 + COUNT - 1: group g sums into partial[(g - g0) % 2].
-    template <int COUNT>
-    __device__ __forceinline__ void chain(float (&acc)[kAccumulators], float (&partial)[2][kAccumulators],
+    template <int COUNT, int WIDTH>
+    __device__ __forceinline__ void chain(float (&acc)[kAccumulators], float (&partial)[2][WIDTH / 2],
                                           int first_stage, int g0, int warpgroup, int thread) const {
         if constexpr (COUNT > 0) {
-            issue_group<0>(partial, first_stage, g0, warpgroup);
-            chain_link<0, COUNT>(acc, partial, first_stage, g0, warpgroup, thread);
+            issue_group<0, WIDTH>(partial, first_stage, g0, warpgroup);
+            chain_link<0, COUNT, WIDTH>(acc, partial, first_stage, g0, warpgroup, thread);
         }
     }
 
     // Link I: issue group I + 1, then promote group I once its wgmmas are done (every read of a
     // partial follows the wait that retires its wgmmas).
-    template <int I, int COUNT>
-    __device__ __forceinline__ void chain_link(float (&acc)[kAccumulators], float (&partial)[2][kAccumulators],
+    template <int I, int COUNT, int WIDTH>
+    __device__ __forceinline__ void chain_link(float (&acc)[kAccumulators], float (&partial)[2][WIDTH / 2],
                                                int first_stage, int g0, int warpgroup, int thread) const {
         if constexpr (I + 1 < COUNT) {
-            issue_group<(I + 1) % 2>(partial, first_stage, g0 + I + 1, warpgroup);
+            issue_group<(I + 1) % 2, WIDTH>(partial, first_stage, g0 + I + 1, warpgroup);
             ptx::wgmma_wait<1>();
         } else {
             ptx::wgmma_wait<0>();
         }
-        finish_group<I % 2>(acc, partial, first_stage, g0 + I, warpgroup, thread);
-        if constexpr (I + 1 < COUNT) chain_link<I + 1, COUNT>(acc, partial, first_stage, g0, warpgroup, thread);
+        finish_group<I % 2, WIDTH>(acc, partial, first_stage, g0 + I, warpgroup, thread);
+        if constexpr (I + 1 < COUNT) chain_link<I + 1, COUNT, WIDTH>(acc, partial, first_stage, g0, warpgroup, thread);
     }
 
     // Group g's wgmmas into partial[P], after waiting for its stage at the stage's first group.
-    template <int P>
-    __device__ __forceinline__ void issue_group(float (&partial)[2][kAccumulators], int first_stage, int g,
+    template <int P, int WIDTH>
+    __device__ __forceinline__ void issue_group(float (&partial)[2][WIDTH / 2], int first_stage, int g,
                                                 int warpgroup) const {
         const int it = first_stage + g / kGroupsPerStage, s = it % STAGES, slice = g % kGroupsPerStage;
         if (slice == 0) {
@@ -262,18 +297,18 @@ struct WgmmaGemm {
         const u64 b = ptx::smem_descriptor_sw128(ptx::shared_address(stage(s)) + kWeightBytes) + 2 * slice;
         ptx::wgmma_fence();  // partial[P] was last read by the promotion of group g - 2
 #pragma unroll
-        for (int ks = 0; ks < kGroupK / 32; ++ks) ptx::Wgmma<BLOCK_T>::run(partial[P], a + 2 * ks, b + 2 * ks, ks);
+        for (int ks = 0; ks < kGroupK / 32; ++ks) ptx::Wgmma<WIDTH>::run(partial[P], a + 2 * ks, b + 2 * ks, ks);
         ptx::wgmma_commit();
     }
 
     // Promote group g's partial (its wgmmas are done); after the stage's last group, release the
     // stage. Every thread arrives, since an arrive releases only the arriving thread's own reads.
-    template <int P>
-    __device__ __forceinline__ void finish_group(float (&acc)[kAccumulators], float (&partial)[2][kAccumulators],
+    template <int P, int WIDTH>
+    __device__ __forceinline__ void finish_group(float (&acc)[kAccumulators], float (&partial)[2][WIDTH / 2],
                                                  int first_stage, int g, int warpgroup, int thread) const {
         const int it = first_stage + g / kGroupsPerStage, s = it % STAGES, slice = g % kGroupsPerStage;
         ptx::fence_registers(partial[P]);
-        promote(acc, partial[P], scale_floats(s) + slice * kScaleWords, warpgroup, thread);
+        promote<WIDTH>(acc, partial[P], scale_floats(s) + slice * kScaleWords, warpgroup, thread);
         if (slice == kGroupsPerStage - 1) ptx::mbarrier_arrive(empty_barrier(s));
     }
 

@@ -7,11 +7,8 @@ import torch
 from . import envs
 from .gemm.device import capturing
 from .gemm.plan import kernel_for
-from .gemm.tensor_maps import scales_fit_tma
 from .reference import reference_moe_gemm
 from .validation import check_call, check_indptr_values, check_options
-
-_ALIGNMENT = 16  # bytes; the tensor-core kernels move a, b and out in 16-byte vectors
 
 
 def moe_gemm_mxfp8_nt_groupwise(
@@ -65,7 +62,7 @@ def moe_gemm_mxfp8_nt_groupwise(
             raise ValueError("validate=True (or MXFP8_MOE_VALIDATE=1) reads m_indptr on the host, which a CUDA "
                              "graph capture does not allow; validate outside the capture")
         check_indptr_values(m_indptr, problem.cum_m)
-    if out is None:
+    if out is None:  # (torch's allocations are aligned far past 16 bytes: problem.aligned holds)
         out = torch.empty((problem.cum_m, problem.n_out), dtype=torch.bfloat16, device=problem.device)
     if problem.cum_m == 0:
         return out
@@ -77,8 +74,6 @@ def moe_gemm_mxfp8_nt_groupwise(
     device_index = problem.device.index
     kernel = kernel_for(device_index=device_index, num_experts=problem.num_experts, cum_m=problem.cum_m,
                         n=problem.n, k=problem.k, k_granularity=k_granularity, gated=is_gated,
-                        scale_mode=envs.scale_mode(),
-                        aligned=(a.data_ptr() | b.data_ptr() | out.data_ptr()) % _ALIGNMENT == 0,
-                        scales_fit_tma=scales_fit_tma(a_scale, b_scale))
+                        scale_mode=envs.scale_mode(), aligned=problem.aligned, scales_fit_tma=problem.tma_scales)
     kernel(a, b, a_scale, b_scale, m_indptr, out, torch._C._cuda_getCurrentRawStream(device_index))
     return out

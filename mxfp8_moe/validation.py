@@ -5,6 +5,10 @@ NotImplementedError for an unknown backend or out_dtype), plus the ones a kernel
 callers: one device for all tensors, `out` fully described, no `out` that overlaps an input.
 Messages name the argument, what was expected and what came. No device-to-host sync happens here;
 `check_indptr_values` is the opt-in check of m_indptr's values, which needs one.
+
+The tensor checks depend only on the tensors' metadata (type, dtype, device, shape, strides,
+address), so `check_call` remembers its verdict per metadata: a server that calls again with the
+same buffers pays for one tuple instead of the checks.
 """
 
 from __future__ import annotations
@@ -14,10 +18,16 @@ from typing import NamedTuple
 import torch
 
 from .checks import K_GRANULARITIES
+from .gemm.tensor_maps import scales_fit_tma
 from .layout import k_align, m_padded
 
 BACKENDS = ("auto", "cuda", "cute", "reference")
 GRANULARITIES = tuple((1, 1, g) for g in K_GRANULARITIES)  # scale_granularity_mnk values
+_ALIGNMENT = 16  # bytes; the tensor-core kernels move a, b and out in 16-byte vectors
+# Distinct metadata in a server is bounded by its buffers and batch sizes; the bound only guards
+# against a caller cycling through unbounded tensors.
+_MAX_CHECKED = 4096
+_checked: dict[tuple, "GemmProblem"] = {}
 
 
 class GemmProblem(NamedTuple):
@@ -28,6 +38,8 @@ class GemmProblem(NamedTuple):
     k_granularity: int
     gated: bool
     device: torch.device
+    aligned: bool  # a, b and out (when given) allow 16-byte vectors; an out allocated here does
+    tma_scales: bool  # both scale tensors are laid out as the wgmma kernel's TMA reads them
 
     @property
     def n_out(self) -> int:
@@ -80,6 +92,26 @@ def check_options(scale_granularity_mnk, scale_major_mode, backend, out_dtype) -
 
 def check_call(a, b, a_scale, b_scale, m_indptr, out, *, k_granularity: int, is_gated: bool) -> GemmProblem:
     """Validate the tensors of a call; returns the problem they describe."""
+    try:
+        key = (_metadata(a), _metadata(b), _metadata(a_scale), _metadata(b_scale), _metadata(m_indptr),
+               None if out is None else _metadata(out), k_granularity, is_gated)
+    except AttributeError:  # not tensors: the checks say which argument
+        key = None
+    problem = _checked.get(key)
+    if problem is None:
+        problem = _check_tensors(a, b, a_scale, b_scale, m_indptr, out, k_granularity=k_granularity, is_gated=is_gated)
+        if key is not None:
+            if len(_checked) >= _MAX_CHECKED:
+                _checked.clear()
+            _checked[key] = problem
+    return problem
+
+
+def _metadata(x) -> tuple:
+    return type(x), x.dtype, x.device, x.shape, x.stride(), x.data_ptr()
+
+
+def _check_tensors(a, b, a_scale, b_scale, m_indptr, out, *, k_granularity: int, is_gated: bool) -> GemmProblem:
     _tensor("a", a, torch.float8_e4m3fn, 2)
     _tensor("b", b, torch.float8_e4m3fn, 3)
     _tensor("a_scale", a_scale, torch.int32, 2)
@@ -123,7 +155,9 @@ def check_call(a, b, a_scale, b_scale, m_indptr, out, *, k_granularity: int, is_
         _contiguous("out", out)
         if cum_m:
             _check_no_overlap(out, a, b, a_scale, b_scale, m_indptr)
-    return GemmProblem(num_experts, cum_m, n, k, k_granularity, is_gated, device)
+    aligned = (a.data_ptr() | b.data_ptr() | (0 if out is None else out.data_ptr())) % _ALIGNMENT == 0
+    return GemmProblem(num_experts, cum_m, n, k, k_granularity, is_gated, device, aligned,
+                       scales_fit_tma(a_scale, b_scale))
 
 
 def _check_no_overlap(out, a, b, a_scale, b_scale, m_indptr) -> None:

@@ -75,8 +75,11 @@ def test_wgmma_on_hopper_from_decode_to_prefill():
         assert choose(arch, cum_m=128 * 256).kind == "mma"
 
 
-def test_wgmma_token_tile_minimizes_computed_columns():
+def test_wgmma_token_tile_minimizes_cost():
+    # Decode: one narrow tile, and the smallest box to copy.
     assert wgmma_token_tile(1) == 32 and wgmma_token_tile(16) == 32
+    # 32 +- 6 rows: one tile whose wgmma is 32 or 64 columns wide, not one or two 32-row tiles.
+    assert wgmma_token_tile(32) == 64
     assert wgmma_token_tile(64) == 96  # 64 +- 8 rows: one 96-row tile, not one or two of 64
     assert wgmma_token_tile(128) == wgmma_token_tile(4096) == 128
     tiles = [wgmma_token_tile(r) for r in (1, 8, 32, 48, 64, 100, 128, 256, 1024)]

@@ -15,7 +15,7 @@ from typing import Callable
 import pytest
 import torch
 
-from mxfp8_moe import moe_gemm_mxfp8_nt_groupwise, reference_moe_gemm
+from mxfp8_moe import moe_gemm_mxfp8_nt_groupwise, reference_moe_gemm, validation
 from problems import indptr, make_problem
 
 ROWS = [2, 0, 5]
@@ -270,3 +270,30 @@ def test_valid_call_passes():
         args = [call[name] for name in ("a", "b", "a_scale", "b_scale", "m_indptr")]
         expected = reference_moe_gemm(*args, k_granularity=kg)
         assert torch.equal(moe_gemm_mxfp8_nt_groupwise(**call), expected.to(torch.bfloat16))
+
+
+def test_verdicts_are_remembered_per_tensor_metadata(monkeypatch):
+    """A call with an earlier call's tensor metadata skips the checks; any change of a tensor's
+    dtype, strides or address (a new buffer in place of an input) runs them again."""
+    checked = []
+    real_checks = validation._check_tensors
+    monkeypatch.setattr(validation, "_check_tensors", lambda *args, **kw: checked.append(1) or real_checks(*args, **kw))
+    monkeypatch.setattr(validation, "_checked", {})
+    call = valid_call(128)
+    moe_gemm_mxfp8_nt_groupwise(**call)
+    moe_gemm_mxfp8_nt_groupwise(**call)
+    assert len(checked) == 1
+    call["out"] = filled(CUM_M, N)  # a new output buffer: checked again, then remembered
+    moe_gemm_mxfp8_nt_groupwise(**call)
+    moe_gemm_mxfp8_nt_groupwise(**call)
+    assert len(checked) == 2
+    a = call["a"]
+    for bad, message in ((a.view(torch.uint8), "a must have dtype torch.float8_e4m3fn"),
+                         (strided(a, 0), "a must be contiguous")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            moe_gemm_mxfp8_nt_groupwise(**{**call, "a": bad})
+    # out over a's bytes: the same metadata as a valid out but for the address, refused.
+    overlapping = a.view(torch.uint8).view(-1)[:2 * CUM_M * N].view(torch.bfloat16).view(CUM_M, N)
+    with pytest.raises(ValueError, match="out must not overlap a"):
+        moe_gemm_mxfp8_nt_groupwise(**{**call, "out": overlapping})
+    assert len(checked) == 5

@@ -32,8 +32,11 @@ NATIVE_ARCHS = ("sm_120a", "sm_121a")
 WGMMA_ARCHS = ("sm_90a",)
 WGMMA_TOKEN_TILES = (32, 64, 96, 128)
 WGMMA_MAX_STAGES = 5
-# Fixed cost of a token tile (its epilogue, its weight tile's trip from L2), in token columns.
+# Cost of a token tile beside the columns it multiplies, in token columns: a fixed part (its
+# epilogue, its weight tile's trip from L2) and, per row of its token box, the copy of that row
+# (the box is the whole tile even where the expert's rows end; copied, not multiplied: 1/8).
 WGMMA_TILE_OVERHEAD = 32
+WGMMA_BOX_ROW_COST = 1 / 8
 # Standard-normal quantiles at probabilities 0.1, 0.3, 0.5, 0.7, 0.9: an expert's rows under
 # random routing, Poisson(mean) ~ mean + z sqrt(mean).
 _ROUTING_QUANTILES = (-1.2816, -0.5244, 0.0, 0.5244, 1.2816)
@@ -119,14 +122,21 @@ def wgmma_spec(device: DeviceInfo, num_experts: int, rows: float, n: int, k: int
 
 
 def wgmma_token_tile(rows: float) -> int:
-    """The token tile with the fewest computed columns (tiles x (tile + overhead)) over an expert's
-    likely row counts; ties go to the larger tile."""
-    samples = [max(1.0, rows + z * math.sqrt(rows)) for z in _ROUTING_QUANTILES]
+    """The token tile of least cost over an expert's likely row counts. A tile multiplies the
+    narrowest multiple of 32 token columns that covers its rows (the kernel's last tile of an
+    expert runs a narrower wgmma), plus the tile's overhead and its token box's copy."""
+    samples = [max(1, round(rows + z * math.sqrt(rows))) for z in _ROUTING_QUANTILES]
 
     def cost(tile: int) -> float:
-        return sum(math.ceil(r / tile) for r in samples) * (tile + WGMMA_TILE_OVERHEAD)
+        total = 0.0
+        for r in samples:
+            full, rest = divmod(r, tile)
+            columns = full * tile + math.ceil(rest / 32) * 32
+            tiles = full + (rest > 0)
+            total += columns + tiles * (WGMMA_TILE_OVERHEAD + WGMMA_BOX_ROW_COST * tile)
+        return total
 
-    return min(reversed(WGMMA_TOKEN_TILES), key=cost)
+    return min(WGMMA_TOKEN_TILES, key=cost)
 
 
 def candidate_specs(*, device: DeviceInfo, num_experts: int, n: int, k: int, k_granularity: int, gated: bool,
