@@ -75,15 +75,26 @@ def test_wgmma_on_hopper_from_decode_to_prefill():
         assert choose(arch, cum_m=128 * 256).kind == "mma"
 
 
-def test_wgmma_token_tile_minimizes_cost():
-    # Decode: one narrow tile, and the smallest box to copy.
-    assert wgmma_token_tile(1) == 32 and wgmma_token_tile(16) == 32
-    # 32 +- 6 rows: one tile whose wgmma is 32 or 64 columns wide, not one or two 32-row tiles.
-    assert wgmma_token_tile(32) == 64
-    assert wgmma_token_tile(64) == 96  # 64 +- 8 rows: one 96-row tile, not one or two of 64
-    assert wgmma_token_tile(128) == wgmma_token_tile(4096) == 128
-    tiles = [wgmma_token_tile(r) for r in (1, 8, 32, 48, 64, 100, 128, 256, 1024)]
+@pytest.mark.parametrize("narrow_last_tile", [False, True])
+def test_wgmma_token_tile_minimizes_cost(narrow_last_tile):
+    def tile(rows):
+        return wgmma_token_tile(rows, narrow_last_tile)
+
+    # Decode: one tile, the smallest box to copy.
+    assert tile(1) == 32 and tile(16) == 32
+    # 32 +- 6 rows: one 64-row tile, not one or two 32-row ones (each re-reads the expert's weights).
+    assert tile(32) == 64
+    assert tile(64) == 96  # 64 +- 8 rows: one 96-row tile, not one or two of 64
+    assert tile(128) == tile(4096) == 128
+    tiles = [tile(r) for r in (1, 8, 32, 48, 64, 100, 128, 256, 1024)]
     assert tiles == sorted(tiles)
+
+
+def test_narrow_last_tiles_make_large_tiles_cheaper():
+    # 276 +- 17 rows: three 96-row tiles beat two full 128-row tiles and a mostly empty one, unless
+    # the last tile is only as wide as its rows.
+    assert wgmma_token_tile(276, narrow_last_tile=False) == 96
+    assert wgmma_token_tile(276, narrow_last_tile=True) == 128
 
 
 def test_scale_modes():

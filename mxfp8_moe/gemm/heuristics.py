@@ -33,10 +33,15 @@ WGMMA_ARCHS = ("sm_90a",)
 WGMMA_TOKEN_TILES = (32, 64, 96, 128)
 WGMMA_MAX_STAGES = 5
 # Cost of a token tile beside the columns it multiplies, in token columns: a fixed part (its
-# epilogue, its weight tile's trip from L2) and, per row of its token box, the copy of that row
-# (the box is the whole tile even where the expert's rows end; copied, not multiplied: 1/8).
-WGMMA_TILE_OVERHEAD = 32
+# epilogue, its weight tile's trip from L2 or HBM) and, per row of its token box, the copy of that
+# row (the box is the whole tile even where the expert's rows end; copied, not multiplied: 1/8).
+# Fitted on H100 (docs/PERFORMANCE.md, v6): 32 +- 6 rows per expert run 7-14 % faster in 64-row
+# tiles than in 32-row ones, which needs an overhead above 54.
+WGMMA_TILE_OVERHEAD = 64
 WGMMA_BOX_ROW_COST = 1 / 8
+# The k granularity at which the wgmma kernel multiplies an expert's last tile only as wide as its
+# rows (kernels/wgmma_grouped_gemm.cuh: multiply_narrowest).
+WGMMA_NARROW_LAST_TILE_K_GRANULARITY = 32
 # Standard-normal quantiles at probabilities 0.1, 0.3, 0.5, 0.7, 0.9: an expert's rows under
 # random routing, Poisson(mean) ~ mean + z sqrt(mean).
 _ROUTING_QUANTILES = (-1.2816, -0.5244, 0.0, 0.5244, 1.2816)
@@ -112,7 +117,7 @@ def wgmma_spec(device: DeviceInfo, num_experts: int, rows: float, n: int, k: int
     """The wgmma kernel with as many pipeline stages as fit (None if two do not)."""
     if (n // 2 if gated else n) % (64 if gated else 16):
         return None  # gated tiles pair 64 up rows with 64 gate rows
-    block_t = wgmma_token_tile(rows)
+    block_t = wgmma_token_tile(rows, narrow_last_tile=k_granularity == WGMMA_NARROW_LAST_TILE_K_GRANULARITY)
     spec = KernelSpec("wgmma", device.arch, n, k, k_granularity, gated, block_n=64 if gated else 128,
                       block_t=block_t, stages=1)
     budget = device.shared_memory_limit - _PER_BLOCK_RESERVE - (spec.dynamic_shared_bytes(num_experts)
@@ -121,17 +126,17 @@ def wgmma_spec(device: DeviceInfo, num_experts: int, rows: float, n: int, k: int
     return dataclasses.replace(spec, stages=stages) if stages >= 2 else None
 
 
-def wgmma_token_tile(rows: float) -> int:
-    """The token tile of least cost over an expert's likely row counts. A tile multiplies the
-    narrowest multiple of 32 token columns that covers its rows (the kernel's last tile of an
-    expert runs a narrower wgmma), plus the tile's overhead and its token box's copy."""
+def wgmma_token_tile(rows: float, narrow_last_tile: bool) -> int:
+    """The token tile of least cost over an expert's likely row counts: the token columns its
+    wgmmas multiply (with `narrow_last_tile`, an expert's last tile only the multiple of 32 that
+    covers its rows), the tile's overhead and its token box's copy."""
     samples = [max(1, round(rows + z * math.sqrt(rows))) for z in _ROUTING_QUANTILES]
 
     def cost(tile: int) -> float:
         total = 0.0
         for r in samples:
             full, rest = divmod(r, tile)
-            columns = full * tile + math.ceil(rest / 32) * 32
+            columns = full * tile + (math.ceil(rest / 32) * 32 if narrow_last_tile else tile * (rest > 0))
             tiles = full + (rest > 0)
             total += columns + tiles * (WGMMA_TILE_OVERHEAD + WGMMA_BOX_ROW_COST * tile)
         return total
