@@ -326,23 +326,33 @@ struct WgmmaGemm {
         return (col / 64) * BLOCK_T * 128 + token * 128 + (((col % 64 / 8) ^ (token % 8)) * 16) + col % 8 * 2;
     }
 
-    // bf16 (gated: up * silu(gate)) into the staging tile, then out. A full tile (every row in its
-    // expert) goes out by TMA store, finished by the copy engine while the consumers go on with the
-    // next unit (storing synchronously cost 9-17 % of the kernel's time); the tile that ends an
-    // expert is stored by the consumers, its valid rows only.
+    // bf16 (gated: up * silu(gate)) out. A full tile (every row in its expert) goes through a
+    // staging tile and out by TMA store, finished by the copy engine while the consumers go on with
+    // the next unit (storing synchronously cost 9-17 % of the kernel's time); the tile that ends an
+    // expert is stored by the consumers straight from their registers, its valid rows only.
     __device__ __forceinline__ void store_tile(const float (&acc)[kAccumulators], const WorkUnit& w, int warpgroup,
                                                int thread) const {
-        u8* staging = tiles + kStagingOffset;
         float* exchange = reinterpret_cast<float*>(tiles + kExchangeOffset);
-        const int warp = thread / 32, lane = thread % 32;
-        const bool issuer = warpgroup == 0 && thread == 0;  // issues the TMA stores
         if (GATED && warpgroup == 1) {
 #pragma unroll
             for (int i = 0; i < kAccumulators; ++i) exchange[i * 128 + thread] = silu(acc[i]);
         }
+        if (w.rows == BLOCK_T) {
+            store_full_tile(acc, exchange, w, warpgroup, thread);
+        } else {
+            if (GATED) consumers_sync();  // the exchange is written
+            if (!GATED || warpgroup == 0) store_partial_tile(acc, exchange, w, warpgroup, thread);
+            if (GATED) consumers_sync();  // ... and read before the next tile writes it
+        }
+    }
+
+    __device__ __forceinline__ void store_full_tile(const float (&acc)[kAccumulators], const float* exchange,
+                                                    const WorkUnit& w, int warpgroup, int thread) const {
+        u8* staging = tiles + kStagingOffset;
+        const int warp = thread / 32, lane = thread % 32;
+        const bool issuer = warpgroup == 0 && thread == 0;  // issues the TMA stores
         if (issuer) ptx::bulk_wait_read();  // the last TMA store has read the staging tile
-        consumers_sync();                   // ... every thread's stores of the last tile are done,
-                                            // and the exchange is written
+        consumers_sync();                   // ... and, gated, the exchange is written
         if (!GATED || warpgroup == 0) {
 #pragma unroll
             for (int j = 0; j < BLOCK_T / 8; ++j)
@@ -357,25 +367,36 @@ struct WgmmaGemm {
             ptx::fence_proxy_async_shared();  // for the TMA store
         }
         consumers_sync();
-        const int n0 = w.n_tile * kBlockN;
-        if (w.rows == BLOCK_T) {
-            if (issuer) {
+        if (issuer) {
+            const int n0 = w.n_tile * kBlockN;
 #pragma unroll
-                for (int box = 0; box < kBlockN / 64; ++box)  // columns past N are clipped
-                    if (n0 + 64 * box < kNOut)
-                        ptx::tma_store_2d(&maps.output, ptx::shared_address(staging + box * BLOCK_T * 128),
-                                          n0 + 64 * box, w.row);
-                ptx::bulk_commit();
-            }
-        } else {
-            constexpr int kChunks = kBlockN / 8;
-            for (int c = warpgroup * 128 + thread; c < BLOCK_T * kChunks; c += kConsumers * 128) {
-                const int r = c / kChunks, col = 8 * (c % kChunks);
-                if (r < w.rows && n0 + col < kNOut)
-                    *reinterpret_cast<u32x4*>(p.out + static_cast<i64>(w.row + r) * kNOut + n0 + col) =
-                        *reinterpret_cast<const u32x4*>(staging + staging_offset(r, col));
-            }
+            for (int box = 0; box < kBlockN / 64; ++box)  // columns past N are clipped
+                if (n0 + 64 * box < kNOut)
+                    ptx::tma_store_2d(&maps.output, ptx::shared_address(staging + box * BLOCK_T * 128),
+                                      n0 + 64 * box, w.row);
+            ptx::bulk_commit();
         }
+    }
+
+    // A thread's accumulators, each to its (token, column) of out: a warp's eight lanes of one
+    // token write 16 consecutive bytes. Decode tiles hold a few rows, so no staging, no barrier
+    // (none at all ungated).
+    __device__ __forceinline__ void store_partial_tile(const float (&acc)[kAccumulators], const float* exchange,
+                                                       const WorkUnit& w, int warpgroup, int thread) const {
+        const int warp = thread / 32, lane = thread % 32;
+        const int n0 = w.n_tile * kBlockN;
+#pragma unroll
+        for (int j = 0; j < BLOCK_T / 8; ++j)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int v = 4 * j + i;
+                const int col = n0 + (GATED ? 0 : 64 * warpgroup) + 16 * warp + lane / 4 + 8 * (i / 2);
+                const int token = 8 * j + 2 * (lane % 4) + i % 2;
+                if (token < w.rows && col < kNOut) {
+                    const float value = GATED ? acc[v] * exchange[v * 128 + thread] : acc[v];
+                    p.out[static_cast<i64>(w.row + token) * kNOut + col] = float_to_bf16(value);
+                }
+            }
     }
 
     __device__ __forceinline__ static void run(const GroupedGemmParams& params, const WgmmaTensorMaps& maps) {
