@@ -207,10 +207,14 @@ struct WgmmaGemm {
     static constexpr int kGroupK = kBlockK / kGroupsPerStage;
     // Groups per chain: a chain ends with no wgmma in flight, since ptxas serializes every wgmma
     // of the kernel when a loop carries one in flight across its back edge. The chain's last
-    // promotion does not overlap: 1 in kChain. Chains of 3 where they divide K and 4 do not:
-    // 4 + 2 groups (K = 768) made ptxas spill in the consumers.
-    static constexpr int kChain = kGroups % 4 != 0 && kGroups % 3 == 0 ? 3 : 4;
-    // Token columns a tile's wgmmas cover come in steps of 32 (ptx::Wgmma has 32, 64, 96 and 128).
+    // promotion does not overlap: 1 in kChain. Six groups (K = 768 at k_gran 128) run as 3 + 3:
+    // as 4 + 2, ptxas spilled in the consumers (an allocator quirk, not a rule: 4 + 4 + 2 is clean
+    // and 4 + 3 + 3 spills; the build tests hold K = 768 and 1280).
+    static constexpr int kChain = 4;
+    static constexpr bool kThreeAndThree = kGroups == 6;
+    // At k_gran 32 an expert's last tile multiplies only the token columns that hold its rows, in
+    // steps of 32 (ptx::Wgmma has 32, 64, 96 and 128); heuristics.wgmma_token_tile assumes the same.
+    static constexpr bool kNarrowLastTile = K_GRAN == 32;
     static constexpr int kWidthStep = 32;
 
     __device__ __forceinline__ void consume(int warpgroup, int thread) const {
@@ -220,41 +224,46 @@ struct WgmmaGemm {
             const WorkUnit w = scheduler.unit(u);
 #pragma unroll
             for (int i = 0; i < kAccumulators; ++i) acc[i] = 0.0f;
-            multiply_narrowest<kWidthStep>(acc, first_stage, w.rows, warpgroup, thread);
+            multiply_narrowest<kNarrowLastTile ? kWidthStep : BLOCK_T>(acc, first_stage, w.rows, warpgroup, thread);
             store_tile(acc, w, warpgroup, thread);
         }
     }
 
-    // The tile's K loop; at k_gran 32 with the narrowest wgmma that covers its rows. Under random
-    // routing every expert's last tile is partial, and at k_gran 32, whose four promotions per K
-    // block are the limit, promoting only the columns that hold rows pays: 5-8 % on H100 at
-    // T = 4096. At k_gran 128 the feed is the limit, and narrow tiles (in shorter chains) cost up
-    // to 6 %. The width is uniform across the CTA (one unit), as wgmma requires; accumulators past
-    // it keep their zeros and belong to rows that are never stored. Each width has its own
-    // partials, live only inside its loop: partials shared by all widths stay live across the
-    // branches, and ptxas then serializes the wgmmas for want of registers (C7511).
+    // The tile's K loop with the narrowest wgmma, from WIDTH up, that covers its rows (at k_gran 128
+    // consume starts at BLOCK_T: always full width). Under random routing every expert's last tile
+    // is partial; at k_gran 32, whose four promotions per K block are the limit, promoting only the
+    // columns that hold rows pays: 5-8 % on H100 at T = 4096. At k_gran 128 the feed is the limit,
+    // and narrow tiles (in shorter chains) cost up to 6 %. The width is uniform across the CTA (one
+    // unit), as wgmma requires; accumulators past it keep their zeros and belong to rows that are
+    // never stored. Each width has its own partials, live only inside its loop: partials shared by
+    // all widths stay live across the branches, and ptxas then serializes the wgmmas for want of
+    // registers (C7511).
     template <int WIDTH>
     __device__ __forceinline__ void multiply_narrowest(float (&acc)[kAccumulators], int first_stage, int rows,
                                                        int warpgroup, int thread) const {
         if constexpr (WIDTH < BLOCK_T) {
-            if (K_GRAN != 32 || rows > WIDTH) {
+            if (rows > WIDTH) {
                 multiply_narrowest<WIDTH + kWidthStep>(acc, first_stage, rows, warpgroup, thread);
                 return;
             }
         }
         float partial[2][WIDTH / 2];
         if constexpr (WIDTH == BLOCK_T) {
-            int g = 0;
-            for (; g + kChain <= kGroups; g += kChain) chain<kChain, WIDTH>(acc, partial, first_stage, g, warpgroup, thread);
-            chain<kGroups % kChain, WIDTH>(acc, partial, first_stage, g, warpgroup, thread);
+            if constexpr (kThreeAndThree) {
+                chain<3, WIDTH>(acc, partial, first_stage, 0, warpgroup, thread);
+                chain<3, WIDTH>(acc, partial, first_stage, 3, warpgroup, thread);
+            } else {
+                int g = 0;
+                for (; g + kChain <= kGroups; g += kChain) chain<kChain, WIDTH>(acc, partial, first_stage, g, warpgroup, thread);
+                chain<kGroups % kChain, WIDTH>(acc, partial, first_stage, g, warpgroup, thread);
+            }
         } else {
             // A narrower tile (at most one per expert) runs chains of two groups: its wgmmas are
             // short, and chains of kChain for every width made the code 1.7x larger (gpt-oss
             // gate_up: 68 -> 118 KB of SASS) for no measured gain. (Chains of one made ptxas
             // spill in the consumers.)
-            int g = 0;
-            for (; g + 2 <= kGroups; g += 2) chain<2, WIDTH>(acc, partial, first_stage, g, warpgroup, thread);
-            chain<kGroups % 2, WIDTH>(acc, partial, first_stage, g, warpgroup, thread);
+            static_assert(kGroups % 2 == 0, "k_gran 32: four groups per K block");
+            for (int g = 0; g < kGroups; g += 2) chain<2, WIDTH>(acc, partial, first_stage, g, warpgroup, thread);
         }
     }
 
@@ -378,9 +387,10 @@ struct WgmmaGemm {
         }
     }
 
-    // A thread's accumulators, each to its (token, column) of out: a warp's eight lanes of one
-    // token write 16 consecutive bytes. Decode tiles hold a few rows, so no staging, no barrier
-    // (none at all ungated).
+    // The tile that ends an expert: a thread's accumulators, each to its (token, column) of out (a
+    // warp's eight lanes of one token write 16 consecutive bytes), no staging tile; the gated
+    // exchange's barriers are store_tile's. Decode tiles hold a few rows: the staging round trip
+    // and its barriers cost 2-5 % there.
     __device__ __forceinline__ void store_partial_tile(const float (&acc)[kAccumulators], const float* exchange,
                                                        const WorkUnit& w, int warpgroup, int thread) const {
         const int warp = thread / 32, lane = thread % 32;

@@ -62,8 +62,10 @@ def moe_gemm_mxfp8_nt_groupwise(
             raise ValueError("validate=True (or MXFP8_MOE_VALIDATE=1) reads m_indptr on the host, which a CUDA "
                              "graph capture does not allow; validate outside the capture")
         check_indptr_values(m_indptr, problem.cum_m)
-    if out is None:  # (torch's allocations are aligned far past 16 bytes: problem.aligned holds)
+    aligned = problem.aligned
+    if out is None:
         out = torch.empty((problem.cum_m, problem.n_out), dtype=torch.bfloat16, device=problem.device)
+        aligned = aligned and out.data_ptr() % 16 == 0  # (a custom allocator might not align)
     if problem.cum_m == 0:
         return out
 
@@ -74,6 +76,6 @@ def moe_gemm_mxfp8_nt_groupwise(
     device_index = problem.device.index
     kernel = kernel_for(device_index=device_index, num_experts=problem.num_experts, cum_m=problem.cum_m,
                         n=problem.n, k=problem.k, k_granularity=k_granularity, gated=is_gated,
-                        scale_mode=envs.scale_mode(), aligned=problem.aligned, scales_fit_tma=problem.tma_scales)
+                        scale_mode=envs.scale_mode(), aligned=aligned, scales_fit_tma=problem.tma_scales)
     kernel(a, b, a_scale, b_scale, m_indptr, out, torch._C._cuda_getCurrentRawStream(device_index))
     return out

@@ -38,7 +38,7 @@ class GemmProblem(NamedTuple):
     k_granularity: int
     gated: bool
     device: torch.device
-    aligned: bool  # a, b and out (when given) allow 16-byte vectors; an out allocated here does
+    aligned: bool  # a, b and out (when given) allow 16-byte vectors
     tma_scales: bool  # both scale tensors are laid out as the wgmma kernel's TMA reads them
 
     @property
@@ -95,7 +95,7 @@ def check_call(a, b, a_scale, b_scale, m_indptr, out, *, k_granularity: int, is_
     try:
         key = (_metadata(a), _metadata(b), _metadata(a_scale), _metadata(b_scale), _metadata(m_indptr),
                None if out is None else _metadata(out), k_granularity, is_gated)
-    except AttributeError:  # not tensors: the checks say which argument
+    except (AttributeError, RuntimeError):  # not (strided) tensors: the checks say which argument
         key = None
     problem = _checked.get(key)
     if problem is None:

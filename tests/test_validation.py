@@ -287,6 +287,16 @@ def test_verdicts_are_remembered_per_tensor_metadata(monkeypatch):
     moe_gemm_mxfp8_nt_groupwise(**call)
     moe_gemm_mxfp8_nt_groupwise(**call)
     assert len(checked) == 2
+    # The same tensors (no out) with another is_gated or k granularity: checked again.
+    allocating = {**call, "out": None}
+    moe_gemm_mxfp8_nt_groupwise(**allocating)
+    moe_gemm_mxfp8_nt_groupwise(**allocating)
+    assert len(checked) == 3
+    assert moe_gemm_mxfp8_nt_groupwise(**{**allocating, "is_gated": True}).shape == (CUM_M, N // 2)
+    assert len(checked) == 4
+    with pytest.raises(ValueError, match="a_scale must have shape"):  # K = 160 needs 2 words at k_gran 32
+        moe_gemm_mxfp8_nt_groupwise(**{**allocating, "scale_granularity_mnk": (1, 1, 32)})
+    assert len(checked) == 5
     a = call["a"]
     for bad, message in ((a.view(torch.uint8), "a must have dtype torch.float8_e4m3fn"),
                          (strided(a, 0), "a must be contiguous")):
@@ -296,4 +306,4 @@ def test_verdicts_are_remembered_per_tensor_metadata(monkeypatch):
     overlapping = a.view(torch.uint8).view(-1)[:2 * CUM_M * N].view(torch.bfloat16).view(CUM_M, N)
     with pytest.raises(ValueError, match="out must not overlap a"):
         moe_gemm_mxfp8_nt_groupwise(**{**call, "out": overlapping})
-    assert len(checked) == 5
+    assert len(checked) == 8
