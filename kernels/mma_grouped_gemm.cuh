@@ -18,6 +18,7 @@
 #pragma once
 #include "tile_scheduler.cuh"
 #include "ptx/cp_async.cuh"
+#include "ptx/grid_dependency.cuh"
 #include "ptx/ldmatrix.cuh"
 #include "ptx/mma.cuh"
 
@@ -329,6 +330,10 @@ struct MmaGemm {
         u32 dynamic_bytes;
         asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dynamic_bytes));
         if (dynamic_bytes < static_cast<u32>(scheduler_bytes + kPipelineBytes)) __trap();  // host/device layout mismatch
+        // The launch may overlap the previous kernel's end: wait for it before the first global
+        // access (the scheduler reads m_indptr), then let the next kernel launch the same way.
+        ptx::wait_for_prior_grids();
+        ptx::allow_next_grid();
 
         const Scheduler scheduler(params, reinterpret_cast<int*>(shared));
         const int warp = threadIdx.x / 32;

@@ -26,6 +26,7 @@
 // the copy engine zero-fills what lies past a tensor's end.
 #pragma once
 #include "tile_scheduler.cuh"
+#include "ptx/grid_dependency.cuh"
 #include "ptx/tma.cuh"
 #include "ptx/wgmma.cuh"
 
@@ -415,6 +416,10 @@ struct WgmmaGemm {
         u32 dynamic_bytes;
         asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dynamic_bytes));
         if (dynamic_bytes < static_cast<u32>(shared_bytes(params.num_experts))) __trap();  // host/device mismatch
+        // The launch may overlap the previous kernel's end: wait for it before the first global
+        // access (the scheduler reads m_indptr), then let the next kernel launch the same way.
+        ptx::wait_for_prior_grids();
+        ptx::allow_next_grid();
 
         const Scheduler scheduler(params, reinterpret_cast<int*>(shared));
         const u32 barriers = ptx::shared_address(shared + scheduler_bytes);

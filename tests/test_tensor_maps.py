@@ -153,7 +153,7 @@ def test_maps_are_the_kernels_parameter_layout():
 class _RecordingKernel:
     """Stands in for a loaded kernel: records the tensor maps each launch passes."""
 
-    def __init__(self, cubin, entry, device_index, threads):
+    def __init__(self, cubin, entry, device_index, threads, programmatic):
         self.launched: list[bytes] = []
 
     def resident_blocks(self, shared_bytes):

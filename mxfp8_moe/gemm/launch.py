@@ -16,6 +16,7 @@ import torch
 
 from ..jit.build import build
 from ..jit.runtime import LoadedKernel
+from .device import DeviceInfo
 from .spec import ENTRY, WGMMA_WEIGHT_ROWS, KernelSpec, kernel_dir
 from .tensor_maps import WgmmaTensorMaps, wgmma_maps
 
@@ -51,7 +52,10 @@ class GemmKernel:
     def __init__(self, spec: KernelSpec, device_index: int):
         self.spec = spec
         cubin, _ = build(spec.source(), arch=spec.arch, include_dir=kernel_dir(), label=spec.label)
-        self.kernel = LoadedKernel(cubin, ENTRY, device_index, spec.threads)
+        # The tensor-core kernels wait for the previous grid before their first global access
+        # (griddepcontrol, sm_90+): their launch may overlap its end.
+        programmatic = spec.kind != "simt" and DeviceInfo.for_arch(spec.arch).capability >= (9, 0)
+        self.kernel = LoadedKernel(cubin, ENTRY, device_index, spec.threads, programmatic)
         self._arguments: dict[tuple, LaunchArguments] = {}
         self._grids: dict[tuple[int, int], tuple[tuple[int, int, int], int]] = {}
 

@@ -3,6 +3,8 @@
 Launches go through cuda-python's driver API on the caller's stream. The kernel is bound to the
 device's primary context (the one torch uses); a launch makes that context current only when the
 calling thread holds another one, so tensors on cuda:1 run on cuda:1 whatever the current device.
+A kernel that waits for the grid before it (kernels/ptx/grid_dependency.cuh) is launched with
+programmatic stream serialization: its launch overlaps the end of that grid.
 """
 
 from __future__ import annotations
@@ -74,12 +76,21 @@ def _enter(context: driver.CUcontext, context_id: int) -> bool:
     return True
 
 
-class LoadedKernel:
-    """One __global__ function of a CUBIN, loaded into one device's primary context."""
+# Launch configurations kept per kernel (one per grid, shared size and stream in use).
+_MAX_CONFIGS = 256
 
-    def __init__(self, cubin: bytes, name: str, device_index: int, threads: int):
+
+class LoadedKernel:
+    """One __global__ function of a CUBIN, loaded into one device's primary context.
+
+    `programmatic`: the kernel waits for the previous grid on its stream before touching global
+    memory (griddepcontrol.wait), so it may be launched while that grid finishes."""
+
+    def __init__(self, cubin: bytes, name: str, device_index: int, threads: int, programmatic: bool = False):
         self.device_index = device_index
         self.threads = threads
+        self.programmatic = programmatic
+        self._configs: dict[tuple, driver.CUlaunchConfig] = {}
         self._context, self._context_id, device = primary_context(device_index)
         pushed = _enter(self._context, self._context_id)
         try:
@@ -129,9 +140,34 @@ class LoadedKernel:
         """Launch on `stream` (a raw handle); params_address points at the void* array of arguments."""
         pushed = _enter(self._context, self._context_id)
         try:
-            (err,) = driver.cuLaunchKernel(self.function, *grid, self.threads, 1, 1, dynamic_shared,
-                                           stream, params_address, 0)
+            if self.programmatic:
+                (err,) = driver.cuLaunchKernelEx(self._config(grid, dynamic_shared, stream), self.function,
+                                                 params_address, 0)
+            else:
+                (err,) = driver.cuLaunchKernel(self.function, *grid, self.threads, 1, 1, dynamic_shared,
+                                               stream, params_address, 0)
         finally:
             if pushed:
                 driver.cuCtxPopCurrent()
         _check(err, "cuLaunchKernel")
+
+    def _config(self, grid: tuple[int, int, int], dynamic_shared: int, stream: int) -> driver.CUlaunchConfig:
+        """The programmatic launch's configuration, built once per (grid, shared size, stream) and
+        never changed after, so threads share it."""
+        key = (grid, dynamic_shared, stream)
+        config = self._configs.get(key)
+        if config is None:
+            serialization = driver.CUlaunchAttribute()
+            serialization.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+            serialization.value.programmaticStreamSerializationAllowed = 1
+            config = driver.CUlaunchConfig()
+            config.gridDimX, config.gridDimY, config.gridDimZ = grid
+            config.blockDimX, config.blockDimY, config.blockDimZ = self.threads, 1, 1
+            config.sharedMemBytes = dynamic_shared
+            config.hStream = stream
+            config.attrs = [serialization]
+            config.numAttrs = 1
+            if len(self._configs) >= _MAX_CONFIGS:
+                self._configs.clear()
+            self._configs[key] = config
+        return config
