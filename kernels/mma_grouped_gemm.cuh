@@ -338,7 +338,7 @@ struct MmaGemm {
         const Scheduler scheduler(params, reinterpret_cast<int*>(shared));
         const int warp = threadIdx.x / 32;
         const MmaGemm gemm{params, shared + scheduler_bytes, static_cast<int>(threadIdx.x % 32), warp % WARPS_N, warp / WARPS_N};
-        for (i64 u = blockIdx.x; u < scheduler.num_units; u += gridDim.x) gemm.run_unit(scheduler.unit(u));
+        for (i64 u = blockIdx.x; u < scheduler.num_units(); u += gridDim.x) gemm.run_unit(scheduler.unit(u));
     }
 };
 

@@ -28,7 +28,6 @@ struct TileScheduler {
     const int* offsets;      // [E + 1] m_indptr clamped to [0, cum_m], made non-decreasing
     const int* tile_starts;  // [E + 1] token tiles before each expert
     int num_experts;
-    i64 num_units;
 
     __device__ __forceinline__ TileScheduler(const GroupedGemmParams& p, int* shared) {
         const int E = p.num_experts;
@@ -66,7 +65,6 @@ struct TileScheduler {
         offsets = clamped;
         tile_starts = starts;
         num_experts = E;
-        num_units = static_cast<i64>(starts[E]) * N_TILES;
     }
 
     // Exclusive scan of one value per thread, in thread order, under an associative `op`.
@@ -91,6 +89,10 @@ struct TileScheduler {
     __device__ __forceinline__ static int expert_tiles(const int* clamped, int e) {
         return ceil_div(max(clamped[e + 1] - clamped[e], 0), BLOCK_T);
     }
+
+    // Read from shared memory at each use rather than kept in registers across the persistent
+    // loop: a register held that long is what ptxas chose to spill in some sm_120a builds.
+    __device__ __forceinline__ i64 num_units() const { return static_cast<i64>(tile_starts[num_experts]) * N_TILES; }
 
     __device__ __forceinline__ WorkUnit unit(i64 index) const {
         const int tile = static_cast<int>(index / N_TILES);

@@ -123,7 +123,7 @@ struct WgmmaGemm {
         ptx::prefetch_tensor_map(&maps.weight_scales);
         ptx::prefetch_tensor_map(&maps.output);  // for the consumers' stores
         int it = 0;
-        for (i64 u = blockIdx.x; u < scheduler.num_units; u += gridDim.x) {
+        for (i64 u = blockIdx.x; u < scheduler.num_units(); u += gridDim.x) {
             const WorkUnit w = scheduler.unit(u);
             const int n0 = w.n_tile * kBlockN;
             for (int kb = 0; kb < kKIters; ++kb, ++it) {
@@ -153,7 +153,7 @@ struct WgmmaGemm {
     // 128, all four bytes (the stage's k32 slices) for k_gran 32.
     __device__ __forceinline__ void convert_scales(int lane) const {
         int it = 0;
-        for (i64 u = blockIdx.x; u < scheduler.num_units; u += gridDim.x) {
+        for (i64 u = blockIdx.x; u < scheduler.num_units(); u += gridDim.x) {
             for (int kb = 0; kb < kKIters; ++kb, ++it) {
                 const int s = it % STAGES;
                 // The consumers' release of the stage's previous round already precedes "full"
@@ -221,7 +221,7 @@ struct WgmmaGemm {
     __device__ __forceinline__ void consume(int warpgroup, int thread) const {
         float acc[kAccumulators];
         int first_stage = 0;  // pipeline iteration of the unit's first K block
-        for (i64 u = blockIdx.x; u < scheduler.num_units; u += gridDim.x, first_stage += kKIters) {
+        for (i64 u = blockIdx.x; u < scheduler.num_units(); u += gridDim.x, first_stage += kKIters) {
             const WorkUnit w = scheduler.unit(u);
 #pragma unroll
             for (int i = 0; i < kAccumulators; ++i) acc[i] = 0.0f;

@@ -26,6 +26,10 @@ SM12X = ("sm_120a", "sm_121a")
 # A gated shape with K a multiple of the 128-byte stage, and an ungated one whose K (2880) ends in
 # a partial stage, so the k-step tail is compiled too.
 SHAPES = ((4096, 7168, True), (2880, 2880, False))
+# The benchmark's other model GEMMs (Qwen3-30B/235B, DeepSeek-V3 down, gpt-oss gate_up), built for
+# sm_120a too: register allocation differs from shape to shape (some of these once spilled there).
+SM120_MODEL_SHAPES = ((1536, 2048, True), (2048, 768, False), (3072, 4096, True), (4096, 1536, False),
+                      (7168, 2048, False), (5760, 2880, True))
 SASS_OPCODES = ("QMMA.SF", "QMMA", "HMMA", "LDL", "STL")
 
 
@@ -41,7 +45,7 @@ def _largest(specs):
 
 def _specs() -> list[KernelSpec]:
     specs: dict[KernelSpec, None] = {}
-    for n, k, gated in SHAPES:
+    for n, k, gated in SHAPES + SM120_MODEL_SHAPES:
         for k_granularity in (32, 128):
             specs.update(dict.fromkeys(_candidates("sm_120a", n, k, gated, k_granularity)))
     # Software scales on SM120 (the fallback mode) for the ungated shape.
