@@ -8,7 +8,7 @@ from . import envs
 from .gemm.device import capturing
 from .gemm.plan import kernel_for
 from .reference import reference_moe_gemm
-from .validation import check_call, check_indptr_values, check_options
+from .validation import VECTOR_ALIGNMENT, check_call, check_indptr_values, check_options
 
 
 def moe_gemm_mxfp8_nt_groupwise(
@@ -65,7 +65,7 @@ def moe_gemm_mxfp8_nt_groupwise(
     aligned = problem.aligned
     if out is None:
         out = torch.empty((problem.cum_m, problem.n_out), dtype=torch.bfloat16, device=problem.device)
-        aligned = aligned and out.data_ptr() % 16 == 0  # (a custom allocator might not align)
+        aligned = aligned and out.data_ptr() % VECTOR_ALIGNMENT == 0  # (a custom allocator might not align)
     if problem.cum_m == 0:
         return out
 

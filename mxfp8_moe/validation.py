@@ -23,7 +23,7 @@ from .layout import k_align, m_padded
 
 BACKENDS = ("auto", "cuda", "cute", "reference")
 GRANULARITIES = tuple((1, 1, g) for g in K_GRANULARITIES)  # scale_granularity_mnk values
-_ALIGNMENT = 16  # bytes; the tensor-core kernels move a, b and out in 16-byte vectors
+VECTOR_ALIGNMENT = 16  # bytes; the tensor-core kernels move a, b and out in 16-byte vectors
 # Distinct metadata in a server is bounded by its buffers and batch sizes; the bound only guards
 # against a caller cycling through unbounded tensors.
 _MAX_CHECKED = 4096
@@ -155,7 +155,7 @@ def _check_tensors(a, b, a_scale, b_scale, m_indptr, out, *, k_granularity: int,
         _contiguous("out", out)
         if cum_m:
             _check_no_overlap(out, a, b, a_scale, b_scale, m_indptr)
-    aligned = (a.data_ptr() | b.data_ptr() | (0 if out is None else out.data_ptr())) % _ALIGNMENT == 0
+    aligned = (a.data_ptr() | b.data_ptr() | (0 if out is None else out.data_ptr())) % VECTOR_ALIGNMENT == 0
     return GemmProblem(num_experts, cum_m, n, k, k_granularity, is_gated, device, aligned,
                        scales_fit_tma(a_scale, b_scale))
 

@@ -149,7 +149,7 @@ class LoadedKernel:
         finally:
             if pushed:
                 driver.cuCtxPopCurrent()
-        _check(err, "cuLaunchKernel")
+        _check(err, "cuLaunchKernelEx" if self.programmatic else "cuLaunchKernel")
 
     def _config(self, grid: tuple[int, int, int], dynamic_shared: int, stream: int) -> driver.CUlaunchConfig:
         """The programmatic launch's configuration, built once per (grid, shared size, stream) and
