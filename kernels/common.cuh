@@ -65,9 +65,4 @@ __device__ __forceinline__ float e4m3_to_float(u32 byte) {
     return __int_as_float(static_cast<int>(__float_as_uint(magnitude) | sign));
 }
 
-// x * sigmoid(x) with the approximate exponential and division (a few ulp in float, far below
-// the bf16 output's rounding); an IEEE division here was a fifth of the gated wgmma kernel's time.
-// Very negative x: the denominator overflows and the result is 0, as the limit is.
-__device__ __forceinline__ float silu(float x) { return __fdividef(x, 1.0f + __expf(-x)); }
-
 }  // namespace mxfp8_moe

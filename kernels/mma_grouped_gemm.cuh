@@ -16,6 +16,7 @@
 //   kEmulated : kNative's code with the block-scaled MMA replaced by its PTX-ISA semantics, so the
 //               sm_12x scale indexing runs (and is tested) on sm_89 / sm_90a.
 #pragma once
+#include "epilogue.cuh"
 #include "tile_scheduler.cuh"
 #include "ptx/cp_async.cuh"
 #include "ptx/grid_dependency.cuh"
@@ -63,6 +64,7 @@ struct MmaGemm {
     static_assert(kPartialsOffset + kPartialsBytes <= kPipelineBytes, "epilogue must fit in the pipeline buffers");
 
     using Scheduler = TileScheduler<kThreads, BLOCK_T, kNTiles>;
+    using Output = Epilogue<kNOut, GATED>;
 
     const GroupedGemmParams& p;
     u8* stages;
@@ -265,7 +267,7 @@ struct MmaGemm {
         }
     }
 
-    // bf16 (gated: up * silu(gate)) through a padded smem tile, then 16-byte row stores of the
+    // The epilogue's values through a padded smem tile, then 16-byte row stores of the
     // tile's valid rows and columns only.
     __device__ __forceinline__ void store_tile(const float (&acc)[kWeightFrags][kTokenFrags][4], const WorkUnit& w, int n0) const {
         const int g = lane / 4, t = lane % 4;
@@ -276,20 +278,18 @@ struct MmaGemm {
                 for (int j = 0; j < kTokenFrags; ++j)
 #pragma unroll
                     for (int i = 0; i < 4; ++i) {
-                        const float up = acc[f][j][i];
-                        const float value = GATED ? up * silu(acc[kColFrags + f][j][i]) : up;
+                        // (Ungated, kColFrags == kWeightFrags: the gate operand is unused.)
+                        const u16 value = Output::value(acc[f][j][i], acc[GATED ? kColFrags + f : f][j][i]);
                         const int col = warp_n * kWarpCols + f * 16 + g + 8 * (i / 2);
                         const int token = j * 8 + 2 * t + i % 2;
-                        *reinterpret_cast<u16*>(stages + token * kOutPitch + col * 2) = float_to_bf16(value);
+                        *reinterpret_cast<u16*>(stages + token * kOutPitch + col * 2) = value;
                     }
         }
         __syncthreads();
         constexpr int kChunks = BLOCK_N / 8;
         for (int c = threadIdx.x; c < BLOCK_T * kChunks; c += kThreads) {
             const int r = c / kChunks, col = n0 + (c % kChunks) * 8;
-            if (r < w.rows && col < kNOut)
-                *reinterpret_cast<u32x4*>(p.out + static_cast<i64>(w.row + r) * kNOut + col) =
-                    *reinterpret_cast<const u32x4*>(stages + r * kOutPitch + (c % kChunks) * 16);
+            if (r < w.rows && col < kNOut) Output::store8(p.out, w.row + r, col, stages + r * kOutPitch + (c % kChunks) * 16);
         }
     }
 

@@ -6,6 +6,7 @@
 //
 // Grid: x = blocks of columns, y = experts, z = slices of an expert's rows.
 #pragma once
+#include "epilogue.cuh"
 #include "problem.cuh"
 
 namespace mxfp8_moe {
@@ -47,7 +48,7 @@ __device__ __forceinline__ void simt_grouped_gemm(const GroupedGemmParams& p) {
             up += sa * ue8m0_to_float(byte_of(sb_up[word * p.b_scale_stride_word], byte)) * dot_up;
             if (GATED) gate += sa * ue8m0_to_float(byte_of(sb_gate[word * p.b_scale_stride_word], byte)) * dot_gate;
         }
-        p.out[static_cast<i64>(row) * n_out + col] = float_to_bf16(GATED ? up * silu(gate) : up);
+        Epilogue<n_out, GATED>::store(p.out, row, col, Epilogue<n_out, GATED>::value(up, gate));
     }
 }
 

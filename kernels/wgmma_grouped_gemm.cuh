@@ -25,6 +25,7 @@
 // (another expert's tokens, weights or scales) only feed output elements that are never stored;
 // the copy engine zero-fills what lies past a tensor's end.
 #pragma once
+#include "epilogue.cuh"
 #include "tile_scheduler.cuh"
 #include "ptx/grid_dependency.cuh"
 #include "ptx/tma.cuh"
@@ -68,7 +69,7 @@ struct WgmmaGemm {
     static constexpr int kStageBytes =
         kWeightBytes + kTokenBytes + ceil_div(kScaleWords * 4 * (1 + kScaleSlices), 1024) * 1024;
     // After the stages: the bf16 output tile as the TMA store reads it (see staging_offset), then
-    // for gated tiles the gate warpgroup's silu values, [accumulator][thread] so each access is
+    // for gated tiles the gate warpgroup's accumulators, [accumulator][thread] so each access is
     // one 128-byte line.
     static constexpr int kStagingOffset = STAGES * kStageBytes;
     static constexpr int kExchangeOffset = kStagingOffset + BLOCK_T * kBlockN * 2;
@@ -89,6 +90,7 @@ struct WgmmaGemm {
     static_assert(!GATED || kNOut % 64 == 0, "gated tiles pair 64 up rows with 64 gate rows");
 
     using Scheduler = TileScheduler<kThreads, BLOCK_T, kNTiles>;
+    using Output = Epilogue<kNOut, GATED>;
 
     __host__ __device__ static constexpr int shared_bytes(int num_experts) {
         return Scheduler::shared_bytes(num_experts) + kBarrierBytes + 1024 + kTileBytes;
@@ -336,7 +338,8 @@ struct WgmmaGemm {
         return (col / 64) * BLOCK_T * 128 + token * 128 + (((col % 64 / 8) ^ (token % 8)) * 16) + col % 8 * 2;
     }
 
-    // bf16 (gated: up * silu(gate)) out. A full tile (every row in its expert) goes through a
+    // The epilogue's values out (gated: warpgroup 1 hands its gate accumulators to warpgroup 0,
+    // which holds the matching up ones). A full tile (every row in its expert) goes through a
     // staging tile and out by TMA store, finished by the copy engine while the consumers go on with
     // the next unit (storing synchronously cost 9-17 % of the kernel's time); the tile that ends an
     // expert is stored by the consumers straight from their registers, its valid rows only.
@@ -345,7 +348,7 @@ struct WgmmaGemm {
         float* exchange = reinterpret_cast<float*>(tiles + kExchangeOffset);
         if (GATED && warpgroup == 1) {
 #pragma unroll
-            for (int i = 0; i < kAccumulators; ++i) exchange[i * 128 + thread] = silu(acc[i]);
+            for (int i = 0; i < kAccumulators; ++i) exchange[i * 128 + thread] = acc[i];
         }
         if (w.rows == BLOCK_T) {
             store_full_tile(acc, exchange, w, warpgroup, thread);
@@ -369,10 +372,10 @@ struct WgmmaGemm {
 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
                     const int v = 4 * j + i;
-                    const float value = GATED ? acc[v] * exchange[v * 128 + thread] : acc[v];
+                    const u16 value = Output::value(acc[v], GATED ? exchange[v * 128 + thread] : 0.0f);
                     const int col = (GATED ? 0 : 64 * warpgroup) + 16 * warp + lane / 4 + 8 * (i / 2);
                     const int token = 8 * j + 2 * (lane % 4) + i % 2;
-                    *reinterpret_cast<u16*>(staging + staging_offset(token, col)) = float_to_bf16(value);
+                    *reinterpret_cast<u16*>(staging + staging_offset(token, col)) = value;
                 }
             ptx::fence_proxy_async_shared();  // for the TMA store
         }
@@ -403,10 +406,9 @@ struct WgmmaGemm {
                 const int v = 4 * j + i;
                 const int col = n0 + (GATED ? 0 : 64 * warpgroup) + 16 * warp + lane / 4 + 8 * (i / 2);
                 const int token = 8 * j + 2 * (lane % 4) + i % 2;
-                if (token < w.rows && col < kNOut) {
-                    const float value = GATED ? acc[v] * exchange[v * 128 + thread] : acc[v];
-                    p.out[static_cast<i64>(w.row + token) * kNOut + col] = float_to_bf16(value);
-                }
+                if (token < w.rows && col < kNOut)
+                    Output::store(p.out, w.row + token, col,
+                                  Output::value(acc[v], GATED ? exchange[v * 128 + thread] : 0.0f));
             }
     }
 

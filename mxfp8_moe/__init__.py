@@ -4,21 +4,18 @@ The main entry point is `moe_gemm_mxfp8_nt_groupwise`, call-compatible with Flas
 of the same name; `quantize_activations` / `quantize_weights` produce its inputs.
 """
 
-__version__ = "0.1.0"
-
 import logging as _logging
 
 from . import envs as _envs
+from .version import __version__
 
-if _envs.log_level():
+if _envs.invalid("LOG_LEVEL"):
+    import warnings as _warnings
+
+    _warnings.warn(f"MXFP8_MOE_LOG_LEVEL={_envs.log_level()!r}: {_envs.invalid('LOG_LEVEL')}", stacklevel=1)
+elif _envs.log_level():
     _logger = _logging.getLogger("mxfp8_moe")
-    try:
-        _logger.setLevel(_envs.log_level())
-    except ValueError:
-        import warnings as _warnings
-
-        _warnings.warn(f"MXFP8_MOE_LOG_LEVEL={_envs.log_level()!r} is not a logging level "
-                       "(DEBUG, INFO, WARNING, ERROR); ignored", stacklevel=2)
+    _logger.setLevel(_envs.log_level())
     if not _logger.handlers:
         _handler = _logging.StreamHandler()
         _handler.setFormatter(_logging.Formatter("[mxfp8_moe %(levelname)s] %(message)s"))
@@ -26,9 +23,11 @@ if _envs.log_level():
 
 from .api import moe_gemm_mxfp8_nt_groupwise  # noqa: E402
 from .convert import from_bf16, from_fp8_block_scaled, from_ocp_mx  # noqa: E402
+from .memo import clear_memos  # noqa: E402
 from .layout import (  # noqa: E402
     float_to_ue8m0,
     k_align,
+    k_granularity_of,
     m_padded,
     num_k_blocks,
     pack_ue8m0,
@@ -51,6 +50,7 @@ from .moe_layer import MXFP8MoE, QuantizedExperts, moe_forward, reference_moe_fo
 from .ops import grouped_gemm, quantize_activations_op  # noqa: E402
 
 __all__ = [
+    "__version__",
     "moe_gemm_mxfp8_nt_groupwise",
     "quantize_activations",
     "quantize_weights",
@@ -78,4 +78,6 @@ __all__ = [
     "to_mn_major_a_scale",
     "to_mn_major_b_scale",
     "to_k_major",
+    "k_granularity_of",
+    "clear_memos",
 ]

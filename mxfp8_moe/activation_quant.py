@@ -13,11 +13,11 @@ import threading
 
 import torch
 
-from .gemm.device import device_info
-from .gemm.spec import kernel_dir
+from .arith import ceil_div
+from .gemm.device import current_stream, device_info
 from .jit.build import build
 from .jit.runtime import LoadedKernel, arch_name
-from .layout import k_align, m_padded
+from .layout import k_align, m_padded, tag_k_granularity
 
 ENTRY = "mxfp8_moe_quantize_activations"
 WARPS = 8
@@ -68,16 +68,16 @@ class _Quantizer:
 
     def __init__(self, k: int, k_granularity: int, device_index: int):
         spec = QuantizerSpec(arch_name(device_info(device_index).capability), k, k_granularity)
-        cubin, _ = build(spec.source(), arch=spec.arch, include_dir=kernel_dir(), label=spec.label)
+        cubin, _ = build(spec.source(), arch=spec.arch, label=spec.label)
         self.kernel = LoadedKernel(cubin, ENTRY, device_index, WARPS * 32)
         self.params = QuantizeParams()
         self.pointers = (ctypes.c_void_p * 1)(ctypes.addressof(self.params))
         self.lock = threading.Lock()
-        self.segments = -(-k // 1024)  # warps per row (kSegments)
+        self.segments = ceil_div(k, 1024)  # warps per row (kSegments)
 
     def __call__(self, x, m_indptr, a, a_scale_storage, stream: int) -> None:
         cum_m = x.shape[0]
-        blocks = min(-(-cum_m * self.segments // WARPS), self.kernel.resident_blocks(0))
+        blocks = min(ceil_div(cum_m * self.segments, WARPS), self.kernel.resident_blocks(0))
         with self.lock:
             p = self.params
             p.x, p.m_indptr, p.a, p.a_scale = x.data_ptr(), m_indptr.data_ptr(), a.data_ptr(), a_scale_storage.data_ptr()
@@ -103,5 +103,5 @@ def quantize_activations_cuda(x: torch.Tensor, m_indptr: torch.Tensor, k_granula
     # Zeros: padding rows and unused trailing bytes of the last word stay 0.
     storage = torch.zeros(k_align(k, k_granularity), m_padded(cum_m, num_experts), dtype=torch.int32, device=x.device)
     if cum_m:
-        quantizer(x, m_indptr, a, storage, torch._C._cuda_getCurrentRawStream(device_index))
-    return a, storage.t()
+        quantizer(x, m_indptr, a, storage, current_stream(device_index))
+    return a, tag_k_granularity(storage.t(), k_granularity)

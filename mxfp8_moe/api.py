@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import envs
-from .gemm.device import capturing
+from .gemm.device import capturing, current_stream
 from .gemm.plan import kernel_for
 from .reference import reference_moe_gemm
 from .validation import VECTOR_ALIGNMENT, check_call, check_indptr_values, check_options
@@ -77,5 +77,5 @@ def moe_gemm_mxfp8_nt_groupwise(
     kernel = kernel_for(device_index=device_index, num_experts=problem.num_experts, cum_m=problem.cum_m,
                         n=problem.n, k=problem.k, k_granularity=k_granularity, gated=is_gated,
                         scale_mode=envs.scale_mode(), aligned=aligned, scales_fit_tma=problem.tma_scales)
-    kernel(a, b, a_scale, b_scale, m_indptr, out, torch._C._cuda_getCurrentRawStream(device_index))
+    kernel(a, b, a_scale, b_scale, m_indptr, out, current_stream(device_index))
     return out

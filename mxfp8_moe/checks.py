@@ -34,6 +34,18 @@ def check_m_indptr(m_indptr: torch.Tensor) -> int:
     return shape[0] - 1
 
 
+def check_offsets(offsets: list[int], cum_m: int, rows: str = "cum_m = a.size(0)", name: str = "m_indptr") -> None:
+    """The rules of m_indptr's values (read on the host): 0 first, non-decreasing, cum_m last (`rows`
+    names where cum_m comes from); the message says which one broke, and where."""
+    if offsets[0] != 0:
+        raise ValueError(f"{name}[0] must be 0, got {offsets[0]}")
+    for e, (lo, hi) in enumerate(zip(offsets, offsets[1:])):
+        if hi < lo:
+            raise ValueError(f"{name} must be non-decreasing, got {name}[{e}] = {lo} > {name}[{e + 1}] = {hi}")
+    if offsets[-1] != cum_m:
+        raise ValueError(f"{name}[-1] must equal {rows} = {cum_m}, got {offsets[-1]}")
+
+
 def check_scale(name: str, scale: torch.Tensor, shape: tuple[int, ...]) -> None:
     """Check that a packed scale tensor is int32 of the given logical shape (any strides)."""
     check_arg(scale.dtype == torch.int32, f"{name}.dtype", "torch.int32", scale.dtype)

@@ -11,40 +11,30 @@ import argparse
 import dataclasses
 import importlib.metadata
 import re
-import statistics
 import sys
 import time
 
 import torch
 
-from . import (
-    __version__,
-    envs,
-    moe_gemm_mxfp8_nt_groupwise,
-    quantize_activations,
-    quantize_weights,
-    reference_moe_gemm,
-    to_mn_major_b_scale,
-)
+from . import demo, envs
 from .activation_quant import QuantizerSpec
+from .checks import K_GRANULARITIES
 from .gemm import native_guard
 from .gemm.device import DeviceInfo, device_info
-from .gemm.heuristics import NATIVE_ARCHS, candidate_specs, tensor_core_capable
-from .gemm.spec import KernelSpec, kernel_dir
-from .jit.build import build
+from .gemm.families import SimtSpec
+from .gemm.heuristics import (MIN_CAPABILITY, NATIVE_ARCHS, candidate_specs, describe_kernels, listed_in_readme,
+                              tensor_core_capable)
+from .gemm.spec import KernelSpec
+from .jit.build import build, kernel_dir
 from .jit.cache import default_cache, default_cache_dir
 from .jit.compiler import CompileError, nvrtc_library_path, nvrtc_version, supported_archs
 from .jit.runtime import driver_version
-from .checks import K_GRANULARITIES
-from .layout import k_align
 from .model_config import GemmShape, MoeConfig
+from .version import __version__
 
 DEFAULT_EXPERTS = 128
 GRANULARITY_CHOICES = {**{str(g): (g,) for g in K_GRANULARITIES}, "both": K_GRANULARITIES}
 LOG_LINES = 20  # of a failed compile's NVRTC log
-DEMO_TOLERANCE = 5e-3  # relative Frobenius error against the float64 reference
-DEMO_RUNS, DEMO_WARMUP = 20, 3
-DEMO_ARCH = "sm_120a"  # what the demo compiles when there is no GPU to run on
 
 
 class CliError(Exception):
@@ -93,11 +83,19 @@ def _targets(archs: list[str] | None) -> list[DeviceInfo]:
         return list(local.values())
     targets: dict[str, DeviceInfo] = {}
     for arch in archs:
-        match = re.fullmatch(r"sm_(\d+)[af]?", arch)
-        if match is None or f"sm_{match[1]}" not in supported_archs():
+        if re.fullmatch(r"sm_\d\d+[af]?", arch) is None:
+            raise CliError(f"unknown arch {arch!r}: expected sm_XY, e.g. --arch sm_120a")
+        info = DeviceInfo.for_arch(arch)
+        if info.capability < MIN_CAPABILITY:
+            raise CliError("unsupported arch %r: the kernels need sm_%d%d or later" % (arch, *MIN_CAPABILITY))
+        if "sm_%d%d" % info.capability not in supported_archs():
             raise CliError("unknown arch %r: NVRTC %d.%d compiles for %s (e.g. --arch sm_120a)"
                            % (arch, *nvrtc_version(), ", ".join(supported_archs())))
-        info = DeviceInfo.for_arch(arch)
+        if info.arch != arch:
+            print(f"note: --arch {arch} compiles as {info.arch}, the target the kernels are built for")
+        if not listed_in_readme(info):
+            print(f"note: {info.arch} is not among the GPUs this package lists as supported (README); "
+                  f"it would run {describe_kernels(info)}, which was never run on it")
         # A GPU that is here describes itself better than the table (its SM count picks tiles).
         info = local.get(info.arch, info)
         targets.setdefault(info.arch, info)
@@ -112,7 +110,7 @@ def _kernel_specs(device: DeviceInfo, shape: GemmShape, k_granularity: int) -> l
                                 k_granularity=k_granularity, gated=shape.gated, scale_mode=envs.scale_mode())
     except ValueError as error:
         raise CliError(f"{shape} on {device.arch}: {error}") from None
-    specs.append(KernelSpec("simt", device.arch, shape.n, shape.k, k_granularity, shape.gated))
+    specs.append(SimtSpec(device.arch, shape.n, shape.k, k_granularity, shape.gated))
     if tensor_core_capable(device):
         specs.append(QuantizerSpec(device.arch, shape.k, k_granularity))
     return specs
@@ -125,7 +123,7 @@ def _compile(specs: list[KernelSpec | QuantizerSpec]) -> bool:
     for spec in specs:
         began = time.perf_counter()
         try:
-            _, was_cached = build(spec.source(), arch=spec.arch, include_dir=kernel_dir(), label=spec.label)
+            _, was_cached = build(spec.source(), arch=spec.arch, label=spec.label)
         except CompileError as error:
             failed += 1
             lines = error.log.splitlines()
@@ -147,6 +145,8 @@ def _compile(specs: list[KernelSpec | QuantizerSpec]) -> bool:
 # --- prewarm --------------------------------------------------------------------------------------
 
 def _requested_shapes(args) -> list[GemmShape]:
+    if args.tp is not None and not args.model_config:
+        raise CliError("--tp splits a --model-config's experts across ranks; --shape takes one rank's N,K as they are")
     experts = DEFAULT_EXPERTS if args.num_experts is None else args.num_experts
     shapes = [GemmShape("gemm", n, k, args.gated, experts) for n, k in args.shape or ()]
     if args.model_config:
@@ -154,7 +154,7 @@ def _requested_shapes(args) -> list[GemmShape]:
             config = MoeConfig.load(args.model_config)
             if args.num_experts is not None:  # e.g. the experts of one rank under expert parallelism
                 config = dataclasses.replace(config, num_experts=args.num_experts)
-            shapes += config.gemm_shapes(args.tp)
+            shapes += config.gemm_shapes(1 if args.tp is None else args.tp)
         except (OSError, ValueError) as error:
             raise CliError(str(error)) from None
     if not shapes:
@@ -264,8 +264,12 @@ def _env(args) -> int:
         *(("gpu", line) for line in _gpus()),
         ("kernel sources", str(kernel_dir())),
         ("cache", str(default_cache_dir()) + (" (disk cache disabled)" if envs.disable_disk_cache() else "")),
-        *(envs.in_effect().items() or [(f"{envs.PREFIX}*", "none set")]),
+        ("scale mode", f"{envs.scale_mode()}: {envs.SCALE_MODES.get(envs.scale_mode(), 'invalid')}"),
+        *((name, value + (f" ({envs.invalid(name)})" if envs.invalid(name) else ""))
+          for name, value in envs.in_effect().items()),
     ]
+    if not envs.in_effect():
+        rows.append((f"{envs.PREFIX}*", "none set"))
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name + ':':<{width + 1}} {value}")
@@ -274,40 +278,6 @@ def _env(args) -> int:
 
 # --- demo -----------------------------------------------------------------------------------------
 
-def _demo_problem(shape: GemmShape, tokens: int, top_k: int, k_granularity: int, device: torch.device,
-                  generator: torch.Generator):
-    """Quantized operands of one MoE layer's GEMM: random bf16 tokens routed top-k, random bf16 weights."""
-    x = torch.randn(tokens, shape.k, generator=generator, device=device).to(torch.bfloat16)
-    experts = torch.rand(tokens, shape.num_experts, generator=generator, device=device).topk(top_k, dim=1).indices
-    # Row t * top_k + j of the flattened choices is token t's j-th expert; sort the rows by expert.
-    order = experts.flatten().argsort(stable=True)
-    counts = torch.bincount(experts.flatten(), minlength=shape.num_experts)
-    m_indptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
-    a, a_scale = quantize_activations(x[order // top_k], m_indptr, k_granularity)
-
-    b = torch.zeros((shape.num_experts, shape.n, shape.k), dtype=torch.float8_e4m3fn, device=device)
-    b_scale = to_mn_major_b_scale(torch.zeros((shape.num_experts, shape.n, k_align(shape.k, k_granularity)),
-                                              dtype=torch.int32, device=device))
-    # Experts no token picked are never read, so only the others get weights, drawn one expert at a
-    # time: all of them at once would be 1.6 GB of float32 for Qwen3-30B-A3B's gate_up.
-    for e in counts.nonzero().flatten().tolist():
-        w = torch.randn((1, shape.n, shape.k), generator=generator, device=device).mul_(0.05).to(torch.bfloat16)
-        b[e : e + 1], b_scale[e : e + 1] = quantize_weights(w, k_granularity)
-    return a, b, a_scale, b_scale, m_indptr
-
-
-def _median_ms(run) -> float:
-    for _ in range(DEMO_WARMUP):
-        run()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(DEMO_RUNS)]
-    for start, end in events:
-        start.record()
-        run()
-        end.record()
-    torch.cuda.synchronize()
-    return statistics.median(start.elapsed_time(end) for start, end in events)
-
-
 def _demo(args) -> int:
     n, k = args.shape
     shape = _check_shape(GemmShape("demo", n, k, args.gated, args.num_experts))
@@ -315,38 +285,7 @@ def _demo(args) -> int:
         raise CliError(f"--top-k must be in [1, {shape.num_experts}] (the number of experts), got {args.top_k}")
     if args.tokens < 1:
         raise CliError(f"--tokens must be positive, got {args.tokens}")
-    on_gpu = torch.cuda.is_available()
-    device = torch.device("cuda" if on_gpu else "cpu")
-    where = torch.cuda.get_device_name(device) if on_gpu else "CPU (no GPU)"
-    kg = args.k_granularity
-    print(f"{args.tokens} tokens, top-{args.top_k} of {shape.num_experts} experts, N={n} K={k}"
-          f"{' gated' if shape.gated else ''}, k-granularity {kg}, on {where}")
-
-    generator = torch.Generator(device).manual_seed(args.seed)
-    operands = _demo_problem(shape, args.tokens, args.top_k, kg, device, generator)
-    a, *_, m_indptr = operands
-    backend = "auto" if on_gpu else "reference"
-    out = moe_gemm_mxfp8_nt_groupwise(*operands, (1, 1, kg), backend=backend, is_gated=shape.gated)
-    ref = reference_moe_gemm(*operands, k_granularity=kg, is_gated=shape.gated, accumulate_dtype=torch.float64)
-    error = ((out.double() - ref).norm() / ref.norm()).item()
-    print(f"backend {backend}: relative error {error:.2e} against the float64 reference (limit {DEMO_TOLERANCE:.0e})")
-
-    accurate = error <= DEMO_TOLERANCE  # False for NaN too
-    compiled = True
-    if on_gpu:
-        ms = _median_ms(lambda: moe_gemm_mxfp8_nt_groupwise(*operands, (1, 1, kg), backend=backend, out=out,
-                                                             is_gated=shape.gated))
-        active = int((m_indptr.diff() > 0).sum())
-        flops = 2 * a.shape[0] * shape.n * shape.k
-        weight_bytes = active * shape.n * shape.k
-        print(f"time {ms * 1e3:.1f} us per call (median of {DEMO_RUNS}): {flops / ms / 1e9:.1f} TFLOP/s, "
-              f"{weight_bytes / ms / 1e6:.0f} GB/s of the {active} active experts' weights")
-    else:
-        compiled = _compile(_kernel_specs(DeviceInfo.for_arch(DEMO_ARCH), shape, kg))
-        print(f"no GPU: ran the reference backend and compiled the {DEMO_ARCH} kernels; run on a GPU to execute them")
-    if not accurate:
-        print(f"error: relative error {error:.2e} exceeds {DEMO_TOLERANCE:.0e}", file=sys.stderr)
-    return 0 if accurate and compiled else 1
+    return 0 if demo.run(shape, args.tokens, args.top_k, args.k_granularity, args.seed) else 1
 
 
 # --- command line ---------------------------------------------------------------------------------
@@ -372,8 +311,8 @@ def _parser() -> argparse.ArgumentParser:
                               "for --shape; overrides the config's count, e.g. for one rank under expert parallelism)")
     prewarm.add_argument("--model-config", metavar="PATH",
                          help="a Hugging Face config.json of an MoE model: compiles its gate_up and down GEMMs")
-    prewarm.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks splitting the experts' "
-                                                           "intermediate dimension (with --model-config; default 1)")
+    prewarm.add_argument("--tp", type=int, help="tensor-parallel ranks splitting the experts' intermediate "
+                                                "dimension (with --model-config only; default 1)")
     prewarm.set_defaults(run=_prewarm)
 
     cache = commands.add_parser("cache", help="inspect or clear the kernel cache",
@@ -384,23 +323,30 @@ def _parser() -> argparse.ArgumentParser:
     cache_commands.add_parser("clear", help="remove every entry")
     cache.set_defaults(run=_cache)
 
-    env = commands.add_parser("env", help="versions, driver, NVRTC, GPUs, cache and settings in effect")
+    env = commands.add_parser(
+        "env", help="versions, driver, NVRTC, GPUs, cache and settings in effect",
+        description="Print what this package runs with: its version, Python, torch, cuda-bindings, the driver, "
+                    "NVRTC and the archs it compiles for, the GPUs, the kernel sources, the cache directory, the "
+                    f"scale mode and every {envs.PREFIX}* variable set (with what is wrong with it, if anything). "
+                    "Paste it into bug reports.")
     env.set_defaults(run=_env)
 
-    demo = commands.add_parser(
+    demo_command = commands.add_parser(
         "demo", help="run the grouped GEMM on an MoE problem and check it against a float64 reference",
         description="Default problem: Qwen3-30B-A3B's gate_up GEMM (128 experts, top-8, hidden 2048, "
                     "moe_intermediate 768). Without a GPU: runs the reference backend and compiles the "
-                    f"{DEMO_ARCH} kernels.")
-    demo.add_argument("--tokens", type=int, default=64, help="tokens before routing (default 64)")
-    demo.add_argument("--top-k", type=int, default=8, help="experts per token (default 8)")
-    demo.add_argument("--num-experts", type=int, default=DEFAULT_EXPERTS, help="default %(default)s")
-    demo.add_argument("--shape", type=_shape_arg, default=(1536, 2048), metavar="N,K", help="default 1536,2048")
-    demo.add_argument("--gated", action=argparse.BooleanOptionalAction, default=True,
+                    f"{demo.ARCH} kernel the call would run, and reports the error MXFP8 adds to the "
+                    "unquantized product.")
+    demo_command.add_argument("--tokens", type=int, default=64, help="tokens before routing (default 64)")
+    demo_command.add_argument("--top-k", type=int, default=8, help="experts per token (default 8)")
+    demo_command.add_argument("--num-experts", type=int, default=DEFAULT_EXPERTS, help="default %(default)s")
+    demo_command.add_argument("--shape", type=_shape_arg, default=(1536, 2048), metavar="N,K", help="default 1536,2048")
+    demo_command.add_argument("--gated", action=argparse.BooleanOptionalAction, default=True,
                       help="fuse SwiGLU (default: gated)")
-    demo.add_argument("--k-granularity", type=int, choices=(32, 128), default=128, help="default 128")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(run=_demo)
+    demo_command.add_argument("--k-granularity", type=int, choices=(32, 128), default=128, help="default 128")
+    demo_command.add_argument("--seed", type=int, default=0, help="seed of the random tokens, weights and routing "
+                                                          "(default 0)")
+    demo_command.set_defaults(run=_demo)
     return parser
 
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 
 from .checks import check_arg, check_k_granularity
-from .layout import float_to_ue8m0, num_k_blocks, pack_ue8m0, to_mn_major_b_scale, ue8m0_to_float
-from .quantize import FP8_MAX, _blocks, _check_fp8, _exponents, quantize_weights
+from .layout import float_to_ue8m0, num_k_blocks, pack_ue8m0, tag_k_granularity, to_mn_major_b_scale, ue8m0_to_float
+from .quantize import FP8_MAX, check_fp8, k_blocks, quantize_weights, scale_exponents
 
 BLOCK = 128  # DeepSeek-V3 style checkpoints: one float32 scale per 128 x 128 block
 OCP_BLOCK = 32  # OCP MX: one E8M0 scale per 1 x 32 block
@@ -58,7 +58,7 @@ def from_fp8_block_scaled(
         k_granularity: 32 or 128, the K width of each output scale.
     """
     check_k_granularity(k_granularity)
-    _check_fp8("w_fp8", w_fp8, 3)
+    check_fp8("w_fp8", w_fp8, 3)
     num_experts, n, k = w_fp8.shape
     check_arg(scale_inv.dtype == torch.float32, "scale_inv.dtype", "torch.float32", scale_inv.dtype)
     expected = (num_experts, num_k_blocks(n, BLOCK), num_k_blocks(k, BLOCK))
@@ -73,11 +73,11 @@ def from_fp8_block_scaled(
     nb = num_k_blocks(k, k_granularity)
     s = scale_inv.repeat_interleave(BLOCK, 1)[:, :n].repeat_interleave(BLOCK // k_granularity, 2)[..., :nb]
 
-    blocks = _blocks(w_fp8, k_granularity)  # (E, n, nb, kg) float32, exact
+    blocks = k_blocks(w_fp8, k_granularity)  # (E, n, nb, kg) float32, exact
     amax = blocks.abs().amax(-1)
     # amax (an e4m3 value, 4 significant bits) times s (24) is exact in float64, and cannot
     # overflow there, so the rounded-up exponent is exactly the package's rule.
-    requantized = _exponents(amax.double() * s.abs().double())
+    requantized = scale_exponents(amax.double() * s.abs().double())
     exponents = torch.where(_is_normal_power_of_two(s), float_to_ue8m0(s), requantized)
 
     # New payload = old payload * s / new scale. For power-of-two blocks the ratio is exactly 1, so
@@ -88,7 +88,7 @@ def from_fp8_block_scaled(
     ratio = torch.where(amax > 0, ratio, 1.0)
     scaled = (blocks * ratio.unsqueeze(-1)).clamp_(-FP8_MAX, FP8_MAX)
     b = scaled.to(torch.float8_e4m3fn).flatten(-2)[..., :k].contiguous()
-    return b, to_mn_major_b_scale(pack_ue8m0(exponents))
+    return b, tag_k_granularity(to_mn_major_b_scale(pack_ue8m0(exponents)), k_granularity)
 
 
 def from_ocp_mx(w_fp8: torch.Tensor, scales_e8m0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,7 +101,7 @@ def from_ocp_mx(w_fp8: torch.Tensor, scales_e8m0: torch.Tensor) -> tuple[torch.T
         w_fp8: (E, n, k) float8_e4m3fn.
         scales_e8m0: (E, n, ceil(k / 32)) uint8 (or torch.float8_e8m0fnu, read as its bytes).
     """
-    _check_fp8("w_fp8", w_fp8, 3)
+    check_fp8("w_fp8", w_fp8, 3)
     num_experts, n, k = w_fp8.shape
     check_arg(scales_e8m0.dtype in (torch.uint8, torch.float8_e8m0fnu), "scales_e8m0.dtype",
               "torch.uint8 or torch.float8_e8m0fnu", scales_e8m0.dtype)
@@ -110,4 +110,5 @@ def from_ocp_mx(w_fp8: torch.Tensor, scales_e8m0: torch.Tensor) -> tuple[torch.T
               tuple(scales_e8m0.shape))
     check_arg(scales_e8m0.device == w_fp8.device, "scales_e8m0.device", f"w_fp8's device ({w_fp8.device})",
               scales_e8m0.device)
-    return w_fp8.contiguous(), to_mn_major_b_scale(pack_ue8m0(scales_e8m0.view(torch.uint8)))
+    b_scale = to_mn_major_b_scale(pack_ue8m0(scales_e8m0.view(torch.uint8)))
+    return w_fp8.contiguous(), tag_k_granularity(b_scale, OCP_BLOCK)

@@ -10,6 +10,14 @@ import os
 from pathlib import Path
 
 PREFIX = "MXFP8_MOE_"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+SCALE_MODES = {
+    "auto": "native block-scaled MMA on sm_120a / sm_121a once its first-use check agrees with software "
+            "scaling, software elsewhere",
+    "native": "the block-scaled MMA on sm_120a / sm_121a, without the first-use check",
+    "software": "FP32 promotion of each scale block on the CUDA cores",
+    "emulated": "the native code path with the block-scaled MMA emulated (testing; mma.sync on Hopper)",
+}
 
 
 def _flag(name: str) -> bool:
@@ -33,7 +41,8 @@ def disable_disk_cache() -> bool:
 
 
 def log_level() -> str | None:
-    """MXFP8_MOE_LOG_LEVEL: level of the 'mxfp8_moe' logger (DEBUG shows every compile and its time)."""
+    """MXFP8_MOE_LOG_LEVEL: level of the 'mxfp8_moe' logger (DEBUG shows every compile and its time),
+    upper-cased; None if unset. invalid() says whether it is one of LOG_LEVELS."""
     value = os.environ.get(PREFIX + "LOG_LEVEL", "").strip().upper()
     return value or None
 
@@ -58,3 +67,18 @@ def scale_mode() -> str:
 def in_effect() -> dict[str, str]:
     """The MXFP8_MOE_* variables set in this process (for `mxfp8-moe env`)."""
     return {k: v for k, v in sorted(os.environ.items()) if k.startswith(PREFIX)}
+
+
+def invalid(name: str) -> str | None:
+    """What is wrong with variable `name` (with or without the prefix), if anything."""
+    name = name.removeprefix(PREFIX)
+    if name == "LOG_LEVEL" and log_level() not in (None, *LOG_LEVELS):
+        return f"not a logging level ({', '.join(LOG_LEVELS)}): ignored"
+    if name == "SCALE_MODE" and scale_mode() not in SCALE_MODES:
+        return f"not one of {', '.join(SCALE_MODES)}: GEMM calls on a GPU raise ValueError"
+    if name not in _KNOWN:
+        return "not a variable of this package: ignored"
+    return None
+
+
+_KNOWN = ("CACHE_DIR", "FORCE_RECOMPILE", "DISABLE_DISK_CACHE", "LOG_LEVEL", "DUMP_DIR", "VALIDATE", "SCALE_MODE")

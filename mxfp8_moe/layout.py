@@ -9,19 +9,41 @@ from __future__ import annotations
 
 import torch
 
+from .arith import ceil_div, round_up
 from .checks import check_arg
 
 # One UE8M0 byte per K block, four per int32 word, block 4w + i in byte i (bits 8i..8i+7).
 
+# Scale tensors made by this package (quantizers, converters, the layout conversions below) carry
+# the k granularity they were made at in this attribute: the GEMM refuses a call that states
+# another, which for K <= 128 no shape could reveal.
+K_GRANULARITY_TAG = "mxfp8_moe_k_granularity"
+
+
+def tag_k_granularity(scale: torch.Tensor, k_granularity: int) -> torch.Tensor:
+    """Record on `scale` the k granularity it was made at; returns `scale`."""
+    setattr(scale, K_GRANULARITY_TAG, k_granularity)
+    return scale
+
+
+def k_granularity_of(scale: torch.Tensor) -> int | None:
+    """The k granularity recorded on a scale tensor, or None if nothing was recorded."""
+    return getattr(scale, K_GRANULARITY_TAG, None)
+
+
+def _same_tag(source: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    made_at = k_granularity_of(source)
+    return result if made_at is None else tag_k_granularity(result, made_at)
+
 
 def num_k_blocks(k: int, k_granularity: int) -> int:
     """Number of K blocks (one scale each): ceil(k / k_granularity); the last block may be partial."""
-    return -(-k // k_granularity)
+    return ceil_div(k, k_granularity)
 
 
 def k_align(k: int, k_granularity: int) -> int:
     """Int32 words per scale row: ceil(k / (4 * k_granularity)), four UE8M0 bytes per word."""
-    return -(-k // (4 * k_granularity))
+    return ceil_div(k, 4 * k_granularity)
 
 
 def m_padded(cum_m: int, num_experts: int) -> int:
@@ -106,18 +128,18 @@ def float_to_ue8m0(scale: torch.Tensor) -> torch.Tensor:
 def to_mn_major_a_scale(a_scale: torch.Tensor) -> torch.Tensor:
     """Return a_scale (m_padded, k_align) as FlashInfer lays it out: the transpose view of a
     contiguous (k_align, m_padded) tensor, strides (1, m_padded)."""
-    return a_scale.t().contiguous().t()
+    return _same_tag(a_scale, a_scale.t().contiguous().t())
 
 
 def to_mn_major_b_scale(b_scale: torch.Tensor) -> torch.Tensor:
     """Return b_scale (E, n, k_align) as FlashInfer lays it out: a view of a contiguous
     (E, k_align, align4(n)) tensor, strides (k_align * align4(n), 1, align4(n)); pad columns are 0."""
     num_experts, n, words = b_scale.shape
-    storage = b_scale.new_zeros(num_experts, words, -(-n // 4) * 4)
+    storage = b_scale.new_zeros(num_experts, words, round_up(n, 4))
     storage[:, :, :n] = b_scale.transpose(1, 2)
-    return storage.transpose(1, 2)[:, :n]
+    return _same_tag(b_scale, storage.transpose(1, 2)[:, :n])
 
 
 def to_k_major(scale: torch.Tensor) -> torch.Tensor:
     """Return a scale tensor in K-major (row-major, contiguous) layout, the same values."""
-    return scale.contiguous()
+    return _same_tag(scale, scale.contiguous())

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import torch
 
-from .checks import check_arg, check_k_granularity, check_m_indptr, check_scale
+from .checks import check_arg, check_k_granularity, check_m_indptr, check_offsets, check_scale
 from .layout import (
     k_align,
     m_padded,
     num_k_blocks,
     pack_ue8m0,
+    tag_k_granularity,
     to_mn_major_b_scale,
     token_scale_rows,
     ue8m0_to_float,
@@ -25,9 +26,10 @@ from .layout import (
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+K_MULTIPLE = 16  # the GEMM's K is a multiple of 16 bytes (its 16-byte vector loads)
 
 
-def _blocks(x: torch.Tensor, k_granularity: int) -> torch.Tensor:
+def k_blocks(x: torch.Tensor, k_granularity: int) -> torch.Tensor:
     """(..., k) -> float32 (..., num_k_blocks, k_granularity), the K tail zero-padded.
 
     Zero padding leaves each block's amax unchanged, so a tail block's scale sees only its elements.
@@ -37,7 +39,7 @@ def _blocks(x: torch.Tensor, k_granularity: int) -> torch.Tensor:
     return padded.unflatten(-1, (-1, k_granularity))
 
 
-def _exponents(amax: torch.Tensor) -> torch.Tensor:
+def scale_exponents(amax: torch.Tensor) -> torch.Tensor:
     """Biased UE8M0 exponent of ceil_pow2(amax / 448), clamped to [1, 254], as uint8.
 
     With amax = m * 2^q (m in [0.5, 1)) and 448 = 0.875 * 2^9, amax / 448 = (m / 0.875) * 2^(q - 9)
@@ -72,9 +74,13 @@ def _decode(data: torch.Tensor, words: torch.Tensor, k_granularity: int) -> torc
 def _check_float(name: str, t: torch.Tensor, ndim: int) -> None:
     check_arg(t.dtype in _FLOAT_DTYPES, f"{name}.dtype", f"one of {_FLOAT_DTYPES}", t.dtype)
     check_arg(t.dim() == ndim, name, f"{ndim}-D", f"shape {tuple(t.shape)}")
+    k = t.shape[-1]
+    check_arg(k > 0 and k % K_MULTIPLE == 0, f"{name}.shape[-1] (K)",
+              f"a positive multiple of {K_MULTIPLE}, as the grouped GEMM takes", k)
 
 
-def _check_fp8(name: str, t: torch.Tensor, ndim: int) -> None:
+def check_fp8(name: str, t: torch.Tensor, ndim: int) -> None:
+    """`t` is a float8_e4m3fn tensor of `ndim` dimensions (else ValueError naming `name`)."""
     check_arg(t.dtype == torch.float8_e4m3fn, f"{name}.dtype", "torch.float8_e4m3fn", t.dtype)
     check_arg(t.dim() == ndim, name, f"{ndim}-D", f"shape {tuple(t.shape)}")
 
@@ -105,14 +111,16 @@ def quantize_activations(
     num_experts = check_m_indptr(m_indptr)
     check_arg(backend in ("auto", "torch"), "backend", '"auto" or "torch"', repr(backend))
     cum_m, k = x.shape
+    if m_indptr.device.type == "cpu":  # free to read: no device sync
+        check_offsets(m_indptr.tolist(), cum_m, rows="x.size(0)")
     if backend == "auto" and m_indptr.device == x.device:
         from . import activation_quant  # the GPU path imports the JIT runtime: only when needed
 
         if activation_quant.supported(x):
             return activation_quant.quantize_activations_cuda(x, m_indptr.contiguous(), k_granularity)
 
-    blocks = _blocks(x, k_granularity)
-    exponents = _exponents(blocks.abs().amax(-1))
+    blocks = k_blocks(x, k_granularity)
+    exponents = scale_exponents(blocks.abs().amax(-1))
     a = _encode(blocks, exponents, k)
 
     # Fill the contiguous (k_align, m_padded) storage through its transpose: the result is the
@@ -120,7 +128,7 @@ def quantize_activations(
     storage = x.new_zeros(k_align(k, k_granularity), m_padded(cum_m, num_experts), dtype=torch.int32)
     a_scale = storage.t()
     a_scale[token_scale_rows(m_indptr.to(x.device), cum_m)] = pack_ue8m0(exponents)
-    return a, a_scale
+    return a, tag_k_granularity(a_scale, k_granularity)
 
 
 def quantize_weights(
@@ -143,15 +151,16 @@ def quantize_weights(
     _check_float("w", w, 3)
     n, k = w.shape[1:]
 
-    blocks = _blocks(w, k_granularity)
+    blocks = k_blocks(w, k_granularity)
     amax = blocks.abs().amax(-1)  # (E, n, nb)
     if block_2d:
         # Zero rows pad n to whole row groups without changing any group's amax.
         groups = torch.nn.functional.pad(amax, (0, 0, 0, -n % k_granularity))
         group_amax = groups.unflatten(1, (-1, k_granularity)).amax(2)
         amax = group_amax.repeat_interleave(k_granularity, dim=1)[:, :n]
-    exponents = _exponents(amax)
-    return _encode(blocks, exponents, k), to_mn_major_b_scale(pack_ue8m0(exponents))
+    exponents = scale_exponents(amax)
+    b_scale = tag_k_granularity(to_mn_major_b_scale(pack_ue8m0(exponents)), k_granularity)
+    return _encode(blocks, exponents, k), b_scale
 
 
 def dequantize_activations(
@@ -163,7 +172,7 @@ def dequantize_activations(
     (an e4m3 value times a power of two) unless it leaves float32's range. A 0xFF scale gives NaN.
     """
     check_k_granularity(k_granularity)
-    _check_fp8("a", a, 2)
+    check_fp8("a", a, 2)
     num_experts = check_m_indptr(m_indptr)
     cum_m, k = a.shape
     check_scale("a_scale", a_scale, (m_padded(cum_m, num_experts), k_align(k, k_granularity)))
@@ -177,7 +186,7 @@ def dequantize_weights(b: torch.Tensor, b_scale: torch.Tensor, k_granularity: in
     b_scale is read through its strides, so MN-major and K-major both work. A 0xFF scale gives NaN.
     """
     check_k_granularity(k_granularity)
-    _check_fp8("b", b, 3)
+    check_fp8("b", b, 3)
     num_experts, n, k = b.shape
     check_scale("b_scale", b_scale, (num_experts, n, k_align(k, k_granularity)))
     return _decode(b, b_scale, k_granularity)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .checks import check_arg, check_k_granularity, check_m_indptr, check_scale
+from .checks import check_arg, check_k_granularity, check_m_indptr, check_offsets, check_scale
 from .layout import k_align, m_padded, num_k_blocks, scale_row_starts, ue8m0_to_float, unpack_ue8m0
 
 _ACCUMULATE_DTYPES = (torch.float32, torch.float64)
@@ -67,12 +67,7 @@ def reference_moe_gemm(
     )
     check_arg(n % 2 == 0 or not is_gated, "b.shape[1]", "even (up and gate halves) when is_gated", n)
     bounds = m_indptr.tolist()
-    check_arg(
-        bounds[0] == 0 and bounds[-1] == cum_m and all(x <= y for x, y in zip(bounds, bounds[1:])),
-        "m_indptr",
-        f"non-decreasing from 0 to cum_m = {cum_m}",
-        bounds,
-    )
+    check_offsets(bounds, cum_m)
 
     nblocks = num_k_blocks(k, k_granularity)
     sa = ue8m0_to_float(unpack_ue8m0(a_scale, nblocks)).to(accumulate_dtype)  # (m_padded, nblocks)

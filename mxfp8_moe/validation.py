@@ -17,17 +17,15 @@ from typing import NamedTuple
 
 import torch
 
-from .checks import K_GRANULARITIES
+from .checks import K_GRANULARITIES, check_offsets
 from .gemm.tensor_maps import scales_fit_tma
-from .layout import k_align, m_padded
+from .layout import K_GRANULARITY_TAG, k_align, m_padded
+from .memo import BoundedMemo
 
 BACKENDS = ("auto", "cuda", "cute", "reference")
 GRANULARITIES = tuple((1, 1, g) for g in K_GRANULARITIES)  # scale_granularity_mnk values
 VECTOR_ALIGNMENT = 16  # bytes; the tensor-core kernels move a, b and out in 16-byte vectors
-# Distinct metadata in a server is bounded by its buffers and batch sizes; the bound only guards
-# against a caller cycling through unbounded tensors.
-_MAX_CHECKED = 4096
-_checked: dict[tuple, "GemmProblem"] = {}
+_checked = BoundedMemo(4096)
 
 
 class GemmProblem(NamedTuple):
@@ -66,11 +64,40 @@ def _contiguous(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name} must be contiguous (row-major), got strides {x.stride()} for shape {tuple(x.shape)}")
 
 
-def _shape(name: str, x: torch.Tensor, expected: tuple[int, ...], why: str, k_granularity: int = 0) -> None:
-    # `why` is formatted only on failure: this runs on every call.
+def _shape(name: str, x: torch.Tensor, expected: tuple[int, ...], why: str) -> None:
     if x.shape != expected:
-        raise ValueError(f"{name} must have shape {list(expected)} ({why.format(k_granularity=k_granularity)}), "
-                         f"got {list(x.shape)}")
+        raise ValueError(f"{name} must have shape {list(expected)} ({why}), got {list(x.shape)}")
+
+
+def _scale_shape(name: str, scale: torch.Tensor, leading: tuple[int, ...], why: str, k: int, k_granularity: int) -> None:
+    """A scale tensor's shape: `leading` dimensions, then k_align words. For K > 128 the word count
+    tells the granularities apart, so the message says which one the given shape fits."""
+    expected = (*leading, k_align(k, k_granularity))
+    if scale.shape == expected:
+        return
+    message = (f"{name} must have shape {list(expected)} ({why}, k_align = ceil(K / (4 * {k_granularity}))), "
+               f"got {list(scale.shape)}")
+    others = [g for g in K_GRANULARITIES if g != k_granularity and k_align(k, g) != expected[-1]]
+    fits = [g for g in others if scale.shape == (*leading, k_align(k, g))]
+    if fits:
+        message += (f": that is the shape at k granularity {fits[0]}; pass scale_granularity_mnk=(1, 1, {fits[0]}) "
+                    "if the scales were made at that granularity")
+    elif others:
+        message += "; K = {} takes {} at k granularity {}".format(
+            k, " and ".join(f"{k_align(k, g)} words" for g in (k_granularity, *others)),
+            " and ".join(map(str, (k_granularity, *others))))
+    raise ValueError(message)
+
+
+def _granularity_tags(a_scale, b_scale, k_granularity: int) -> None:
+    """Scales from this package's quantizers carry the granularity they were made at: a call that
+    states another one is refused (for K <= 128 the shapes cannot tell, and the result would be
+    silently wrong)."""
+    for name, scale in (("a_scale", a_scale), ("b_scale", b_scale)):
+        made_at = getattr(scale, K_GRANULARITY_TAG, None)
+        if made_at is not None and made_at != k_granularity:
+            raise ValueError(f"{name} was quantized at k granularity {made_at}, but scale_granularity_mnk says "
+                             f"{k_granularity}; pass scale_granularity_mnk=(1, 1, {made_at})")
 
 
 def check_options(scale_granularity_mnk, scale_major_mode, backend, out_dtype) -> int:
@@ -92,6 +119,7 @@ def check_options(scale_granularity_mnk, scale_major_mode, backend, out_dtype) -
 
 def check_call(a, b, a_scale, b_scale, m_indptr, out, *, k_granularity: int, is_gated: bool) -> GemmProblem:
     """Validate the tensors of a call; returns the problem they describe."""
+    _granularity_tags(a_scale, b_scale, k_granularity)
     try:
         key = (_metadata(a), _metadata(b), _metadata(a_scale), _metadata(b_scale), _metadata(m_indptr),
                None if out is None else _metadata(out), k_granularity, is_gated)
@@ -101,9 +129,7 @@ def check_call(a, b, a_scale, b_scale, m_indptr, out, *, k_granularity: int, is_
     if problem is None:
         problem = _check_tensors(a, b, a_scale, b_scale, m_indptr, out, k_granularity=k_granularity, is_gated=is_gated)
         if key is not None:
-            if len(_checked) >= _MAX_CHECKED:
-                _checked.clear()
-            _checked[key] = problem
+            _checked.put(key, problem)
     return problem
 
 
@@ -141,11 +167,9 @@ def _check_tensors(a, b, a_scale, b_scale, m_indptr, out, *, k_granularity: int,
     if n_out == 0 or n_out % 16 != 0:
         raise ValueError(f"the output width ({'b.size(1) / 2' if is_gated else 'b.size(1)'}) must be a positive "
                          f"multiple of 16, got {n_out}")
-    words = k_align(k, k_granularity)
-    _shape("a_scale", a_scale, (m_padded(cum_m, num_experts), words),
-           "m_padded = (cum_m + 3 * num_experts) // 4 * 4, k_align = ceil(K / (4 * {k_granularity}))", k_granularity)
-    _shape("b_scale", b_scale, (num_experts, n, words), "num_experts, n, k_align = ceil(K / (4 * {k_granularity}))",
-           k_granularity)
+    _scale_shape("a_scale", a_scale, (m_padded(cum_m, num_experts),), "m_padded = (cum_m + 3 * num_experts) // 4 * 4",
+                 k, k_granularity)
+    _scale_shape("b_scale", b_scale, (num_experts, n), "num_experts, n", k, k_granularity)
 
     if out is not None:
         _tensor("out", out, torch.bfloat16, 2)
@@ -186,11 +210,4 @@ def _check_no_overlap(out, a, b, a_scale, b_scale, m_indptr) -> None:
 
 def check_indptr_values(m_indptr: torch.Tensor, cum_m: int) -> None:
     """The opt-in check of m_indptr's values (syncs with the device): which rule broke, if any."""
-    values = m_indptr.tolist()
-    if values[0] != 0:
-        raise ValueError(f"m_indptr[0] must be 0, got {values[0]}")
-    for e, (lo, hi) in enumerate(zip(values, values[1:])):
-        if hi < lo:
-            raise ValueError(f"m_indptr must be non-decreasing, got m_indptr[{e}] = {lo} > m_indptr[{e + 1}] = {hi}")
-    if values[-1] != cum_m:
-        raise ValueError(f"m_indptr[-1] must equal cum_m = a.size(0) = {cum_m}, got {values[-1]}")
+    check_offsets(m_indptr.tolist(), cum_m)

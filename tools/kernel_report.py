@@ -17,8 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from mxfp8_moe.gemm.device import DeviceInfo
 from mxfp8_moe.gemm.heuristics import candidate_specs
-from mxfp8_moe.gemm.spec import KernelSpec, kernel_dir
-from mxfp8_moe.jit.build import OPTIONS
+from mxfp8_moe.gemm.spec import KernelSpec
+from mxfp8_moe.jit.build import OPTIONS, kernel_dir
 from mxfp8_moe.jit.compiler import CompileError, compile_cubin
 from mxfp8_moe.jit.inspect import ToolNotFound, count_instructions, resource_usage, sass
 

@@ -39,6 +39,11 @@ def device_info(index: int) -> DeviceInfo:
     return DeviceInfo((props.major, props.minor), props.multi_processor_count, props.shared_memory_per_block_optin)
 
 
+def current_stream(index: int) -> int:
+    """The raw handle of torch's current stream on device `index` (what a launch goes on)."""
+    return torch._C._cuda_getCurrentRawStream(index)
+
+
 def capturing(index: int) -> bool:
     """Whether the current stream of device `index` is capturing a CUDA graph (no sync allowed)."""
     with torch.cuda.device(index):

@@ -21,7 +21,9 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from ..arith import ceil_div
 from .device import DeviceInfo
+from .families import MmaSpec, SimtSpec, WgmmaSpec
 from .spec import SCALE_MODES, KernelSpec
 
 TOKEN_TILES = (8, 16, 32, 64)
@@ -45,9 +47,34 @@ WGMMA_NARROW_LAST_TILE_K_GRANULARITY = 32
 # Standard-normal quantiles at probabilities 0.1, 0.3, 0.5, 0.7, 0.9: an expert's rows under
 # random routing, Poisson(mean) ~ mean + z sqrt(mean).
 _ROUTING_QUANTILES = (-1.2816, -0.5244, 0.0, 0.5244, 1.2816)
-# Per block: the kernel's static shared memory (scan scratch, 32 B) plus the 1 KB the hardware
-# reserves for each resident block, so two few-units CTAs really fit on one SM.
-_PER_BLOCK_RESERVE = 1024 + 128
+# Shared memory of a block beside its dynamic part: the 1 KB the hardware reserves for each resident
+# block, and a bound on the kernels' static shared memory (the scheduler's scan keeps one int per
+# warp: 64 B at 16 warps), so two few-units CTAs really fit on one SM.
+HARDWARE_RESERVED_SHARED = 1024
+STATIC_SHARED_BOUND = 128
+_PER_BLOCK_RESERVE = HARDWARE_RESERVED_SHARED + STATIC_SHARED_BOUND
+
+
+MIN_CAPABILITY = (7, 5)  # the oldest GPUs the portable kernel is built for
+# The GPUs of the README's table ("Supported GPUs and what was verified where"): below sm_89 the
+# portable kernel, then Ada, Hopper and the Blackwell workstation parts. Others (sm_100a, sm_103a,
+# sm_110a) run what their capability allows; no kernel here was tuned or run on them.
+LISTED_CAPABILITIES = ((8, 9), (9, 0), (12, 0), (12, 1))
+
+
+def listed_in_readme(device: DeviceInfo) -> bool:
+    return MIN_CAPABILITY <= device.capability < (8, 9) or device.capability in LISTED_CAPABILITIES
+
+
+def describe_kernels(device: DeviceInfo) -> str:
+    """What calls on this GPU run, in a phrase (for the CLI)."""
+    if device.arch in WGMMA_ARCHS:
+        return "the wgmma kernel (mma.sync for scales TMA cannot read), software scales"
+    if device.arch in NATIVE_ARCHS:
+        return "the mma.sync kernel with the block-scaled MMA (native scales, checked at first use)"
+    if tensor_core_capable(device):
+        return "the mma.sync kernel, software scales"
+    return "the portable CUDA-core kernel"
 
 
 def resolve_scale_mode(requested: str, arch: str) -> str:
@@ -70,7 +97,7 @@ def choose_spec(*, device: DeviceInfo, num_experts: int, cum_m: int, n: int, k: 
                 gated: bool, scale_mode: str, aligned: bool = True, allow_wgmma: bool = True) -> KernelSpec:
     """The kernel for a call shape. `aligned`: a, b and out allow 16-byte vectors (else the SIMT
     kernel); `allow_wgmma`: the scales are laid out as the wgmma kernel's TMA reads them."""
-    portable = KernelSpec("simt", device.arch, n, k, k_granularity, gated, block_n=128)
+    portable = SimtSpec(device.arch, n, k, k_granularity, gated)
     if not (tensor_core_capable(device) and aligned):
         return portable
 
@@ -89,16 +116,16 @@ def choose_spec(*, device: DeviceInfo, num_experts: int, cum_m: int, n: int, k: 
     n_out = n // 2 if gated else n
     block_n = 64 if gated else 128
     warps_n, warps_k = 4, 1
-    few_units = token_tiles * math.ceil(n_out / block_n) < device.num_sms
+    few_units = token_tiles * ceil_div(n_out, block_n) < device.num_sms
     if few_units:
-        while block_n > 32 and token_tiles * math.ceil(n_out / block_n) < device.num_sms:
+        while block_n > 32 and token_tiles * ceil_div(n_out, block_n) < device.num_sms:
             block_n //= 2
         # A narrow tile has few column warps; K warps restore the copy-issuing parallelism.
         warps_n = min(4, block_n // 16)
         warps_k = min(4, FEW_UNITS_WARPS // warps_n)
 
-    spec = KernelSpec("mma", device.arch, n, k, k_granularity, gated, block_n=block_n, block_t=block_t,
-                      stages=1, warps_n=warps_n, warps_k=warps_k, scale_mode=mode)
+    spec = MmaSpec(device.arch, n, k, k_granularity, gated, block_n=block_n, block_t=block_t, stages=1,
+                   warps_n=warps_n, warps_k=warps_k, scale_mode=mode)
     # Few units: let two CTAs share an SM and give each as deep a pipeline as fits.
     budget = (device.shared_memory_limit // 2 if few_units else device.shared_memory_limit) - _PER_BLOCK_RESERVE
     budget -= spec.dynamic_shared_bytes(num_experts) - spec.pipeline_bytes()
@@ -106,20 +133,19 @@ def choose_spec(*, device: DeviceInfo, num_experts: int, cum_m: int, n: int, k: 
     while spec.warps_k > 1 and spec.epilogue_bytes() > budget:
         spec = dataclasses.replace(spec, warps_k=spec.warps_k // 2)
     stages = min(MAX_STAGES if few_units else MANY_UNITS_STAGES, budget // spec.pipeline_bytes())
-    stages = max(stages, -(-spec.epilogue_bytes() // spec.pipeline_bytes()))
+    stages = max(stages, ceil_div(spec.epilogue_bytes(), spec.pipeline_bytes()))
     if stages < 2 or stages * spec.pipeline_bytes() > budget:
         return portable
     return dataclasses.replace(spec, stages=stages)
 
 
 def wgmma_spec(device: DeviceInfo, num_experts: int, rows: float, n: int, k: int, k_granularity: int,
-               gated: bool) -> KernelSpec | None:
+               gated: bool) -> WgmmaSpec | None:
     """The wgmma kernel with as many pipeline stages as fit (None if two do not)."""
     if (n // 2 if gated else n) % (64 if gated else 16):
         return None  # gated tiles pair 64 up rows with 64 gate rows
     block_t = wgmma_token_tile(rows, narrow_last_tile=k_granularity == WGMMA_NARROW_LAST_TILE_K_GRANULARITY)
-    spec = KernelSpec("wgmma", device.arch, n, k, k_granularity, gated, block_n=64 if gated else 128,
-                      block_t=block_t, stages=1)
+    spec = WgmmaSpec(device.arch, n, k, k_granularity, gated, block_t=block_t, stages=1)
     budget = device.shared_memory_limit - _PER_BLOCK_RESERVE - (spec.dynamic_shared_bytes(num_experts)
                                                                  - spec.pipeline_bytes())
     stages = min(WGMMA_MAX_STAGES, budget // spec.pipeline_bytes())

@@ -3,9 +3,13 @@
 The first time a process would use the native scale mode on a device, it computes a small random
 problem (both granularities, gated and not, with a few-units and a many-units tile configuration:
 narrow tiles with K warps, wide tiles with one warp walking all four byte selectors) with the
-native kernels and with the software-scaled ones and compares them. If they disagree, it warns once and the device stays on software scaling.
+native kernels and with the software-scaled ones and compares them. K = 1040 (eight 128-element
+blocks and a 16-element tail) makes both granularities read several scale words and every byte
+position of a word. If the results disagree, or a kernel of the check fails to build, to launch or
+to run, it warns once and the device stays on software scaling. (A kernel that faults leaves the
+CUDA context unusable, so later calls in the process fail as well; the warning says what happened.)
 The check allocates and syncs, so it never runs inside a CUDA graph capture: a call captured
-before the verdict exists uses software scaling.
+before the verdict exists uses software scaling. MXFP8_MOE_SCALE_MODE=native skips the check.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import warnings
 import torch
 
 from ..quantize import quantize_activations, quantize_weights
-from .device import DeviceInfo, capturing, device_info
+from .device import DeviceInfo, capturing, current_stream, device_info
 from .heuristics import choose_spec
 from .launch import get_kernel
 from .spec import KernelSpec
@@ -25,7 +29,7 @@ from .spec import KernelSpec
 _verdicts: dict[tuple[int, str], bool] = {}
 _lock = threading.Lock()
 _ROWS = (5, 0, 13, 1)  # an empty expert, a one-row expert, a partial token tile
-_N, _K = 64, 336  # K tail: 336 = 2 * 128 + 80
+_N, _K = 64, 1040  # k_gran 128: words 0-1 whole and byte 0 of word 2; k_gran 32: nine words
 
 
 class NativeScaleWarning(RuntimeWarning):
@@ -45,12 +49,30 @@ def _run(spec: KernelSpec, device_index: int, problem) -> torch.Tensor:
     a, b, a_scale, b_scale, m_indptr = problem
     out = torch.full((a.shape[0], _N // 2 if spec.gated else _N), float("nan"), dtype=torch.bfloat16,
                      device=a.device)
-    get_kernel(spec, device_index)(a, b, a_scale, b_scale, m_indptr, out,
-                                   torch._C._cuda_getCurrentRawStream(device_index))
+    get_kernel(spec, device_index)(a, b, a_scale, b_scale, m_indptr, out, current_stream(device_index))
     return out
 
 
+def _warn(mode: str, device_index: int, what: str) -> None:
+    warnings.warn(f"{mode} block-scaled MMA on cuda:{device_index} {what}; using software scaling. "
+                  "Set MXFP8_MOE_SCALE_MODE to override.", NativeScaleWarning, stacklevel=5)
+
+
 def _agrees(mode: str, device_index: int) -> bool:
+    """The check: True if every kernel of `mode` agrees with software scaling."""
+    try:
+        disagreement = _first_disagreement(mode, device_index)
+    except Exception as error:  # noqa: BLE001 - whatever broke, the native path is not to be trusted
+        _warn(mode, device_index, f"failed its first-use check ({type(error).__name__}: {error})")
+        return False
+    if disagreement is not None:
+        _warn(mode, device_index, f"disagrees with software scaling ({disagreement})")
+        return False
+    return True
+
+
+def _first_disagreement(mode: str, device_index: int) -> str | None:
+    """None if the kernels of `mode` match the software-scaled ones, else which one and by how much."""
     where = torch.device("cuda", device_index)
     counts = torch.tensor(_ROWS)
     m_indptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32).to(where)
@@ -67,13 +89,10 @@ def _agrees(mode: str, device_index: int) -> bool:
         problem = operands[candidate.k_granularity]
         result = _run(candidate, device_index, problem).float()
         expected = _run(trusted, device_index, problem).float()
-        error = ((result - expected).norm() / expected.norm()).item()
+        error = ((result - expected).norm() / expected.norm()).item()  # syncs: a fault raises here
         if not error <= 1e-2:  # also catches NaN
-            warnings.warn(f"{mode} block-scaled MMA on cuda:{device_index} disagrees with software scaling "
-                          f"({candidate.label}: relative difference {error:.3g}); using software scaling. "
-                          "Set MXFP8_MOE_SCALE_MODE to override.", NativeScaleWarning, stacklevel=4)
-            return False
-    return True
+            return f"{candidate.label}: relative difference {error:.3g}"
+    return None
 
 
 def verified(mode: str, device_index: int) -> bool | None:

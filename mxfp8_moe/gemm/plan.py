@@ -3,15 +3,13 @@ memoized per call shape so that a steady-state call costs one dict lookup."""
 
 from __future__ import annotations
 
+from ..memo import BoundedMemo
 from . import native_guard
 from .device import device_info
 from .heuristics import NATIVE_ARCHS, choose_spec
 from .launch import GemmKernel, get_kernel
 
-# Distinct call shapes in a server are bounded by its batch sizes; the bound only guards against a
-# caller cycling through unbounded shapes.
-_MAX_PLANS = 4096
-_plans: dict[tuple, GemmKernel] = {}
+_plans = BoundedMemo(4096)
 
 
 def kernel_for(*, device_index: int, num_experts: int, cum_m: int, n: int, k: int, k_granularity: int,
@@ -32,8 +30,6 @@ def kernel_for(*, device_index: int, num_experts: int, cum_m: int, n: int, k: in
                        gated=gated, scale_mode=mode, aligned=aligned, allow_wgmma=scales_fit_tma)
     kernel = get_kernel(spec, device_index)
     if remember:
-        if len(_plans) >= _MAX_PLANS:
-            _plans.clear()
-        _plans[key] = kernel
+        _plans.put(key, kernel)
     return kernel
 

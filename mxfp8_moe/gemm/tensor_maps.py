@@ -1,7 +1,7 @@
-"""TMA tensor maps for the wgmma kernel: 2-D byte views of `a` (cum_m, K) and `b` (E * N, K) in
-128-byte swizzled boxes of 128 bytes (one K block) by a tile's rows, views of the MN-major scale
-tensors whose boxes are one scale word of consecutive rows, and `out` in 128-byte swizzled boxes
-of 64 columns by a tile's rows (the kernel's stores).
+"""TMA tensor maps of the grouped GEMM's tensors: 2-D byte views of an operand (rows, K) in
+128-byte swizzled boxes of 128 bytes (one K block) by a tile's rows, views of MN-major scale
+tensors whose boxes are one scale word of consecutive rows, and the bf16 output in 128-byte
+swizzled boxes of 64 columns by a tile's rows. (families/wgmma.py assembles its kernel's maps.)
 
 A map embeds its tensor's address, so one is encoded per distinct (address, shape, strides, box):
 weights keep their address from call to call and servers reuse token buffers, so a small table
@@ -15,27 +15,16 @@ import ctypes
 import torch
 from cuda.bindings import driver
 
+from ..arith import round_up
 from ..jit.runtime import DriverError
+from ..memo import BoundedMemo
 
 MAP_BYTES = 128  # sizeof(CUtensorMap)
 BOX_K = 128  # bytes of K per operand box: one swizzle row
 OUTPUT_BOX_COLUMNS = 64  # bf16 columns per output box: one swizzle row
 WORD = 4  # bytes per scale word
 _ALIGNMENT = 16  # TMA: global addresses and strides in multiples of 16 bytes
-_MAX_MAPS = 256
-_maps: dict[tuple, bytes] = {}
-
-
-class WgmmaTensorMaps(ctypes.Structure):
-    """Mirror of mxfp8_moe::WgmmaTensorMaps (kernels/wgmma_grouped_gemm.cuh), passed by value."""
-
-    _fields_ = [(name, ctypes.c_uint8 * MAP_BYTES)
-                for name in ("tokens", "weights", "token_scales", "weight_scales", "output")]
-
-    def set(self, **maps: bytes) -> None:
-        base = ctypes.addressof(self)
-        for name, encoded in maps.items():
-            ctypes.memmove(base + getattr(WgmmaTensorMaps, name).offset, encoded, MAP_BYTES)
+_maps = BoundedMemo(256)
 
 
 def scales_fit_tma(a_scale: torch.Tensor, b_scale: torch.Tensor) -> bool:
@@ -52,22 +41,6 @@ def scales_fit_tma(a_scale: torch.Tensor, b_scale: torch.Tensor) -> bool:
 
 def _step_fits(size: int, stride: int) -> bool:
     return size == 1 or (stride > 0 and stride * WORD % _ALIGNMENT == 0)
-
-
-def wgmma_maps(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor, out: torch.Tensor, *,
-               block_t: int, weight_box_rows: int) -> dict[str, bytes]:
-    """The five maps of one call (scales as checked by scales_fit_tma)."""
-    num_experts, n, k = b.shape
-    return {
-        "tokens": operand_map(a.data_ptr(), a.shape[0], k, block_t),
-        "weights": operand_map(b.data_ptr(), num_experts * n, k, weight_box_rows),
-        # a_scale (m_padded, k_align) with rows adjacent: innermost first, as it is.
-        "token_scales": scale_map(a_scale.data_ptr(), tuple(a_scale.shape), a_scale.stride(), block_t),
-        # b_scale (E, N, k_align) with rows adjacent: (rows, words, experts) innermost-first.
-        "weight_scales": scale_map(b_scale.data_ptr(), (b_scale.shape[1], b_scale.shape[2], b_scale.shape[0]),
-                                   (b_scale.stride(1), b_scale.stride(2), b_scale.stride(0)), weight_box_rows),
-        "output": output_map(out.data_ptr(), out.shape[0], out.shape[1], block_t),
-    }
 
 
 def operand_map(address: int, rows: int, k: int, box_rows: int) -> bytes:
@@ -88,13 +61,13 @@ def scale_map(address: int, dims, strides, box_rows: int) -> bytes:
     """Scale words at `address` with dims and element strides innermost first (the rows, stride 1);
     a box is `box_rows` consecutive rows of one word."""
     if strides[0] != 1:
-        raise ValueError(f"the wgmma kernel reads scale rows as adjacent words (MN-major scales); got a row "
+        raise ValueError(f"a scale map reads scale rows as adjacent words (MN-major scales); got a row "
                          f"stride of {strides[0]} words (scales_fit_tma decides which scales it may be given)")
     # A size-1 dimension's stride is never taken, but the encoder checks it: give it one that
     # would be valid, the aligned extent of the dimensions inside it.
     byte_strides, inner_bytes = [], dims[0] * WORD
     for size, stride in zip(dims[1:], strides[1:]):
-        step = stride * WORD if size > 1 else -(-inner_bytes // _ALIGNMENT) * _ALIGNMENT
+        step = stride * WORD if size > 1 else round_up(inner_bytes, _ALIGNMENT)
         byte_strides.append(step)
         inner_bytes = step * size
     return _encoded(driver.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_UINT32, address, tuple(dims),
@@ -117,8 +90,5 @@ def _encoded(data_type, address: int, dims: tuple, byte_strides: tuple, box: tup
         if err != driver.CUresult.CUDA_SUCCESS:
             raise DriverError(f"cuTensorMapEncodeTiled failed ({err}) for a {what} at {address:#x}, "
                               f"box {' x '.join(map(str, reversed(box)))}")
-        encoded = ctypes.string_at(encoded_map.getPtr(), MAP_BYTES)
-        if len(_maps) >= _MAX_MAPS:
-            _maps.clear()
-        _maps[key] = encoded
+        encoded = _maps.put(key, ctypes.string_at(encoded_map.getPtr(), MAP_BYTES))
     return encoded

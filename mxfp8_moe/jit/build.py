@@ -14,7 +14,8 @@ import logging
 import threading
 from pathlib import Path
 
-from .. import __version__, envs
+from .. import envs
+from ..version import __version__
 from .cache import default_cache
 from .compiler import BASE_OPTIONS, CompileError, compile_cubin, nvrtc_version
 
@@ -35,6 +36,13 @@ def _tree_digest(include_dir: Path) -> str:
     return digest.hexdigest()
 
 
+def kernel_dir() -> Path:
+    """The package's CUDA sources: mxfp8_moe/kernels in a wheel, ../kernels in a source checkout."""
+    package = Path(__file__).resolve().parents[1]
+    installed = package / "kernels"
+    return installed if installed.is_dir() else package.parent / "kernels"
+
+
 def cache_key(source: str, *, arch: str, include_dir: Path) -> str:
     digest = hashlib.sha256()
     for part in (__version__, arch, "nvrtc %d.%d" % nvrtc_version(), " ".join((*BASE_OPTIONS, *OPTIONS)),
@@ -43,8 +51,10 @@ def cache_key(source: str, *, arch: str, include_dir: Path) -> str:
     return digest.hexdigest()[:40]
 
 
-def build(source: str, *, arch: str, include_dir: Path, label: str) -> tuple[bytes, bool]:
-    """CUBIN for `source` on `arch`, from the cache or freshly compiled: (cubin, was_cached)."""
+def build(source: str, *, arch: str, label: str, include_dir: Path | None = None) -> tuple[bytes, bool]:
+    """CUBIN for `source` on `arch`, from the cache or freshly compiled: (cubin, was_cached).
+    `include_dir`: where the source's #includes resolve (default: the package's kernels)."""
+    include_dir = kernel_dir() if include_dir is None else include_dir
     key = cache_key(source, arch=arch, include_dir=include_dir)
     force = False
     if envs.force_recompile():

@@ -1,0 +1,42 @@
+"""The portable family (kernels/simt_grouped_gemm.cuh): one thread per output column on the CUDA
+cores, any architecture, any alignment."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ...arith import ceil_div
+from ..spec import ENTRY, KernelSpec
+
+MAX_ROW_SLICES = 64  # blocks per (column block, expert) splitting its rows
+
+
+@dataclasses.dataclass(frozen=True)
+class SimtSpec(KernelSpec):
+    block_threads: int = 128  # output columns per block
+
+    family = "simt"
+
+    @property
+    def label(self) -> str:
+        return f"{self.problem_label}_t{self.block_threads}"
+
+    @property
+    def threads(self) -> int:
+        return self.block_threads
+
+    def source(self) -> str:
+        gated = "true" if self.gated else "false"
+        return (f'#include "simt_grouped_gemm.cuh"\n'
+                f'extern "C" __global__ void __launch_bounds__({self.threads}) '
+                f"{ENTRY}(const __grid_constant__ mxfp8_moe::GroupedGemmParams params) {{\n"
+                f"    mxfp8_moe::simt_grouped_gemm<{self.threads}, {self.k_granularity}, {gated}, "
+                f"{self.n}, {self.k}>(params);\n}}\n")
+
+    def dynamic_shared_bytes(self, num_experts: int) -> int:
+        return 0
+
+    def grid(self, num_experts: int, cum_m: int, resident_blocks: int) -> tuple[int, int, int]:
+        """x: blocks of columns, y: experts, z: slices of an expert's rows (about one per row)."""
+        row_slices = max(1, min(MAX_ROW_SLICES, ceil_div(cum_m, num_experts)))
+        return ceil_div(self.n_out, self.threads), num_experts, row_slices

@@ -1,0 +1,110 @@
+"""The Hopper family (kernels/wgmma_grouped_gemm.cuh, sm_90a): FP8 wgmma fed by TMA, with its five
+tensor maps passed by value beside the parameters."""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+
+import torch
+
+from ...arith import round_up
+from ..spec import ENTRY, STAGE_K_BYTES, KernelSpec, scheduler_shared_bytes
+from ..tensor_maps import MAP_BYTES, operand_map, output_map, scale_map
+
+WARPGROUP = 128  # threads
+CONSUMERS = 2  # warpgroups multiplying; one more produces
+WEIGHT_ROWS = 64 * CONSUMERS  # weight rows per tile, 64 per consumer warpgroup
+BARRIER_BYTES = 256  # WgmmaGemm::kBarrierBytes
+SWIZZLE_ALIGNMENT = 1024  # the tiles start 1024-byte aligned: up to this much padding
+
+
+class WgmmaTensorMaps(ctypes.Structure):
+    """Mirror of mxfp8_moe::WgmmaTensorMaps (kernels/wgmma_grouped_gemm.cuh), passed by value."""
+
+    _fields_ = [(name, ctypes.c_uint8 * MAP_BYTES)
+                for name in ("tokens", "weights", "token_scales", "weight_scales", "output")]
+
+    def set(self, **maps: bytes) -> None:
+        base = ctypes.addressof(self)
+        for name, encoded in maps.items():
+            ctypes.memmove(base + getattr(WgmmaTensorMaps, name).offset, encoded, MAP_BYTES)
+
+
+def wgmma_maps(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor, out: torch.Tensor, *,
+               block_t: int) -> dict[str, bytes]:
+    """The five maps of one call (scales as tensor_maps.scales_fit_tma accepts them)."""
+    num_experts, n, k = b.shape
+    box_rows = WEIGHT_ROWS // CONSUMERS  # each consumer's weight rows: one box
+    return {
+        "tokens": operand_map(a.data_ptr(), a.shape[0], k, block_t),
+        "weights": operand_map(b.data_ptr(), num_experts * n, k, box_rows),
+        # a_scale (m_padded, k_align) with rows adjacent: innermost first, as it is.
+        "token_scales": scale_map(a_scale.data_ptr(), tuple(a_scale.shape), a_scale.stride(), block_t),
+        # b_scale (E, N, k_align) with rows adjacent: (rows, words, experts) innermost-first.
+        "weight_scales": scale_map(b_scale.data_ptr(), (b_scale.shape[1], b_scale.shape[2], b_scale.shape[0]),
+                                   (b_scale.stride(1), b_scale.stride(2), b_scale.stride(0)), box_rows),
+        "output": output_map(out.data_ptr(), out.shape[0], out.shape[1], block_t),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class WgmmaSpec(KernelSpec):
+    block_t: int  # tokens per tile: 32, 64, 96 or 128
+    stages: int
+
+    family = "wgmma"
+    waits_for_prior_grid = True
+
+    @property
+    def block_n(self) -> int:
+        """Output columns per tile (WgmmaGemm::kBlockN): gated tiles pair 64 up with 64 gate rows."""
+        return 64 if self.gated else WEIGHT_ROWS
+
+    @property
+    def label(self) -> str:
+        return f"{self.problem_label}_bn{self.block_n}_bt{self.block_t}_s{self.stages}"
+
+    @property
+    def threads(self) -> int:
+        return (CONSUMERS + 1) * WARPGROUP
+
+    def source(self) -> str:
+        gated = "true" if self.gated else "false"
+        # (threads, 1): setmaxnreg needs a register cap at entry.
+        return (f'#include "wgmma_grouped_gemm.cuh"\n'
+                f"using Gemm = mxfp8_moe::WgmmaGemm<{self.n}, {self.k}, {self.k_granularity}, {gated}, "
+                f"{self.block_t}, {self.stages}>;\n"
+                f'extern "C" __global__ void __launch_bounds__(Gemm::kThreads, 1) '
+                f"{ENTRY}(const __grid_constant__ mxfp8_moe::GroupedGemmParams params, "
+                f"const __grid_constant__ mxfp8_moe::WgmmaTensorMaps maps) {{\n"
+                f"    Gemm::run(params, maps);\n}}\n")
+
+    def stage_bytes(self) -> int:
+        """Weight and token tiles, then the scale words and their floats (one set per k32 slice at
+        k_gran 32) in 1024-byte units (WgmmaGemm::kStageBytes)."""
+        slices = STAGE_K_BYTES // 32 if self.k_granularity == 32 else 1
+        rows = WEIGHT_ROWS + self.block_t
+        return rows * STAGE_K_BYTES + round_up(rows * 4 * (1 + slices), 1024)
+
+    def pipeline_bytes(self) -> int:
+        return self.stages * self.stage_bytes()
+
+    def epilogue_bytes(self) -> int:
+        """The bf16 staging tile, then for gated tiles the gate warpgroup's accumulators, one float
+        per accumulator and consumer thread (WgmmaGemm::kTileBytes - kStagingOffset)."""
+        accumulators = self.block_t // 2  # per thread: 64 rows x block_t tokens / 128 threads
+        return self.block_t * self.block_n * 2 + (accumulators * WARPGROUP * 4 if self.gated else 0)
+
+    def dynamic_shared_bytes(self, num_experts: int) -> int:
+        """WgmmaGemm::shared_bytes: scheduler, barriers, alignment padding, stages, epilogue."""
+        return (scheduler_shared_bytes(num_experts) + BARRIER_BYTES + SWIZZLE_ALIGNMENT + self.pipeline_bytes()
+                + self.epilogue_bytes())
+
+    def grid(self, num_experts: int, cum_m: int, resident_blocks: int) -> tuple[int, int, int]:
+        return resident_blocks, 1, 1  # persistent
+
+    def arguments(self, a, b, a_scale, b_scale, m_indptr, out) -> tuple[ctypes.Structure, ...]:
+        maps = WgmmaTensorMaps()
+        maps.set(**wgmma_maps(a, b, a_scale, b_scale, out, block_t=self.block_t))
+        return super().arguments(a, b, a_scale, b_scale, m_indptr, out) + (maps,)
