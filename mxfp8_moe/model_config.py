@@ -18,6 +18,7 @@ _EXPERT_KEYS = ("num_experts", "n_routed_experts", "num_local_experts")  # Qwen-
 # gpt-oss's activation (clamped, alpha = 1.702, (up + 1) * glu, gate and up rows interleaved) is not
 # the fused SwiGLU, so its gate_up GEMM runs without the epilogue.
 _UNFUSED_ACTIVATION = frozenset({"gpt_oss"})
+SLICE_MULTIPLE = 16  # a rank's share of the intermediate size is a GEMM's K and output width
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,8 +78,14 @@ class MoeConfig:
         """The gate_up and down GEMMs of one tensor-parallel rank."""
         if tp < 1:
             raise ValueError(f"tp must be a positive integer, got {tp}")
-        if self.intermediate_size % tp:
-            raise ValueError(f"the experts' intermediate size {self.intermediate_size} is not divisible by tp={tp}")
-        local = self.intermediate_size // tp
+        local, rest = divmod(self.intermediate_size, tp)
+        if rest or local % SLICE_MULTIPLE:
+            # Each rank's slice is a GEMM's output width and K: a multiple of 16, so tp divides I / 16.
+            units = self.intermediate_size // SLICE_MULTIPLE
+            valid = [d for d in range(1, units + 1) if units % d == 0] if self.intermediate_size % SLICE_MULTIPLE == 0 else []
+            what = "is too large to split" if tp > max(valid, default=0) else "does not split"
+            raise ValueError(f"tp={tp} {what} the experts' intermediate size {self.intermediate_size} into slices "
+                             f"that are multiples of {SLICE_MULTIPLE} (each rank would hold {self.intermediate_size / tp:g}); "
+                             f"tp may be {', '.join(map(str, valid)) or 'nothing'}")
         return [GemmShape("gate_up", 2 * local, self.hidden_size, self.fused_swiglu, self.num_experts),
                 GemmShape("down", self.hidden_size, local, False, self.num_experts)]

@@ -6,6 +6,8 @@ import sys
 import pytest
 import torch
 
+from mxfp8_moe import clear_memos
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
@@ -24,6 +26,15 @@ def seed():
     torch.manual_seed(value)
     random.seed(value)
     return value
+
+
+@pytest.fixture
+def fresh_memos():
+    """The host's memos (validation verdicts, kernel choices, launch arguments, tensor maps) start
+    empty, and what the test put there is forgotten after it."""
+    clear_memos()
+    yield
+    clear_memos()
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from mxfp8_moe import moe_gemm_mxfp8_nt_groupwise
 from mxfp8_moe.gemm.device import device_info
 from mxfp8_moe.gemm.heuristics import WGMMA_ARCHS, wgmma_spec
 from mxfp8_moe.gemm.launch import get_kernel
-from mxfp8_moe.gemm.spec import KernelSpec
+from mxfp8_moe.gemm.families import SimtSpec
 
 from problems import make_problem
 
@@ -53,7 +53,7 @@ def test_adversarial_m_indptr(case, gated, kernel):
         if kernel == "wgmma" and device.arch not in WGMMA_ARCHS:
             pytest.skip(f"the wgmma kernel needs sm_90a, this GPU is {device.arch}")
         spec = (wgmma_spec(device, 4, 5.0, 128, 288, 128, gated) if kernel == "wgmma"
-                else KernelSpec("simt", device.arch, 128, 288, 128, gated))
+                else SimtSpec(device.arch, 128, 288, 128, gated))
         get_kernel(spec, 0)(*problem.args, out, torch.cuda.current_stream().cuda_stream)
     torch.cuda.synchronize()
     written = ~torch.isnan(out).all(dim=1)

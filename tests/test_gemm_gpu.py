@@ -17,7 +17,7 @@ from mxfp8_moe.gemm import launch
 from mxfp8_moe.gemm.device import device_info
 from mxfp8_moe.gemm.heuristics import WGMMA_ARCHS, choose_spec, wgmma_spec
 from mxfp8_moe.gemm.launch import get_kernel
-from mxfp8_moe.gemm.spec import KernelSpec
+from mxfp8_moe.gemm.families import SimtSpec
 
 from problems import make_problem, relative_error, routed_rows
 
@@ -114,7 +114,7 @@ def test_row_counts(k_granularity, scale_mode):
 @pytest.mark.parametrize("k_granularity", [32, 128])
 def test_simt_kernel(gated, k_granularity):
     problem = make_problem([5, 0, 17, 2], 96, 336, k_granularity=k_granularity, gated=gated)
-    run_kernel_and_check(get_kernel(KernelSpec("simt", device_info(0).arch, 96, 336, k_granularity, gated), 0), problem)
+    run_kernel_and_check(get_kernel(SimtSpec(device_info(0).arch, 96, 336, k_granularity, gated), 0), problem)
 
 
 @pytest.mark.parametrize("block_t", [32, 64, 96, 128])
@@ -154,7 +154,7 @@ def test_scale_layout_picks_the_hopper_kernel(layout, hopper, monkeypatch):
     served, real_call = [], launch.GemmKernel.__call__
 
     def recording_call(self, *args):
-        served.append(self.spec.kind)
+        served.append(self.spec.family)
         return real_call(self, *args)
 
     monkeypatch.setattr(launch.GemmKernel, "__call__", recording_call)
@@ -167,7 +167,7 @@ def test_misaligned_output_uses_portable_kernel():
     storage = torch.empty(12 * 64 + 1, dtype=torch.bfloat16, device="cuda")
     out = storage[1:].view(12, 64)  # 2-byte offset: not 16-byte aligned
     assert choose_spec(device=device_info(0), num_experts=2, cum_m=12, n=64, k=128, k_granularity=128,
-                       gated=False, scale_mode="auto", aligned=False).kind == "simt"
+                       gated=False, scale_mode="auto", aligned=False).family == "simt"
     run_and_check(problem, out=out)
 
 

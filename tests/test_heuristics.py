@@ -9,7 +9,7 @@ import pytest
 from mxfp8_moe.gemm.device import DeviceInfo
 from mxfp8_moe.gemm.heuristics import (WGMMA_TOKEN_TILES, candidate_specs, choose_spec, resolve_scale_mode,
                                        wgmma_token_tile)
-from mxfp8_moe.gemm.spec import KernelSpec
+from mxfp8_moe.gemm.families import WgmmaSpec
 
 ARCHS = ("sm_120a", "sm_121a", "sm_90a", "sm_89")
 
@@ -28,10 +28,10 @@ def test_every_choice_fits_the_arch(arch):
             (1, 8, 32, 128, 512), (1, 3, 8, 64, 512, 4096, 65536), ((1536, 2048), (7168, 2048), (5760, 2880)),
             (False, True)):
         spec = choose(arch, num_experts=num_experts, cum_m=cum_m, n=n, k=k, gated=gated)
-        if spec.kind == "simt":
+        if spec.family == "simt":
             continue
         assert spec.dynamic_shared_bytes(num_experts) + 1024 <= limit, spec
-        if spec.kind == "wgmma":
+        if spec.family == "wgmma":
             assert arch == "sm_90a" and spec.stages >= 2 and spec.block_t in WGMMA_TOKEN_TILES, spec
             continue
         assert spec.stages * spec.pipeline_bytes() >= spec.epilogue_bytes(), spec  # epilogue reuses the pipeline
@@ -39,12 +39,12 @@ def test_every_choice_fits_the_arch(arch):
 
 
 def test_too_many_experts_for_shared_memory_falls_back_to_the_portable_kernel():
-    assert choose("sm_120a", num_experts=8192, cum_m=4).kind == "simt"
+    assert choose("sm_120a", num_experts=8192, cum_m=4).family == "simt"
 
 
 def test_unaligned_or_pre_ada_run_the_portable_kernel():
-    assert choose(aligned=False).kind == "simt"
-    assert choose("sm_86").kind == "simt"
+    assert choose(aligned=False).family == "simt"
+    assert choose("sm_86").family == "simt"
 
 
 def test_token_tile_covers_random_routing():
@@ -62,17 +62,17 @@ def test_few_units_get_narrow_tiles_and_k_warps():
 
 
 def test_wgmma_on_hopper_from_decode_to_prefill():
-    assert choose("sm_90a", cum_m=128 * 256).kind == "wgmma"  # prefill
-    assert choose("sm_90a", cum_m=8, gated=False, n=2048, k=768).kind == "wgmma"  # decode, non-gated
-    assert choose("sm_90a", cum_m=1, num_experts=32, n=4096, k=7168).kind == "wgmma"  # gated, long K
-    assert choose("sm_90a", cum_m=8, n=1536, k=2048).kind == "wgmma"  # gated decode, short K
+    assert choose("sm_90a", cum_m=128 * 256).family == "wgmma"  # prefill
+    assert choose("sm_90a", cum_m=8, gated=False, n=2048, k=768).family == "wgmma"  # decode, non-gated
+    assert choose("sm_90a", cum_m=1, num_experts=32, n=4096, k=7168).family == "wgmma"  # gated, long K
+    assert choose("sm_90a", cum_m=8, n=1536, k=2048).family == "wgmma"  # gated decode, short K
     # Shapes it cannot tile (gated output width not a multiple of 64) and K-major scales: mma.sync.
-    assert choose("sm_90a", cum_m=8, n=1568, k=2048).kind == "mma"
-    assert choose("sm_90a", cum_m=128 * 256, allow_wgmma=False).kind == "mma"
+    assert choose("sm_90a", cum_m=8, n=1568, k=2048).family == "mma"
+    assert choose("sm_90a", cum_m=128 * 256, allow_wgmma=False).family == "mma"
     # The emulated scale mode exists to run the sm_12x mma.sync path on Hopper: never wgmma.
-    assert choose("sm_90a", cum_m=128 * 256, scale_mode="emulated").kind == "mma"
+    assert choose("sm_90a", cum_m=128 * 256, scale_mode="emulated").family == "mma"
     for arch in ("sm_120a", "sm_121a", "sm_89"):
-        assert choose(arch, cum_m=128 * 256).kind == "mma"
+        assert choose(arch, cum_m=128 * 256).family == "mma"
 
 
 @pytest.mark.parametrize("narrow_last_tile", [False, True])
@@ -109,9 +109,9 @@ def test_scale_modes():
 
 
 def test_wgmma_spec_tile_width_follows_gating():
-    assert KernelSpec("wgmma", "sm_90a", 1536, 2048, 128, True, block_n=64, block_t=32, stages=2).n_out == 768
-    with pytest.raises(ValueError, match="block_n 64"):
-        KernelSpec("wgmma", "sm_90a", 1536, 2048, 128, True, block_n=128, block_t=32, stages=2)
+    gated = WgmmaSpec("sm_90a", 1536, 2048, 128, True, block_t=32, stages=2)
+    assert (gated.n_out, gated.block_n) == (768, 64)
+    assert WgmmaSpec("sm_90a", 1536, 2048, 128, False, block_t=32, stages=2).block_n == 128
 
 
 @pytest.mark.parametrize("arch", ("sm_120a", "sm_90a"))

@@ -15,9 +15,10 @@ import pytest
 
 from mxfp8_moe.gemm.device import DeviceInfo
 from mxfp8_moe.gemm.heuristics import candidate_specs, choose_spec
-from mxfp8_moe.gemm.spec import KernelSpec, kernel_dir
+from mxfp8_moe.gemm.families import SimtSpec
+from mxfp8_moe.gemm.spec import KernelSpec
 from mxfp8_moe.jit import inspect
-from mxfp8_moe.jit.build import OPTIONS
+from mxfp8_moe.jit.build import OPTIONS, kernel_dir
 from mxfp8_moe.jit.compiler import CompileError, compile_cubin, supported_archs
 from mxfp8_moe.jit.runtime import arch_name
 
@@ -62,17 +63,17 @@ def _specs() -> list[KernelSpec]:
     for n, k, gated in SHAPES:
         for k_granularity in (32, 128):
             specs.update(dict.fromkeys(s for s in _candidates("sm_90a", n, k, gated, k_granularity)
-                                       if s.kind == "wgmma"))
+                                       if s.family == "wgmma"))
     # Short K, where ptxas' register allocation has gone wrong for some chain plans: Qwen3-30B-A3B's
     # down GEMM (6 K blocks, chains of 3 + 3) and 10 K blocks (4 + 4 + 2).
     for k in (768, 1280):
-        specs.update(dict.fromkeys(s for s in _candidates("sm_90a", 2048, k, False, 128) if s.kind == "wgmma"))
+        specs.update(dict.fromkeys(s for s in _candidates("sm_90a", 2048, k, False, 128) if s.family == "wgmma"))
     return list(specs)
 
 
 SPECS = _specs()
 SM12X_SPECS = [s for s in SPECS if s.arch in SM12X]
-WGMMA_SPECS = [s for s in SPECS if s.kind == "wgmma"]
+WGMMA_SPECS = [s for s in SPECS if s.family == "wgmma"]
 
 def _param(specs):
     return pytest.mark.parametrize("spec", specs, ids=lambda s: f"{s.arch}-{s.label}")
@@ -203,7 +204,7 @@ def _simt_archs() -> list[str]:
 
 @pytest.mark.parametrize("arch", _simt_archs())
 def test_simt_compiles(arch):
-    spec = KernelSpec("simt", arch, 5760, 2880, 32, True)
+    spec = SimtSpec(arch, 5760, 2880, 32, True)
     _, usage = build(spec)
     assert usage["spill_stores"] == usage["spill_loads"] == 0, usage
 

@@ -4,7 +4,8 @@ end) and the driver configuration such a launch passes (gemm/launch.py, jit/runt
 from __future__ import annotations
 
 from mxfp8_moe.gemm import launch
-from mxfp8_moe.gemm.spec import KernelSpec
+from mxfp8_moe.gemm.families import MmaSpec, SimtSpec, WgmmaSpec
+from mxfp8_moe.memo import BoundedMemo
 from mxfp8_moe.jit.runtime import LoadedKernel, driver
 
 
@@ -20,15 +21,16 @@ def test_tensor_core_kernels_launch_programmatically_from_sm90(monkeypatch):
     # kernel does not wait, and sm_89 has no griddepcontrol.
     monkeypatch.setattr(launch, "build", lambda *args, **kwargs: (b"", False))
     monkeypatch.setattr(launch, "LoadedKernel", _UnloadedKernel)
-    for arch, kind, expected in (("sm_90a", "wgmma", True), ("sm_120a", "mma", True), ("sm_89", "mma", False),
-                                 ("sm_120a", "simt", False)):
-        spec = KernelSpec(kind, arch, 96, 2048, 128, False, block_n=128, block_t=32, stages=2)
-        assert launch.GemmKernel(spec, 0).kernel.programmatic is expected, (arch, kind)
+    for spec, expected in ((WgmmaSpec("sm_90a", 96, 2048, 128, False, block_t=32, stages=2), True),
+                           (MmaSpec("sm_120a", 96, 2048, 128, False, block_n=128, block_t=32, stages=2), True),
+                           (MmaSpec("sm_89", 96, 2048, 128, False, block_n=128, block_t=32, stages=2), False),
+                           (SimtSpec("sm_120a", 96, 2048, 128, False), False)):
+        assert launch.GemmKernel(spec, 0).kernel.programmatic is expected, spec
 
 
 def test_programmatic_launch_configuration_is_built_once_per_grid_and_stream():
     kernel = LoadedKernel.__new__(LoadedKernel)  # the configuration is host data: no module to load
-    kernel.threads, kernel.programmatic, kernel._configs = 384, True, {}
+    kernel.threads, kernel.programmatic, kernel._configs = 384, True, BoundedMemo(4)
     config = kernel._config((132, 1, 1), 200_000, 7)
     assert (config.gridDimX, config.gridDimY, config.gridDimZ) == (132, 1, 1)
     assert (config.blockDimX, config.blockDimY, config.blockDimZ) == (384, 1, 1)

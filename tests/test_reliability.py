@@ -29,7 +29,9 @@ import pytest
 import torch
 
 from mxfp8_moe import moe_gemm_mxfp8_nt_groupwise, reference_moe_gemm
-from mxfp8_moe.gemm.spec import KernelSpec, kernel_dir
+from mxfp8_moe.gemm.families import MmaSpec, SimtSpec
+from mxfp8_moe.gemm.spec import KernelSpec
+from mxfp8_moe.jit.build import kernel_dir
 from mxfp8_moe.jit import build as build_mod
 from mxfp8_moe.jit import cache as cache_mod
 from mxfp8_moe.jit import compiler
@@ -40,12 +42,12 @@ from problems import make_problem
 
 REPO = Path(__file__).resolve().parents[1]
 ELF_MAGIC = b"\x7fELF"
-SIMT_120 = KernelSpec("simt", "sm_120a", 256, 512, 128, False)
+SIMT_120 = SimtSpec("sm_120a", 256, 512, 128, False)
 SIMT_90 = dataclasses.replace(SIMT_120, arch="sm_90a")
-SIMT_120_B = KernelSpec("simt", "sm_120a", 384, 640, 32, True)
-MMA_120 = KernelSpec("mma", "sm_120a", 128, 288, 128, False, block_n=64, block_t=8, stages=2)
+SIMT_120_B = SimtSpec("sm_120a", 384, 640, 32, True)
+MMA_120 = MmaSpec("sm_120a", 128, 288, 128, False, block_n=64, block_t=8, stages=2)
 # 48 columns over 4 column warps of m16 fragments: violates a static_assert of MmaGemm.
-BROKEN = KernelSpec("mma", "sm_120a", 4096, 7168, 128, False, block_n=48, block_t=8, stages=4, warps_n=4, warps_k=1)
+BROKEN = MmaSpec("sm_120a", 4096, 7168, 128, False, block_n=48, block_t=8, stages=4, warps_n=4, warps_k=1)
 BROKEN_ASSERT = "each warp owns whole m16 fragments"
 
 
@@ -327,9 +329,9 @@ import dataclasses, hashlib, json, os, sys, time, warnings
 from pathlib import Path
 from mxfp8_moe.jit.cache import CacheWarning
 warnings.simplefilter("error", CacheWarning)
-from mxfp8_moe.gemm.spec import KernelSpec, kernel_dir
-from mxfp8_moe.jit.build import build, cache_key
-specs = [KernelSpec(**d) for d in json.loads(sys.argv[1])]
+from mxfp8_moe.gemm import families
+from mxfp8_moe.jit.build import build, cache_key, kernel_dir
+specs = [getattr(families, family)(**fields) for family, fields in json.loads(sys.argv[1])]
 start, rotate = Path(sys.argv[2]), int(sys.argv[3])
 Path(f"{start}.ready.{os.getpid()}").touch()
 while not start.exists():
@@ -349,7 +351,7 @@ def test_processes_cold_start_compile_each_spec_once(cache_dir, tmp_path):
     env["MXFP8_MOE_CACHE_DIR"] = str(cache_dir)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     start = tmp_path / "start"
-    argv = json.dumps([dataclasses.asdict(s) for s in specs])
+    argv = json.dumps([(type(s).__name__, dataclasses.asdict(s)) for s in specs])
     procs = [subprocess.Popen([sys.executable, "-c", CHILD, argv, str(start), str(i % len(specs))],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for i in range(processes)]

@@ -1,5 +1,5 @@
-"""The wgmma kernel's TMA tensor maps (gemm/tensor_maps.py), with the driver's encoder replaced by
-a recorder: no GPU needed."""
+"""The wgmma kernel's TMA tensor maps (gemm/tensor_maps.py, gemm/families/wgmma.py), with the
+driver's encoder replaced by a recorder: no GPU needed."""
 
 from __future__ import annotations
 
@@ -7,12 +7,13 @@ import ctypes
 
 import pytest
 
-from mxfp8_moe.gemm import launch, tensor_maps
-from mxfp8_moe.gemm.spec import KernelSpec
 import torch
 
 from mxfp8_moe import to_k_major, to_mn_major_b_scale
-from mxfp8_moe.gemm.tensor_maps import BOX_K, MAP_BYTES, WgmmaTensorMaps, operand_map, scales_fit_tma, wgmma_maps
+from mxfp8_moe.gemm import launch, tensor_maps
+from mxfp8_moe.gemm.families import WgmmaSpec
+from mxfp8_moe.gemm.families.wgmma import WgmmaTensorMaps, wgmma_maps
+from mxfp8_moe.gemm.tensor_maps import BOX_K, MAP_BYTES, operand_map, scales_fit_tma
 from mxfp8_moe.jit.runtime import DriverError
 
 
@@ -27,7 +28,7 @@ class _Encoded:
 
 
 @pytest.fixture
-def encoder(monkeypatch):
+def encoder(monkeypatch, fresh_memos):
     calls = []
     driver = tensor_maps.driver
 
@@ -36,7 +37,6 @@ def encoder(monkeypatch):
         return driver.CUresult.CUDA_SUCCESS, _Encoded(len(calls))
 
     monkeypatch.setattr(driver, "cuTensorMapEncodeTiled", encode)
-    monkeypatch.setattr(tensor_maps, "_maps", {})
     return calls
 
 
@@ -68,11 +68,10 @@ def test_maps_are_encoded_once_per_address_and_shape(encoder):
     assert len(encoder) == 3
 
 
-def test_an_encoder_failure_names_the_matrix(monkeypatch):
+def test_an_encoder_failure_names_the_matrix(monkeypatch, fresh_memos):
     driver = tensor_maps.driver
     monkeypatch.setattr(driver, "cuTensorMapEncodeTiled",
                         lambda *args: (driver.CUresult.CUDA_ERROR_INVALID_VALUE, None))
-    monkeypatch.setattr(tensor_maps, "_maps", {})
     with pytest.raises(DriverError, match=r"\(1000, 2048\) byte matrix at 0x10000, box 128 x 128"):
         operand_map(0x10000, 1000, 2048, 128)
 
@@ -91,7 +90,7 @@ def test_call_maps_cover_operands_scales_and_output(encoder):
     b = torch.empty(num_experts, n, k, dtype=torch.uint8)
     a_scale, b_scale = _mn_major_scales(m_padded, num_experts, n, k_align)
     out = torch.empty(500, 2 * n, dtype=torch.bfloat16)
-    maps = wgmma_maps(a, b, a_scale, b_scale, out, block_t=96, weight_box_rows=64)
+    maps = wgmma_maps(a, b, a_scale, b_scale, out, block_t=96)
     assert list(maps) == [name for name, _ in WgmmaTensorMaps._fields_]
     tokens, weights, token_scales, weight_scales, output = map(_unpack, encoder)
     assert tokens[1:5] == (a.data_ptr(), [k, 500], [k], [BOX_K, 96])
@@ -115,7 +114,7 @@ def test_a_size_one_dimension_gets_a_valid_stride(encoder):
     assert a_scale.stride() == (1, 1) and b_scale.stride() == (30, 1, 1)
     assert scales_fit_tma(a_scale, b_scale)
     wgmma_maps(torch.empty(10, 256, dtype=torch.uint8), torch.empty(1, 30, 256, dtype=torch.uint8), a_scale, b_scale,
-               torch.empty(10, 32, dtype=torch.bfloat16), block_t=32, weight_box_rows=64)
+               torch.empty(10, 32, dtype=torch.bfloat16), block_t=32)
     token_scales, weight_scales = (_unpack(call) for call in encoder[2:4])
     assert token_scales[3] == [48]  # 10 rows of 4 bytes, aligned to 16
     assert weight_scales[3] == [128, 128]  # 30 rows -> 128 bytes; one word, so the expert step is the same
@@ -137,8 +136,7 @@ def test_a_scale_map_refuses_rows_that_are_not_adjacent(encoder):
     a_scale, b_scale = _mn_major_scales(520, 8, 90, 4)
     with pytest.raises(ValueError, match="row stride of 4 words"):
         wgmma_maps(torch.empty(500, 2048, dtype=torch.uint8), torch.empty(8, 90, 2048, dtype=torch.uint8),
-                   a_scale, to_k_major(b_scale), torch.empty(500, 90, dtype=torch.bfloat16), block_t=96,
-                   weight_box_rows=64)
+                   a_scale, to_k_major(b_scale), torch.empty(500, 90, dtype=torch.bfloat16), block_t=96)
 
 
 def test_maps_are_the_kernels_parameter_layout():
@@ -167,7 +165,7 @@ class _RecordingKernel:
 def test_a_kernel_reencodes_its_maps_only_when_a_tensor_moves(encoder, monkeypatch):
     monkeypatch.setattr(launch, "build", lambda *args, **kwargs: (b"", False))
     monkeypatch.setattr(launch, "LoadedKernel", _RecordingKernel)
-    spec = KernelSpec("wgmma", "sm_90a", 96, 2048, 128, False, block_n=128, block_t=32, stages=2)
+    spec = WgmmaSpec("sm_90a", 96, 2048, 128, False, block_t=32, stages=2)
     kernel = launch.GemmKernel(spec, 0)
     a, b = torch.empty(500, 2048, dtype=torch.uint8), torch.empty(8, 96, 2048, dtype=torch.uint8)
     a_scale, b_scale = _mn_major_scales(520, 8, 96, 4)

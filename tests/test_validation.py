@@ -272,13 +272,12 @@ def test_valid_call_passes():
         assert torch.equal(moe_gemm_mxfp8_nt_groupwise(**call), expected.to(torch.bfloat16))
 
 
-def test_verdicts_are_remembered_per_tensor_metadata(monkeypatch):
+def test_verdicts_are_remembered_per_tensor_metadata(monkeypatch, fresh_memos):
     """A call with an earlier call's tensor metadata skips the checks; any change of a tensor's
     dtype, strides or address (a new buffer in place of an input) runs them again."""
     checked = []
     real_checks = validation._check_tensors
     monkeypatch.setattr(validation, "_check_tensors", lambda *args, **kw: checked.append(1) or real_checks(*args, **kw))
-    monkeypatch.setattr(validation, "_checked", {})
     call = valid_call(128)
     moe_gemm_mxfp8_nt_groupwise(**call)
     moe_gemm_mxfp8_nt_groupwise(**call)

@@ -14,6 +14,8 @@ import threading
 
 from cuda.bindings import driver
 
+from ..memo import BoundedMemo
+
 _ARCH_SPECIFIC = {(9, 0), (10, 0), (10, 1), (10, 3), (12, 0), (12, 1)}  # have an sm_XYa target
 
 
@@ -76,10 +78,6 @@ def _enter(context: driver.CUcontext, context_id: int) -> bool:
     return True
 
 
-# Launch configurations kept per kernel (one per grid, shared size and stream in use).
-_MAX_CONFIGS = 256
-
-
 class LoadedKernel:
     """One __global__ function of a CUBIN, loaded into one device's primary context.
 
@@ -90,7 +88,7 @@ class LoadedKernel:
         self.device_index = device_index
         self.threads = threads
         self.programmatic = programmatic
-        self._configs: dict[tuple, driver.CUlaunchConfig] = {}
+        self._configs = BoundedMemo(256)  # per (grid, shared size, stream) in use
         self._context, self._context_id, device = primary_context(device_index)
         pushed = _enter(self._context, self._context_id)
         try:
@@ -116,7 +114,7 @@ class LoadedKernel:
         finally:
             if pushed:
                 driver.cuCtxPopCurrent()
-        self._resident: dict[int, int] = {}
+        self._resident = BoundedMemo(256)  # per dynamic shared size
 
     def resident_blocks(self, dynamic_shared: int) -> int:
         """How many blocks fit on the whole device at once: the size of a persistent grid."""
@@ -133,7 +131,7 @@ class LoadedKernel:
             if per_sm < 1:
                 raise DriverError(f"kernel cannot launch: {dynamic_shared} B of dynamic shared memory "
                                   f"(limit {self.max_dynamic_shared} B), {self.threads} threads")
-            blocks = self._resident[dynamic_shared] = per_sm * self.num_sms
+            blocks = self._resident.put(dynamic_shared, per_sm * self.num_sms)
         return blocks
 
     def launch(self, grid: tuple[int, int, int], dynamic_shared: int, stream: int, params_address: int) -> None:
@@ -167,7 +165,5 @@ class LoadedKernel:
             config.hStream = stream
             config.attrs = [serialization]
             config.numAttrs = 1
-            if len(self._configs) >= _MAX_CONFIGS:
-                self._configs.clear()
-            self._configs[key] = config
+            self._configs.put(key, config)
         return config
