@@ -27,14 +27,16 @@ from .quantize import quantize_weights
 
 @dataclasses.dataclass(frozen=True)
 class QuantizedExperts:
-    """One projection of every expert in MXFP8: the GEMM's `b` and `b_scale`."""
+    """One projection of every expert in MXFP8: the GEMM's `b` and `b_scale`, and the k granularity
+    of the scales, which the block's activations are quantized at too."""
 
     b: torch.Tensor  # (E, N, K) float8_e4m3fn
     b_scale: torch.Tensor  # (E, N, k_align) int32 UE8M0 words, MN-major
+    k_granularity: int
 
     @classmethod
     def quantize(cls, w: torch.Tensor, k_granularity: int = 128) -> QuantizedExperts:
-        return cls(*quantize_weights(w, k_granularity))
+        return cls(*quantize_weights(w, k_granularity), k_granularity)
 
 
 class Routing(NamedTuple):
@@ -75,13 +77,17 @@ def moe_forward(
     w2: QuantizedExperts,
     top_k: int,
     *,
-    k_granularity: int = 128,
     renormalize: bool = True,
 ) -> torch.Tensor:
     """MoE block: (T, H) bf16 hidden states and (T, E) router logits -> (T, H) bf16.
 
-    w13: (E, 2 I, H) [up; gate] and w2: (E, H, I), quantized with this k_granularity.
+    w13: (E, 2 I, H) [up; gate] and w2: (E, H, I), quantized at one k granularity, which the
+    activations are quantized at too.
     """
+    if w13.k_granularity != w2.k_granularity:
+        raise ValueError(f"w13 and w2 must be quantized at the same k granularity, got {w13.k_granularity} and "
+                         f"{w2.k_granularity}")
+    k_granularity = w13.k_granularity
     routing = route(router_logits, top_k, renormalize=renormalize)
     x = hidden[routing.token]
     a, a_scale = quantize_activations_op(x, routing.m_indptr, k_granularity)
@@ -111,8 +117,8 @@ class MXFP8MoE(torch.nn.Module):
             self.register_buffer(f"{name}_scale", b_scale)
 
     def forward(self, hidden: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
-        return moe_forward(hidden, router_logits, QuantizedExperts(self.w13, self.w13_scale),
-                           QuantizedExperts(self.w2, self.w2_scale), self.top_k, k_granularity=self.k_granularity,
+        return moe_forward(hidden, router_logits, QuantizedExperts(self.w13, self.w13_scale, self.k_granularity),
+                           QuantizedExperts(self.w2, self.w2_scale, self.k_granularity), self.top_k,
                            renormalize=self.renormalize)
 
 

@@ -83,9 +83,8 @@ def _scale_shape(name: str, scale: torch.Tensor, leading: tuple[int, ...], why: 
         message += (f": that is the shape at k granularity {fits[0]}; pass scale_granularity_mnk=(1, 1, {fits[0]}) "
                     "if the scales were made at that granularity")
     elif others:
-        message += "; K = {} takes {} at k granularity {}".format(
-            k, " and ".join(f"{k_align(k, g)} words" for g in (k_granularity, *others)),
-            " and ".join(map(str, (k_granularity, *others))))
+        message += "; K = {} takes {}".format(k, " and ".join(
+            f"{k_align(k, g)} word{'s' * (k_align(k, g) != 1)} at k granularity {g}" for g in (k_granularity, *others)))
     raise ValueError(message)
 
 

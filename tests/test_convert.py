@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from mxfp8_moe.convert import from_bf16, from_fp8_block_scaled, from_ocp_mx
-from mxfp8_moe.layout import k_align, num_k_blocks, pack_ue8m0, unpack_ue8m0
+from mxfp8_moe.layout import k_align, k_granularity_of, num_k_blocks, pack_ue8m0, unpack_ue8m0
 from mxfp8_moe.quantize import dequantize_weights, quantize_weights
 
 SHAPES = [(2, 256, 512), (3, 200, 300), (1, 130, 96)]  # full blocks, partial n and k, k < one block
@@ -59,6 +59,15 @@ def assert_one_rounding(out, source, exponents, k_granularity):
     new_scale = torch.exp2(exponents.double() - 127).repeat_interleave(k_granularity, -1)[..., :k]
     bound = torch.maximum(source.abs() * 2**-4, new_scale * 2**-10) + source.abs() * 2**-22
     assert ((out - source).abs() <= bound).all()
+
+
+def test_converted_scales_carry_their_k_granularity():
+    w = torch.randn(2, 64, 256)
+    assert k_granularity_of(from_bf16(w, 32)[1]) == 32
+    b, _ = quantize_weights(w, 128)
+    assert k_granularity_of(from_fp8_block_scaled(b, torch.ones(2, 1, 2), 32)[1]) == 32
+    assert k_granularity_of(from_fp8_block_scaled(b, torch.ones(2, 1, 2), 128)[1]) == 128
+    assert k_granularity_of(from_ocp_mx(b, torch.full((2, 64, 8), 127, dtype=torch.uint8))[1]) == 32
 
 
 def test_from_bf16_is_quantize_weights():

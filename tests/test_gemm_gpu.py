@@ -234,6 +234,24 @@ def test_native_guard_accepts_a_faithful_block_scaled_mma():
     assert native_guard.verified("emulated", 0) is True
 
 
+def test_native_guard_falls_back_when_a_kernel_cannot_launch(monkeypatch, fresh_memos):
+    # A block-scaled kernel that fails to build or launch during the check must mean software
+    # scaling and a warning, not an exception in the caller's first GEMM.
+    from mxfp8_moe.gemm import native_guard
+    from mxfp8_moe.jit.runtime import DriverError
+
+    real_get_kernel = native_guard.get_kernel
+
+    def get_kernel(spec, device_index):
+        if getattr(spec, "scale_mode", None) == "emulated":
+            raise DriverError("cuLaunchKernelEx failed: CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES")
+        return real_get_kernel(spec, device_index)
+
+    monkeypatch.setattr(native_guard, "get_kernel", get_kernel)
+    with pytest.warns(native_guard.NativeScaleWarning, match="failed its first-use check \(DriverError: "):
+        assert native_guard.verified("emulated", 0) is False
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_alternating_devices_honour_each_current_stream():
     # Calls alternate between cuda:0 and cuda:1 while the current device stays cuda:0; each device's

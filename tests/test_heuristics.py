@@ -100,7 +100,8 @@ def test_narrow_last_tiles_make_large_tiles_cheaper():
 def test_scale_modes():
     assert choose("sm_120a").scale_mode == "native"
     assert choose("sm_121a").scale_mode == "native"
-    assert choose("sm_90a").scale_mode == "software"
+    assert choose("sm_90a").family == "wgmma"  # software scales, its only mode
+    assert choose("sm_90a", allow_wgmma=False).scale_mode == "software"
     assert choose("sm_90a", scale_mode="emulated").scale_mode == "emulated"
     with pytest.raises(ValueError, match="sm_120a or sm_121a"):
         resolve_scale_mode("native", "sm_90a")

@@ -117,6 +117,13 @@ def test_rejects_mismatched_weights():
         MXFP8MoE(w13[:, :-16], w2, 2)
 
 
+def test_experts_carry_their_k_granularity():
+    w13, w2, x, logits = make_block(**SMALL)
+    assert QuantizedExperts.quantize(w13, 32).k_granularity == 32
+    with pytest.raises(ValueError, match="same k granularity, got 32 and 128"):
+        moe_forward(x, logits, QuantizedExperts.quantize(w13, 32), QuantizedExperts.quantize(w2, 128), SMALL["top_k"])
+
+
 def test_compile_fullgraph_matches_eager():
     w13, w2, x, logits = make_block(**SMALL)
     layer = MXFP8MoE(w13, w2, SMALL["top_k"])

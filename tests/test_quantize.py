@@ -4,7 +4,8 @@
 import pytest
 import torch
 
-from mxfp8_moe.layout import k_align, m_padded, num_k_blocks, token_scale_rows, unpack_ue8m0
+from mxfp8_moe.layout import (k_align, k_granularity_of, m_padded, num_k_blocks, to_k_major, to_mn_major_a_scale,
+                              token_scale_rows, unpack_ue8m0)
 from mxfp8_moe.quantize import (
     dequantize_activations,
     dequantize_weights,
@@ -164,3 +165,34 @@ def test_argument_checks():
     b, b_scale = quantize_weights(x[None], 128)
     with pytest.raises(ValueError, match="b_scale.dtype must be torch.int32"):
         dequantize_weights(b, b_scale.long(), 128)
+
+
+@pytest.mark.parametrize("k", [100, 8, 0])
+def test_quantizers_refuse_a_k_the_gemm_refuses(k):
+    with pytest.raises(ValueError, match=rf"w.shape\[-1\] \(K\) must be a positive multiple of 16, as the grouped GEMM takes, got {k}"):
+        quantize_weights(torch.randn(2, 32, k), 32)
+    with pytest.raises(ValueError, match=rf"x.shape\[-1\] \(K\) must be a positive multiple of 16.*got {k}"):
+        quantize_activations(torch.randn(4, k), indptr([4]), 32)
+
+
+@pytest.mark.parametrize("offsets, message", [
+    ([0, 2, 5], r"m_indptr\[-1\] must equal x.size\(0\) = 4, got 5"),
+    ([0, 2, 3], r"m_indptr\[-1\] must equal x.size\(0\) = 4, got 3"),
+    ([1, 2, 4], r"m_indptr\[0\] must be 0, got 1"),
+    ([0, 3, 2, 4], r"m_indptr must be non-decreasing, got m_indptr\[1\] = 3 > m_indptr\[2\] = 2"),
+])
+def test_activation_offsets_on_the_host_are_checked(offsets, message):
+    with pytest.raises(ValueError, match=message):
+        quantize_activations(torch.randn(4, 64), torch.tensor(offsets, dtype=torch.int32), 32)
+
+
+@pytest.mark.parametrize("k_gran", [32, 128])
+def test_scales_carry_their_k_granularity(k_gran):
+    # K = 128: both granularities give one word per row, so only the tag can tell them apart.
+    a, a_scale = quantize_activations(torch.randn(6, 128), indptr([2, 4]), k_gran)
+    b, b_scale = quantize_weights(torch.randn(2, 32, 128), k_gran)
+    assert k_granularity_of(a_scale) == k_granularity_of(b_scale) == k_gran
+    # Layout conversions keep it; a tensor made elsewhere has none.
+    assert k_granularity_of(to_k_major(a_scale)) == k_granularity_of(to_mn_major_a_scale(to_k_major(a_scale))) == k_gran
+    assert k_granularity_of(to_k_major(b_scale)) == k_gran
+    assert k_granularity_of(a_scale.clone()) is None

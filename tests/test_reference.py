@@ -167,9 +167,12 @@ def test_argument_checks():
         reference_moe_gemm(problem.a, problem.b, a_scale[:4], *args[3:], k_granularity=32)
     with pytest.raises(ValueError, match=r"b.shape\[2\] must be a.shape\[1\] = 128, got 96"):
         reference_moe_gemm(problem.a, problem.b[..., :96], *args[2:], k_granularity=32)
-    with pytest.raises(ValueError, match="m_indptr must be non-decreasing from 0 to cum_m = 5"):
-        bad = torch.tensor([0, 3, 4], dtype=torch.int32)
-        reference_moe_gemm(problem.a, problem.b, a_scale, b_scale, bad, k_granularity=32)
+    for offsets, message in (([0, 3, 4], r"m_indptr\[-1\] must equal cum_m = a.size\(0\) = 5, got 4"),
+                             ([1, 3, 5], r"m_indptr\[0\] must be 0, got 1"),
+                             ([0, 3, 2], r"m_indptr must be non-decreasing, got m_indptr\[1\] = 3 > m_indptr\[2\] = 2")):
+        with pytest.raises(ValueError, match=message):
+            bad = torch.tensor(offsets, dtype=torch.int32)
+            reference_moe_gemm(problem.a, problem.b, a_scale, b_scale, bad, k_granularity=32)
     with pytest.raises(ValueError, match="accumulate_dtype must be one of"):
         reference_moe_gemm(*args, k_granularity=32, accumulate_dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="even"):

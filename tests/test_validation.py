@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from mxfp8_moe import moe_gemm_mxfp8_nt_groupwise, reference_moe_gemm, validation
+from mxfp8_moe.layout import K_GRANULARITY_TAG
 from problems import indptr, make_problem
 
 ROWS = [2, 0, 5]
@@ -272,6 +273,31 @@ def test_valid_call_passes():
         assert torch.equal(moe_gemm_mxfp8_nt_groupwise(**call), expected.to(torch.bfloat16))
 
 
+@pytest.mark.parametrize("made_at, stated", [(32, 128), (128, 32)])
+def test_scales_quantized_at_another_granularity_are_refused(made_at, stated):
+    # K = 128: one scale word per row at either granularity, so only the quantizer's record tells.
+    p = make_problem(ROWS, N, 128, k_granularity=made_at, device="cpu")
+    out = filled(CUM_M, N)
+    with pytest.raises(ValueError, match=rf"a_scale was quantized at k granularity {made_at}, but "
+                                         rf"scale_granularity_mnk says {stated}; pass scale_granularity_mnk="
+                                         rf"\(1, 1, {made_at}\)"):
+        moe_gemm_mxfp8_nt_groupwise(*p.args, scale_granularity_mnk=(1, 1, stated), backend="reference", out=out)
+    assert (out == SENTINEL).all()
+
+
+def test_scale_shape_errors_say_which_granularity_fits():
+    call = valid_call(32)  # K = 160: two words per row at k_gran 32, one at 128
+    for name in ("a_scale", "b_scale"):  # scales from elsewhere: only their shapes tell the granularity
+        vars(call[name]).pop(K_GRANULARITY_TAG, None)
+    with pytest.raises(ValueError, match=r"a_scale must have shape \[16, 1\] .*, got \[16, 2\]: that is the shape at "
+                                         r"k granularity 32; pass scale_granularity_mnk=\(1, 1, 32\)"):
+        moe_gemm_mxfp8_nt_groupwise(**{**call, "scale_granularity_mnk": (1, 1, 128)})
+    with pytest.raises(ValueError, match=r"b_scale must have shape \[3, 32, 2\] .*, got \[3, 32, 3\]; K = 160 takes 2 "
+                                         r"words at k granularity 32 and 1 word at k granularity 128"):
+        moe_gemm_mxfp8_nt_groupwise(**{**call, "b_scale": torch.zeros(E, N, 3, dtype=torch.int32)})
+    assert (call["out"] == SENTINEL).all()
+
+
 def test_verdicts_are_remembered_per_tensor_metadata(monkeypatch, fresh_memos):
     """A call with an earlier call's tensor metadata skips the checks; any change of a tensor's
     dtype, strides or address (a new buffer in place of an input) runs them again."""
@@ -279,6 +305,8 @@ def test_verdicts_are_remembered_per_tensor_metadata(monkeypatch, fresh_memos):
     real_checks = validation._check_tensors
     monkeypatch.setattr(validation, "_check_tensors", lambda *args, **kw: checked.append(1) or real_checks(*args, **kw))
     call = valid_call(128)
+    for name in ("a_scale", "b_scale"):  # scales from elsewhere: only their shapes tell the granularity
+        vars(call[name]).pop(K_GRANULARITY_TAG, None)
     moe_gemm_mxfp8_nt_groupwise(**call)
     moe_gemm_mxfp8_nt_groupwise(**call)
     assert len(checked) == 1

@@ -20,34 +20,36 @@ import warnings
 
 import torch
 
+from ..memo import BoundedMemo
 from ..quantize import quantize_activations, quantize_weights
 from .device import DeviceInfo, capturing, current_stream, device_info
 from .heuristics import choose_spec
 from .launch import get_kernel
 from .spec import KernelSpec
 
-_verdicts: dict[tuple[int, str], bool] = {}
+_verdicts = BoundedMemo(64)  # per (device, mode); clear_memos() makes the next call check again
 _lock = threading.Lock()
-_ROWS = (5, 0, 13, 1)  # an empty expert, a one-row expert, a partial token tile
-_N, _K = 64, 1040  # k_gran 128: words 0-1 whole and byte 0 of word 2; k_gran 32: nine words
+CHECK_ROWS = (5, 0, 13, 1)  # an empty expert, a one-row expert, a partial token tile
+CHECK_N, CHECK_K = 64, 1040  # k_gran 128: words 0-1 whole and byte 0 of word 2; k_gran 32: nine words
 
 
 class NativeScaleWarning(RuntimeWarning):
-    """The native block-scaled MMA disagreed with software scaling; software scaling is used."""
+    """The native block-scaled MMA disagreed with software scaling, or failed to run; software
+    scaling is used."""
 
 
 def specs(device: DeviceInfo, mode: str) -> list[KernelSpec]:
     """The kernels the check runs in `mode` (and, with mode="software", the trusted side)."""
     # The same device claiming a single SM makes choose_spec pick its many-units configuration.
     devices = (device, dataclasses.replace(device, num_sms=1))
-    return [choose_spec(device=d, num_experts=len(_ROWS), cum_m=sum(_ROWS), n=_N, k=_K, k_granularity=k_granularity,
-                        gated=gated, scale_mode=mode)
+    return [choose_spec(device=d, num_experts=len(CHECK_ROWS), cum_m=sum(CHECK_ROWS), n=CHECK_N, k=CHECK_K,
+                        k_granularity=k_granularity, gated=gated, scale_mode=mode)
             for k_granularity in (32, 128) for gated in (False, True) for d in devices]
 
 
 def _run(spec: KernelSpec, device_index: int, problem) -> torch.Tensor:
     a, b, a_scale, b_scale, m_indptr = problem
-    out = torch.full((a.shape[0], _N // 2 if spec.gated else _N), float("nan"), dtype=torch.bfloat16,
+    out = torch.full((a.shape[0], CHECK_N // 2 if spec.gated else CHECK_N), float("nan"), dtype=torch.bfloat16,
                      device=a.device)
     get_kernel(spec, device_index)(a, b, a_scale, b_scale, m_indptr, out, current_stream(device_index))
     return out
@@ -58,10 +60,10 @@ def _warn(mode: str, device_index: int, what: str) -> None:
                   "Set MXFP8_MOE_SCALE_MODE to override.", NativeScaleWarning, stacklevel=5)
 
 
-def _agrees(mode: str, device_index: int) -> bool:
+def agrees(mode: str, device_index: int) -> bool:
     """The check: True if every kernel of `mode` agrees with software scaling."""
     try:
-        disagreement = _first_disagreement(mode, device_index)
+        disagreement = first_disagreement(mode, device_index)
     except Exception as error:  # noqa: BLE001 - whatever broke, the native path is not to be trusted
         _warn(mode, device_index, f"failed its first-use check ({type(error).__name__}: {error})")
         return False
@@ -71,14 +73,14 @@ def _agrees(mode: str, device_index: int) -> bool:
     return True
 
 
-def _first_disagreement(mode: str, device_index: int) -> str | None:
+def first_disagreement(mode: str, device_index: int) -> str | None:
     """None if the kernels of `mode` match the software-scaled ones, else which one and by how much."""
     where = torch.device("cuda", device_index)
-    counts = torch.tensor(_ROWS)
+    counts = torch.tensor(CHECK_ROWS)
     m_indptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32).to(where)
     generator = torch.Generator(device=where).manual_seed(0)
-    x = torch.randn(int(counts.sum()), _K, device=where, generator=generator)
-    w = torch.randn(len(_ROWS), _N, _K, device=where, generator=generator)
+    x = torch.randn(int(counts.sum()), CHECK_K, device=where, generator=generator)
+    w = torch.randn(len(CHECK_ROWS), CHECK_N, CHECK_K, device=where, generator=generator)
     operands = {}
     for k_granularity in (32, 128):
         a, a_scale = quantize_activations(x, m_indptr, k_granularity, backend="torch")
@@ -104,7 +106,7 @@ def verified(mode: str, device_index: int) -> bool | None:
         if capturing(device_index):
             return None
         with _lock:
-            if key not in _verdicts:
-                _verdicts[key] = _agrees(mode, device_index)
-            verdict = _verdicts[key]
+            verdict = _verdicts.get(key)
+            if verdict is None:
+                verdict = _verdicts.put(key, agrees(mode, device_index))
     return verdict
