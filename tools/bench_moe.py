@@ -11,7 +11,7 @@ On sm_90a both tensor-core kernels (mma.sync and wgmma) are timed on every cell,
 heuristic picks.
 
     python tools/bench_moe.py --tokens 1 16 64 256 --out bench.json   # also bench.md, bench.png
-    python tools/bench_moe.py --replot docs/bench-h100-v3.json          # redraw a saved result
+    python tools/bench_moe.py --replot results/bench-h100-v3.json          # redraw a saved result
 """
 
 from __future__ import annotations

@@ -50,6 +50,20 @@ class GroupedGemmParams(ctypes.Structure):
                    out.data_ptr(), *a_scale.stride(), *b_scale.stride(), a.shape[0], b.shape[0])
 
 
+def entry_source(header: str, gemm: str, *, tensor_maps: str | None = None, min_blocks: int | None = None) -> str:
+    """The source of ENTRY: `using Gemm = <gemm>;` from kernels/<header>, and a __global__ function
+    bounded by Gemm::kThreads (and `min_blocks` per SM) that takes the parameters by value (and
+    the family's `tensor_maps` struct) and runs Gemm::run on them."""
+    parameters, arguments = "const __grid_constant__ mxfp8_moe::GroupedGemmParams params", "params"
+    if tensor_maps is not None:
+        parameters, arguments = f"{parameters}, const __grid_constant__ {tensor_maps} maps", f"{arguments}, maps"
+    bounds = "Gemm::kThreads" if min_blocks is None else f"Gemm::kThreads, {min_blocks}"
+    return (f'#include "{header}"\n'
+            f"using Gemm = {gemm};\n"
+            f'extern "C" __global__ void __launch_bounds__({bounds}) {ENTRY}({parameters}) {{\n'
+            f"    Gemm::run({arguments});\n}}\n")
+
+
 def scheduler_shared_bytes(num_experts: int) -> int:
     """Dynamic shared memory of the persistent kernels' TileScheduler (TileScheduler::shared_bytes):
     the clamped offsets and the tile starts, one int each per expert + 1, in 128-byte lines."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 
 from ...arith import round_up
-from ..spec import ENTRY, SCALE_MODES, STAGE_K_BYTES, KernelSpec, scheduler_shared_bytes
+from ..spec import SCALE_MODES, STAGE_K_BYTES, KernelSpec, entry_source, scheduler_shared_bytes
 
 _SCALE_MODE_ENUM = {"software": "kSoftware", "native": "kNative", "emulated": "kEmulated"}
 OUT_ROW_PADDING = 16  # bytes after each row of the epilogue's bf16 tile (MmaGemm::kOutPitch)
@@ -43,14 +43,10 @@ class MmaSpec(KernelSpec):
         return 2 * self.block_n if self.gated else self.block_n
 
     def source(self) -> str:
-        gated = "true" if self.gated else "false"
-        return (f'#include "mma_grouped_gemm.cuh"\n'
-                f"using Gemm = mxfp8_moe::MmaGemm<{self.n}, {self.k}, {self.k_granularity}, {gated}, "
-                f"{self.block_n}, {self.block_t}, {self.stages}, {self.warps_n}, {self.warps_k}, "
-                f"mxfp8_moe::{_SCALE_MODE_ENUM[self.scale_mode]}>;\n"
-                f'extern "C" __global__ void __launch_bounds__(Gemm::kThreads) '
-                f"{ENTRY}(const __grid_constant__ mxfp8_moe::GroupedGemmParams params) {{\n"
-                f"    Gemm::run(params);\n}}\n")
+        return entry_source("mma_grouped_gemm.cuh",
+                            f"mxfp8_moe::MmaGemm<{self.n}, {self.k}, {self.k_granularity}, {str(self.gated).lower()}, "
+                            f"{self.block_n}, {self.block_t}, {self.stages}, {self.warps_n}, {self.warps_k}, "
+                            f"mxfp8_moe::{_SCALE_MODE_ENUM[self.scale_mode]}>")
 
     def stage_bytes(self) -> int:
         """One pipeline stage: weight and token tiles, then a scale word per row (MmaGemm::kStageBytes)."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from ...arith import ceil_div
-from ..spec import ENTRY, KernelSpec
+from ..spec import KernelSpec, entry_source
 
 MAX_ROW_SLICES = 64  # blocks per (column block, expert) splitting its rows
 
@@ -26,12 +26,8 @@ class SimtSpec(KernelSpec):
         return self.block_threads
 
     def source(self) -> str:
-        gated = "true" if self.gated else "false"
-        return (f'#include "simt_grouped_gemm.cuh"\n'
-                f'extern "C" __global__ void __launch_bounds__({self.threads}) '
-                f"{ENTRY}(const __grid_constant__ mxfp8_moe::GroupedGemmParams params) {{\n"
-                f"    mxfp8_moe::simt_grouped_gemm<{self.threads}, {self.k_granularity}, {gated}, "
-                f"{self.n}, {self.k}>(params);\n}}\n")
+        return entry_source("simt_grouped_gemm.cuh", f"mxfp8_moe::SimtGemm<{self.threads}, {self.k_granularity}, "
+                                                     f"{str(self.gated).lower()}, {self.n}, {self.k}>")
 
     def dynamic_shared_bytes(self, num_experts: int) -> int:
         return 0

@@ -9,7 +9,7 @@ import dataclasses
 import torch
 
 from ...arith import round_up
-from ..spec import ENTRY, STAGE_K_BYTES, KernelSpec, scheduler_shared_bytes
+from ..spec import STAGE_K_BYTES, KernelSpec, entry_source, scheduler_shared_bytes
 from ..tensor_maps import MAP_BYTES, operand_map, output_map, scale_map
 
 WARPGROUP = 128  # threads
@@ -70,15 +70,11 @@ class WgmmaSpec(KernelSpec):
         return (CONSUMERS + 1) * WARPGROUP
 
     def source(self) -> str:
-        gated = "true" if self.gated else "false"
-        # (threads, 1): setmaxnreg needs a register cap at entry.
-        return (f'#include "wgmma_grouped_gemm.cuh"\n'
-                f"using Gemm = mxfp8_moe::WgmmaGemm<{self.n}, {self.k}, {self.k_granularity}, {gated}, "
-                f"{self.block_t}, {self.stages}>;\n"
-                f'extern "C" __global__ void __launch_bounds__(Gemm::kThreads, 1) '
-                f"{ENTRY}(const __grid_constant__ mxfp8_moe::GroupedGemmParams params, "
-                f"const __grid_constant__ mxfp8_moe::WgmmaTensorMaps maps) {{\n"
-                f"    Gemm::run(params, maps);\n}}\n")
+        # One block per SM in the launch bounds: setmaxnreg needs a register cap at entry.
+        return entry_source("wgmma_grouped_gemm.cuh",
+                            f"mxfp8_moe::WgmmaGemm<{self.n}, {self.k}, {self.k_granularity}, {str(self.gated).lower()}, "
+                            f"{self.block_t}, {self.stages}>",
+                            tensor_maps="mxfp8_moe::WgmmaTensorMaps", min_blocks=1)
 
     def stage_bytes(self) -> int:
         """Weight and token tiles, then the scale words and their floats (one set per k32 slice at
