@@ -69,8 +69,8 @@ struct WgmmaGemm {
     static constexpr int kStageBytes =
         kWeightBytes + kTokenBytes + ceil_div(kScaleWords * 4 * (1 + kScaleSlices), 1024) * 1024;
     // After the stages: the bf16 output tile as the TMA store reads it (see staging_offset), then
-    // for gated tiles the gate warpgroup's accumulators, [accumulator][thread] so each access is
-    // one 128-byte line.
+    // for gated tiles the gate part of the activation of the gate warpgroup's accumulators,
+    // [accumulator][thread] so each access is one 128-byte line.
     static constexpr int kStagingOffset = STAGES * kStageBytes;
     static constexpr int kExchangeOffset = kStagingOffset + BLOCK_T * kBlockN * 2;
     static constexpr int kTileBytes = kExchangeOffset + (GATED ? kAccumulators * 128 * 4 : 0);
@@ -338,8 +338,8 @@ struct WgmmaGemm {
         return (col / 64) * BLOCK_T * 128 + token * 128 + (((col % 64 / 8) ^ (token % 8)) * 16) + col % 8 * 2;
     }
 
-    // The epilogue's values out (gated: warpgroup 1 hands its gate accumulators to warpgroup 0,
-    // which holds the matching up ones). A full tile (every row in its expert) goes through a
+    // The epilogue's values out (gated: warpgroup 1 hands the activation's gate part of its
+    // accumulators to warpgroup 0, which holds the matching up ones). A full tile (every row in its expert) goes through a
     // staging tile and out by TMA store, finished by the copy engine while the consumers go on with
     // the next unit (storing synchronously cost 9-17 % of the kernel's time); the tile that ends an
     // expert is stored by the consumers straight from their registers, its valid rows only.
@@ -348,7 +348,7 @@ struct WgmmaGemm {
         float* exchange = reinterpret_cast<float*>(tiles + kExchangeOffset);
         if (GATED && warpgroup == 1) {
 #pragma unroll
-            for (int i = 0; i < kAccumulators; ++i) exchange[i * 128 + thread] = acc[i];
+            for (int i = 0; i < kAccumulators; ++i) exchange[i * 128 + thread] = Output::gate_part(acc[i]);
         }
         if (w.rows == BLOCK_T) {
             store_full_tile(acc, exchange, w, warpgroup, thread);
@@ -372,7 +372,7 @@ struct WgmmaGemm {
 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
                     const int v = 4 * j + i;
-                    const u16 value = Output::value(acc[v], GATED ? exchange[v * 128 + thread] : 0.0f);
+                    const u16 value = Output::combine(acc[v], GATED ? exchange[v * 128 + thread] : 0.0f);
                     const int col = (GATED ? 0 : 64 * warpgroup) + 16 * warp + lane / 4 + 8 * (i / 2);
                     const int token = 8 * j + 2 * (lane % 4) + i % 2;
                     *reinterpret_cast<u16*>(staging + staging_offset(token, col)) = value;
@@ -408,7 +408,7 @@ struct WgmmaGemm {
                 const int token = 8 * j + 2 * (lane % 4) + i % 2;
                 if (token < w.rows && col < kNOut)
                     Output::store(p.out, w.row + token, col,
-                                  Output::value(acc[v], GATED ? exchange[v * 128 + thread] : 0.0f));
+                                  Output::combine(acc[v], GATED ? exchange[v * 128 + thread] : 0.0f));
             }
     }
 
