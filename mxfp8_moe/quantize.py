@@ -9,6 +9,8 @@ dequantizers read scales through their strides, so either layout works there.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .checks import check_arg, check_k_granularity, check_m_indptr, check_offsets, check_scale
@@ -39,16 +41,17 @@ def k_blocks(x: torch.Tensor, k_granularity: int) -> torch.Tensor:
     return padded.unflatten(-1, (-1, k_granularity))
 
 
-def scale_exponents(amax: torch.Tensor) -> torch.Tensor:
-    """Biased UE8M0 exponent of ceil_pow2(amax / 448), clamped to [1, 254], as uint8.
+def scale_exponents(amax: torch.Tensor, element_max: float = FP8_MAX) -> torch.Tensor:
+    """Biased UE8M0 exponent of ceil_pow2(amax / element_max), clamped to [1, 254], as uint8.
 
-    With amax = m * 2^q (m in [0.5, 1)) and 448 = 0.875 * 2^9, amax / 448 = (m / 0.875) * 2^(q - 9)
-    where m / 0.875 lies in [0.57, 1.15): the smallest power of two at or above it is 2^(q - 9), or
-    2^(q - 8) when m > 0.875. This is exact; dividing by 448 and taking log2 could round across a
-    power of two.
+    With amax = m * 2^q and element_max = f * 2^p (m, f in [0.5, 1); 448 = 0.875 * 2^9, e2m1's 6 =
+    0.75 * 2^3), amax / element_max = (m / f) * 2^(q - p) where m / f lies in (0.5, 2): the smallest
+    power of two at or above it is 2^(q - p), or 2^(q - p + 1) when m > f. This is exact; dividing
+    and taking log2 could round across a power of two.
     """
+    max_mantissa, max_exponent = math.frexp(element_max)
     mantissa, exponent = torch.frexp(amax)
-    biased = exponent + (mantissa > 0.875).to(torch.int32) + (127 - 9)
+    biased = exponent + (mantissa > max_mantissa).to(torch.int32) + (127 - max_exponent)
     # amax = 0 means log2 = -inf: the smallest scale (frexp's exponent 0 would give a wrong 118).
     biased = torch.where(amax > 0, biased, 1)
     return biased.clamp(1, 254).to(torch.uint8)
