@@ -49,6 +49,15 @@ __device__ __forceinline__ u16 float_to_bf16(float x) {
 #endif
 }
 
+// e2m1 code (sign, 2 exponent bits with bias 1, 1 mantissa bit) -> float: magnitudes 0, 0.5, 1,
+// 1.5, 2, 3, 4, 6 for codes 0-7, negative for 8-15. Exponent e > 0 is 2^(e - 1) * (1 + m / 2).
+__device__ __forceinline__ float e2m1_to_float(u32 code) {
+    const u32 exponent = (code >> 1) & 3u, mantissa = code & 1u;
+    const float magnitude = exponent == 0u ? 0.5f * static_cast<float>(mantissa)
+                                           : __int_as_float(static_cast<int>(((exponent + 126u) << 23) | (mantissa << 22)));
+    return (code & 8u) ? -magnitude : magnitude;
+}
+
 // FP8 e4m3 (OCP "fn" flavour: no infinities, S.1111.111 is NaN) -> float, by bit manipulation.
 __device__ __forceinline__ float e4m3_to_float(u32 byte) {
     const u32 sign = (byte & 0x80u) << 24;

@@ -28,7 +28,7 @@ namespace mxfp8_moe {
 enum ScaleMode { kSoftware = 0, kNative = 1, kEmulated = 2 };
 
 template <int N, int K, int K_GRAN, bool GATED, int BLOCK_N, int BLOCK_T, int STAGES, int WARPS_N, int WARPS_K,
-          int SCALE_MODE>
+          int SCALE_MODE, typename V = Variant<>>
 struct MmaGemm {
     static constexpr int kThreads = WARPS_N * WARPS_K * 32;
     static constexpr int kBlockK = 128;  // K bytes per pipeline stage: one 128-byte smem row
@@ -41,9 +41,15 @@ struct MmaGemm {
     static constexpr int kWeightFrags = GATED ? 2 * kColFrags : kColFrags;
     static constexpr int kTokenFrags = BLOCK_T / 8;
 
+    // MXFP4 weights: a stage's weight row is 64 bytes of packed e2m1 codes (kBlockK values), read
+    // two bytes per fragment register and widened in registers (e2m1.cuh).
+    static constexpr bool kMxfp4 = V::kWeights == kE2M1;
+    static constexpr int kWeightRowBytes = kMxfp4 ? kBlockK / 2 : kBlockK;
+    static constexpr int kWeightChunks = kWeightRowBytes / 16;
+
     // One pipeline stage: weight tile, token tile (rows of 128 bytes, 16-byte chunks XOR-swizzled
     // by row so ldmatrix's 8 rows hit 8 different bank groups), then one scale word per row.
-    static constexpr int kWeightTileBytes = kWeightRows * kBlockK;
+    static constexpr int kWeightTileBytes = kWeightRows * kWeightRowBytes;
     static constexpr int kTokenTileBytes = BLOCK_T * kBlockK;
     static constexpr int kScaleWords = kWeightRows + BLOCK_T;
     static constexpr int kStageBytes = kWeightTileBytes + kTokenTileBytes + ceil_div(kScaleWords * 4, 128) * 128;
@@ -61,10 +67,11 @@ struct MmaGemm {
     static_assert(4 % WARPS_K == 0, "K warps split the four k-steps of a stage");
     static_assert(BLOCK_T % 8 == 0, "tokens come in n8 fragments");
     static_assert(STAGES >= 2, "a pipeline needs two stages");
+    static_assert(!kMxfp4 || (K_GRAN == 32 && K % 32 == 0), "MXFP4 weights: one scale per 32 values, K in 32s");
     static_assert(kPartialsOffset + kPartialsBytes <= kPipelineBytes, "epilogue must fit in the pipeline buffers");
 
     using Scheduler = TileScheduler<kThreads, BLOCK_T, kNTiles>;
-    using Output = Epilogue<kNOut, GATED>;
+    using Output = Epilogue<N, GATED, V>;
 
     const GroupedGemmParams& p;
     u8* stages;
@@ -74,9 +81,22 @@ struct MmaGemm {
         return row * kBlockK + ((chunk ^ (row & 7)) << 4);
     }
 
-    // Smem row r of the weight tile holds global weight row weight_row(n0, r) of the expert.
+    // A packed (64-byte) weight row's chunk: rows 2i and 2i + 1 start in opposite halves of the
+    // banks, so XOR-ing the chunk with (row / 2) % 4 puts the same chunk of 8 consecutive rows in 8
+    // different 16-byte bank groups: a fragment's 2-byte reads are conflict-free.
+    __device__ __forceinline__ static u32 packed_swizzled(int row, int chunk) {
+        return row * kWeightRowBytes + ((chunk ^ ((row >> 1) & 3)) << 4);
+    }
+
+    __device__ __forceinline__ static u32 weight_chunk(int row, int chunk) {
+        return kMxfp4 ? packed_swizzled(row, chunk) : swizzled(row, chunk);
+    }
+
+    // Smem row r of the weight tile holds global weight row weight_row(n0, r) of the expert: the up
+    // rows of the tile's columns, then (gated) their gate rows.
     __device__ __forceinline__ static int weight_row(int n0, int r) {
-        return (GATED && r >= BLOCK_N) ? kNOut + n0 + r - BLOCK_N : n0 + r;
+        if (!GATED) return n0 + r;
+        return r >= BLOCK_N ? Output::gate_row(n0 + r - BLOCK_N) : Output::up_row(n0 + r);
     }
 
     __device__ __forceinline__ static bool weight_row_valid(int n0, int r) {
@@ -89,13 +109,15 @@ struct MmaGemm {
         const u32 token_tile = weight_tile + kWeightTileBytes;
         const u32 scale_words = token_tile + kTokenTileBytes;
         const int k0 = k_iter * kBlockK;
-        const u8* b_expert = p.b + static_cast<i64>(w.expert) * N * K;
+        constexpr int kRowBytes = kMxfp4 ? K / 2 : K;  // of a whole weight row
+        const u8* b_expert = p.b + static_cast<i64>(w.expert) * N * kRowBytes;
 
-        for (int c = threadIdx.x; c < kWeightRows * 8; c += kThreads) {
-            const int r = c / 8, chunk = c % 8, k = k0 + chunk * 16;
+        for (int c = threadIdx.x; c < kWeightRows * kWeightChunks; c += kThreads) {
+            const int r = c / kWeightChunks, chunk = c % kWeightChunks;
+            const int k = k0 + chunk * (kMxfp4 ? 32 : 16);  // the chunk's first value
             const bool valid = weight_row_valid(n0, r) && k < K;
-            const u8* src = valid ? b_expert + static_cast<i64>(weight_row(n0, r)) * K + k : p.b;
-            ptx::cp_async_16(weight_tile + swizzled(r, chunk), src, valid);
+            const u8* src = valid ? b_expert + static_cast<i64>(weight_row(n0, r)) * kRowBytes + (kMxfp4 ? k / 2 : k) : p.b;
+            ptx::cp_async_16(weight_tile + weight_chunk(r, chunk), src, valid);
         }
         for (int c = threadIdx.x; c < BLOCK_T * 8; c += kThreads) {
             const int r = c / 8, chunk = c % 8, k = k0 + chunk * 16;
@@ -126,12 +148,31 @@ struct MmaGemm {
         return (f < kColFrags ? 0 : BLOCK_N - kColFrags * 16) + warp_n * kWarpCols + f * 16;
     }
 
+    // The weights of k-step ks as the MMA's A fragments: e4m3 bytes by ldmatrix, or (MXFP4) each
+    // register's four codes read as two bytes and widened: to the block-scaled MMA's e2m1 containers
+    // in the native and emulated modes, to e4m3 for software scaling.
     __device__ __forceinline__ void load_fragments(u32 (&a)[kWeightFrags][4], u32 (&b)[kTokenFrags][2],
                                                    u32 weight_tile, u32 token_tile, int ks) const {
         const int matrix = lane / 8, r = lane % 8;
+        if constexpr (kMxfp4) {
+            // The lane read here, not the member: ptxas would otherwise keep the rows' addresses
+            // from one unit to the next, and spilled one in some sm_120a configurations.
+            const int lane_here = ptx::lane_id(), g = lane_here / 4, t = lane_here % 4;
 #pragma unroll
-        for (int f = 0; f < kWeightFrags; ++f)
-            ptx::ldmatrix_x4(a[f], weight_tile + swizzled(fragment_row(f) + r + (matrix & 1) * 8, 2 * ks + matrix / 2));
+            for (int f = 0; f < kWeightFrags; ++f)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    // Register i: row g (+8 for odd i), values 4t.. (+16 for i >= 2) of the k-step,
+                    // which are bytes 2t (+8) of the stage row's chunk ks.
+                    const int row = fragment_row(f) + g + 8 * (i % 2);
+                    const u32 packed = ptx::load_shared_u16(weight_tile + packed_swizzled(row, ks) + 2 * t + 8 * (i / 2));
+                    a[f][i] = SCALE_MODE == kSoftware ? e2m1_to_e4m3(packed) : e2m1_containers(packed);
+                }
+        } else {
+#pragma unroll
+            for (int f = 0; f < kWeightFrags; ++f)
+                ptx::ldmatrix_x4(a[f], weight_tile + swizzled(fragment_row(f) + r + (matrix & 1) * 8, 2 * ks + matrix / 2));
+        }
 #pragma unroll
         for (int j = 0; j < kTokenFrags; ++j)
             ptx::ldmatrix_x2(b[j], token_tile + swizzled(j * 8 + r, 2 * ks + (matrix & 1)));
@@ -233,8 +274,12 @@ struct MmaGemm {
 
     template <int BYTE>
     __device__ __forceinline__ static void scaled_mma_byte(float (&acc)[4], const u32 (&a)[4], const u32 (&b)[2], u32 sfa, u32 sfb) {
-        if constexpr (SCALE_MODE == kNative)
+        if constexpr (SCALE_MODE == kNative && kMxfp4)
+            ptx::mma_e2m1_e4m3_block_scaled<BYTE, 0, BYTE, 0>(acc, a, b, acc, sfa, sfb);
+        else if constexpr (SCALE_MODE == kNative)
             ptx::mma_e4m3_block_scaled<BYTE, 0, BYTE, 0>(acc, a, b, acc, sfa, sfb);
+        else if constexpr (kMxfp4)
+            ptx::mma_e2m1_e4m3_block_scaled_emulated<BYTE, 0, BYTE, 0>(acc, a, b, acc, sfa, sfb);
         else
             ptx::mma_e4m3_block_scaled_emulated<BYTE, 0, BYTE, 0>(acc, a, b, acc, sfa, sfb);
     }
@@ -279,8 +324,10 @@ struct MmaGemm {
 #pragma unroll
                     for (int i = 0; i < 4; ++i) {
                         // (Ungated, kColFrags == kWeightFrags: the gate operand is unused.)
-                        const u16 value = Output::value(acc[f][j][i], acc[GATED ? kColFrags + f : f][j][i]);
                         const int col = warp_n * kWarpCols + f * 16 + g + 8 * (i / 2);
+                        const u16 value =
+                            Output::value(p, Output::up_with_bias(p, w.expert, n0 + col, acc[f][j][i]),
+                                          Output::gate_with_bias(p, w.expert, n0 + col, acc[GATED ? kColFrags + f : f][j][i]));
                         const int token = j * 8 + 2 * t + i % 2;
                         *reinterpret_cast<u16*>(stages + token * kOutPitch + col * 2) = value;
                     }

@@ -6,10 +6,10 @@
 namespace mxfp8_moe {
 
 // Passed by value as one __grid_constant__ parameter; the host mirrors this layout with ctypes
-// (GroupedGemmParams in mxfp8_moe/gemm/launch.py). Strides are in elements of the tensor they belong to.
+// (GroupedGemmParams in mxfp8_moe/gemm/spec.py). Strides are in elements of the tensor they belong to.
 struct GroupedGemmParams {
     const u8* a;           // (cum_m, K) e4m3, row-major
-    const u8* b;           // (E, N, K) e4m3, row-major
+    const u8* b;           // (E, N, K) e4m3, or (E, N, K / 2) e2m1 pairs, row-major
     const i32* a_scale;    // (m_padded, k_align) UE8M0 x4, any strides
     const i32* b_scale;    // (E, N, k_align) UE8M0 x4, any strides
     const i32* m_indptr;   // (E + 1,) CSR offsets, untrusted
@@ -21,6 +21,24 @@ struct GroupedGemmParams {
     i64 b_scale_stride_word;
     i32 cum_m;
     i32 num_experts;
+    const float* bias;     // (E, N) float32, row-major; read only by kernels built with a bias
+    float alpha;           // clamped SwiGLU: sigmoid(alpha * gate)
+    float limit;           // clamped SwiGLU: gate <= limit, |up| <= limit
+};
+
+enum WeightFormat { kE4M3 = 0, kE2M1 = 1 };
+enum ActivationKind { kSwiGLU = 0, kClampedSwiGLU = 1 };
+
+// The compile-time choices of a kernel beside its shape and tile: the weights' format (MXFP8, or
+// MXFP4 with two e2m1 codes per byte), the gated activation, whether a gated GEMM's up and gate
+// rows are interleaved (gate even, up odd: gpt-oss) rather than halves ([up; gate]: FlashInfer),
+// and whether a per-expert bias is added before the activation.
+template <int WEIGHTS = kE4M3, int ACTIVATION = kSwiGLU, bool INTERLEAVED = false, bool BIAS = false>
+struct Variant {
+    static constexpr int kWeights = WEIGHTS;
+    static constexpr int kActivation = ACTIVATION;
+    static constexpr bool kInterleaved = INTERLEAVED;
+    static constexpr bool kBias = BIAS;
 };
 
 // Rows [begin, end) of `a` and `out` belong to the expert; its first a_scale row is scale_row.

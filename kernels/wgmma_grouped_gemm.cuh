@@ -43,7 +43,7 @@ struct WgmmaTensorMaps {
     ptx::TensorMap output;         // out as (cum_m, N or N / 2) bf16; box BLOCK_T x 64, 128-byte swizzle
 };
 
-template <int N, int K, int K_GRAN, bool GATED, int BLOCK_T, int STAGES>
+template <int N, int K, int K_GRAN, bool GATED, int BLOCK_T, int STAGES, typename V = Variant<>>
 struct WgmmaGemm {
     static constexpr int kConsumers = 2;                      // warpgroups multiplying
     static constexpr int kThreads = (kConsumers + 1) * 128;   // + the producer warpgroup
@@ -88,9 +88,12 @@ struct WgmmaGemm {
     static_assert(128 * kProducerRegisters + kConsumers * 128 * kConsumerRegisters <= kThreads * 168,
                   "the warpgroups' register counts exceed the CTA's allocation");
     static_assert(!GATED || kNOut % 64 == 0, "gated tiles pair 64 up rows with 64 gate rows");
+    // A warpgroup's 64 weight rows are one TMA box of consecutive rows.
+    static_assert(!V::kInterleaved, "interleaved up and gate rows run on the mma.sync kernel");
+    static_assert(V::kWeights == kE4M3, "MXFP4 weights run on the portable kernel");
 
     using Scheduler = TileScheduler<kThreads, BLOCK_T, kNTiles>;
-    using Output = Epilogue<kNOut, GATED>;
+    using Output = Epilogue<N, GATED, V>;
 
     __host__ __device__ static constexpr int shared_bytes(int num_experts) {
         return Scheduler::shared_bytes(num_experts) + kBarrierBytes + 1024 + kTileBytes;
@@ -347,8 +350,11 @@ struct WgmmaGemm {
                                                int thread) const {
         float* exchange = reinterpret_cast<float*>(tiles + kExchangeOffset);
         if (GATED && warpgroup == 1) {
+            const int first_col = w.n_tile * kBlockN + 16 * (thread / 32) + thread % 32 / 4;
 #pragma unroll
-            for (int i = 0; i < kAccumulators; ++i) exchange[i * 128 + thread] = Output::gate_part(acc[i]);
+            for (int v = 0; v < kAccumulators; ++v)
+                exchange[v * 128 + thread] =
+                    Output::gate_part(p, Output::gate_with_bias(p, w.expert, first_col + 8 * (v % 4 / 2), acc[v]));
         }
         if (w.rows == BLOCK_T) {
             store_full_tile(acc, exchange, w, warpgroup, thread);
@@ -372,8 +378,9 @@ struct WgmmaGemm {
 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
                     const int v = 4 * j + i;
-                    const u16 value = Output::combine(acc[v], GATED ? exchange[v * 128 + thread] : 0.0f);
                     const int col = (GATED ? 0 : 64 * warpgroup) + 16 * warp + lane / 4 + 8 * (i / 2);
+                    const u16 value = Output::combine(p, Output::up_with_bias(p, w.expert, w.n_tile * kBlockN + col, acc[v]),
+                                                      GATED ? exchange[v * 128 + thread] : 0.0f);
                     const int token = 8 * j + 2 * (lane % 4) + i % 2;
                     *reinterpret_cast<u16*>(staging + staging_offset(token, col)) = value;
                 }
@@ -408,7 +415,8 @@ struct WgmmaGemm {
                 const int token = 8 * j + 2 * (lane % 4) + i % 2;
                 if (token < w.rows && col < kNOut)
                     Output::store(p.out, w.row + token, col,
-                                  Output::combine(acc[v], GATED ? exchange[v * 128 + thread] : 0.0f));
+                                  Output::combine(p, Output::up_with_bias(p, w.expert, col, acc[v]),
+                                                  GATED ? exchange[v * 128 + thread] : 0.0f));
             }
     }
 

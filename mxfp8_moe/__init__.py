@@ -21,7 +21,9 @@ elif _envs.log_level():
         _handler.setFormatter(_logging.Formatter("[mxfp8_moe %(levelname)s] %(message)s"))
         _logger.addHandler(_handler)
 
-from .api import moe_gemm_mxfp8_nt_groupwise  # noqa: E402
+from .api import moe_gemm_mxfp8_mxfp4_nt_groupwise, moe_gemm_mxfp8_nt_groupwise  # noqa: E402
+from .epilogue import GatedActivation  # noqa: E402
+from .mxfp4 import dequantize_weights_mxfp4, quantize_weights_mxfp4  # noqa: E402
 from .convert import from_bf16, from_fp8_block_scaled, from_ocp_mx  # noqa: E402
 from .memo import clear_memos  # noqa: E402
 from .layout import (  # noqa: E402
@@ -52,6 +54,10 @@ from .ops import grouped_gemm, quantize_activations_op  # noqa: E402
 __all__ = [
     "__version__",
     "moe_gemm_mxfp8_nt_groupwise",
+    "moe_gemm_mxfp8_mxfp4_nt_groupwise",
+    "quantize_weights_mxfp4",
+    "dequantize_weights_mxfp4",
+    "GatedActivation",
     "quantize_activations",
     "quantize_weights",
     "dequantize_activations",

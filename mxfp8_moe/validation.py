@@ -25,6 +25,8 @@ from .memo import BoundedMemo
 BACKENDS = ("auto", "cuda", "cute", "reference")
 GRANULARITIES = tuple((1, 1, g) for g in K_GRANULARITIES)  # scale_granularity_mnk values
 VECTOR_ALIGNMENT = 16  # bytes; the tensor-core kernels move a, b and out in 16-byte vectors
+WEIGHT_FORMATS = ("e4m3", "e2m1")  # MXFP8 weights, MXFP4 weights (two e2m1 codes per byte)
+MXFP4_K_MULTIPLE = 32  # one scale per 32 values of K, two values per byte
 _checked = BoundedMemo(4096)
 
 
@@ -38,6 +40,8 @@ class GemmProblem(NamedTuple):
     device: torch.device
     aligned: bool  # a, b and out (when given) allow 16-byte vectors
     tma_scales: bool  # both scale tensors are laid out as the wgmma kernel's TMA reads them
+    weights: str  # "e4m3" or "e2m1"
+    bias: bool  # a per-expert bias is added
 
     @property
     def n_out(self) -> int:
@@ -99,7 +103,7 @@ def _granularity_tags(a_scale, b_scale, k_granularity: int) -> None:
                              f"{k_granularity}; pass scale_granularity_mnk=(1, 1, {made_at})")
 
 
-def check_options(scale_granularity_mnk, scale_major_mode, backend, out_dtype) -> int:
+def check_options(scale_granularity_mnk, scale_major_mode, backend, out_dtype, weights: str = "e4m3") -> int:
     """The non-tensor arguments; returns k_granularity."""
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise NotImplementedError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
@@ -111,22 +115,28 @@ def check_options(scale_granularity_mnk, scale_major_mode, backend, out_dtype) -
         granularity = None
     if granularity not in GRANULARITIES:
         raise ValueError(f"scale_granularity_mnk must be (1, 1, 32) or (1, 1, 128), got {scale_granularity_mnk!r}")
+    if weights == "e2m1" and granularity != (1, 1, MXFP4_K_MULTIPLE):
+        raise ValueError(f"scale_granularity_mnk must be (1, 1, 32) with MXFP4 weights (one scale per 32 values), "
+                         f"got {scale_granularity_mnk!r}")
     if scale_major_mode != "MN":
         raise ValueError(f'scale_major_mode must be "MN", got {scale_major_mode!r}')
     return int(granularity[2])
 
 
-def check_call(a, b, a_scale, b_scale, m_indptr, out, *, k_granularity: int, is_gated: bool) -> GemmProblem:
+def check_call(a, b, a_scale, b_scale, m_indptr, out, bias=None, *, k_granularity: int, is_gated: bool,
+               weights: str = "e4m3") -> GemmProblem:
     """Validate the tensors of a call; returns the problem they describe."""
     _granularity_tags(a_scale, b_scale, k_granularity)
     try:
         key = (_metadata(a), _metadata(b), _metadata(a_scale), _metadata(b_scale), _metadata(m_indptr),
-               None if out is None else _metadata(out), k_granularity, is_gated)
+               None if out is None else _metadata(out), None if bias is None else _metadata(bias), k_granularity,
+               is_gated, weights)
     except (AttributeError, RuntimeError):  # not (strided) tensors: the checks say which argument
         key = None
     problem = _checked.get(key)
     if problem is None:
-        problem = _check_tensors(a, b, a_scale, b_scale, m_indptr, out, k_granularity=k_granularity, is_gated=is_gated)
+        problem = _check_tensors(a, b, a_scale, b_scale, m_indptr, out, bias, k_granularity=k_granularity,
+                                 is_gated=is_gated, weights=weights)
         if key is not None:
             _checked.put(key, problem)
     return problem
@@ -136,9 +146,14 @@ def _metadata(x) -> tuple:
     return type(x), x.dtype, x.device, x.shape, x.stride(), x.data_ptr()
 
 
-def _check_tensors(a, b, a_scale, b_scale, m_indptr, out, *, k_granularity: int, is_gated: bool) -> GemmProblem:
+def _check_tensors(a, b, a_scale, b_scale, m_indptr, out, bias, *, k_granularity: int, is_gated: bool,
+                   weights: str) -> GemmProblem:
+    mxfp4 = weights == "e2m1"
+    if not mxfp4 and isinstance(b, torch.Tensor) and b.dtype == torch.uint8:
+        raise ValueError("b must have dtype torch.float8_e4m3fn, got torch.uint8 (MXFP4 weights, two e2m1 per byte, "
+                         "go to moe_gemm_mxfp8_mxfp4_nt_groupwise)")
     _tensor("a", a, torch.float8_e4m3fn, 2)
-    _tensor("b", b, torch.float8_e4m3fn, 3)
+    _tensor("b", b, torch.uint8 if mxfp4 else torch.float8_e4m3fn, 3)
     _tensor("a_scale", a_scale, torch.int32, 2)
     _tensor("b_scale", b_scale, torch.int32, 3)
     _tensor("m_indptr", m_indptr, torch.int32, 1)
@@ -153,12 +168,17 @@ def _check_tensors(a, b, a_scale, b_scale, m_indptr, out, *, k_granularity: int,
 
     cum_m, k = a.shape
     num_experts, n, k_b = b.shape
-    if k_b != k:
+    if mxfp4 and 2 * k_b != k:
+        raise ValueError(f"b.size(2) must equal a.size(1) / 2 (two e2m1 values per byte of the K dimension, {k}), "
+                         f"got b of shape {list(b.shape)}")
+    if not mxfp4 and k_b != k:
         raise ValueError(f"b.size(2) must equal a.size(1) (the K dimension, {k}), got b of shape {list(b.shape)}")
     if num_experts < 1:
         raise ValueError(f"b must hold at least one expert, got shape {list(b.shape)}")
-    if k == 0 or k % 16 != 0:
-        raise ValueError(f"K (a.size(1)) must be a positive multiple of 16, got {k}")
+    k_multiple = MXFP4_K_MULTIPLE if mxfp4 else 16
+    if k == 0 or k % k_multiple != 0:
+        raise ValueError(f"K (a.size(1)) must be a positive multiple of {k_multiple}"
+                         f"{' with MXFP4 weights' if mxfp4 else ''}, got {k}")
     _shape("m_indptr", m_indptr, (num_experts + 1,), "num_experts + 1, num_experts = b.size(0)")
     if is_gated and n % 2 != 0:
         raise ValueError(f"b.size(1) must be even when is_gated=True (up and gate halves), got {n}")
@@ -170,6 +190,12 @@ def _check_tensors(a, b, a_scale, b_scale, m_indptr, out, *, k_granularity: int,
                  k, k_granularity)
     _scale_shape("b_scale", b_scale, (num_experts, n), "num_experts, n", k, k_granularity)
 
+    if bias is not None:
+        _tensor("bias", bias, torch.float32, 2)
+        if bias.device != device:
+            raise ValueError(f"bias must be on the same device as a ({device}), got {bias.device}")
+        _shape("bias", bias, (num_experts, n), "num_experts, n: one per row of b")
+        _contiguous("bias", bias)
     if out is not None:
         _tensor("out", out, torch.bfloat16, 2)
         if out.device != device:
@@ -177,19 +203,19 @@ def _check_tensors(a, b, a_scale, b_scale, m_indptr, out, *, k_granularity: int,
         _shape("out", out, (cum_m, n_out), "cum_m, n / 2 when gated else n")
         _contiguous("out", out)
         if cum_m:
-            _check_no_overlap(out, a, b, a_scale, b_scale, m_indptr)
+            _check_no_overlap(out, a, b, a_scale, b_scale, m_indptr, bias)
     aligned = (a.data_ptr() | b.data_ptr() | (0 if out is None else out.data_ptr())) % VECTOR_ALIGNMENT == 0
     return GemmProblem(num_experts, cum_m, n, k, k_granularity, is_gated, device, aligned,
-                       scales_fit_tma(a_scale, b_scale))
+                       scales_fit_tma(a_scale, b_scale), weights, bias is not None)
 
 
-def _check_no_overlap(out, a, b, a_scale, b_scale, m_indptr) -> None:
+def _check_no_overlap(out, a, b, a_scale, b_scale, m_indptr, bias) -> None:
     """An input that shares a byte with `out` would be overwritten while the kernel still reads it.
 
-    Byte spans come from shapes and strides (all validated, all non-empty): a, b, m_indptr and out
-    are contiguous; the scale tensors may have any strides.
+    Byte spans come from shapes and strides (all validated, all non-empty): a, b, m_indptr, bias and
+    out are contiguous; the scale tensors may have any strides.
     """
-    (cum_m, k), (num_experts, n, _) = a.shape, b.shape
+    (cum_m, k), (num_experts, n, k_bytes) = a.shape, b.shape
     rows, words = a_scale.shape
     a_row, a_word = a_scale.stride()
     b_expert, b_row, b_word = b_scale.stride()
@@ -197,10 +223,11 @@ def _check_no_overlap(out, a, b, a_scale, b_scale, m_indptr) -> None:
     last = first + 2 * out.numel() - 1
     for name, start, size in (
         ("a", a.data_ptr(), cum_m * k),
-        ("b", b.data_ptr(), num_experts * n * k),
+        ("b", b.data_ptr(), num_experts * n * k_bytes),
         ("a_scale", a_scale.data_ptr(), 4 * ((rows - 1) * a_row + (words - 1) * a_word + 1)),
         ("b_scale", b_scale.data_ptr(), 4 * ((num_experts - 1) * b_expert + (n - 1) * b_row + (words - 1) * b_word + 1)),
         ("m_indptr", m_indptr.data_ptr(), 4 * (num_experts + 1)),
+        *((("bias", bias.data_ptr(), 4 * num_experts * n),) if bias is not None else ()),
     ):
         if start <= last and first < start + size:
             raise ValueError(f"out must not overlap {name}: out spans bytes [{first:#x}, {last:#x}], "

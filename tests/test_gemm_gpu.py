@@ -248,7 +248,7 @@ def test_native_guard_falls_back_when_a_kernel_cannot_launch(monkeypatch, fresh_
         return real_get_kernel(spec, device_index)
 
     monkeypatch.setattr(native_guard, "get_kernel", get_kernel)
-    with pytest.warns(native_guard.NativeScaleWarning, match="failed its first-use check \(DriverError: "):
+    with pytest.warns(native_guard.NativeScaleWarning, match=r"failed its first-use check \(DriverError: "):
         assert native_guard.verified("emulated", 0) is False
 
 

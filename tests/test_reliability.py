@@ -15,6 +15,7 @@ import errno
 import hashlib
 import json
 import os
+import pickle
 import random
 import stat
 import struct
@@ -325,13 +326,12 @@ def test_group_writable_cache_dir_compiles_in_memory(cache_dir, compiles, mode):
 # ------------------------------------------------------------------------------------ 2. concurrency
 
 CHILD = r"""
-import dataclasses, hashlib, json, os, sys, time, warnings
+import hashlib, json, os, pickle, sys, time, warnings
 from pathlib import Path
 from mxfp8_moe.jit.cache import CacheWarning
 warnings.simplefilter("error", CacheWarning)
-from mxfp8_moe.gemm import families
 from mxfp8_moe.jit.build import build, cache_key, kernel_dir
-specs = [getattr(families, family)(**fields) for family, fields in json.loads(sys.argv[1])]
+specs = pickle.loads(bytes.fromhex(sys.argv[1]))
 start, rotate = Path(sys.argv[2]), int(sys.argv[3])
 Path(f"{start}.ready.{os.getpid()}").touch()
 while not start.exists():
@@ -351,7 +351,7 @@ def test_processes_cold_start_compile_each_spec_once(cache_dir, tmp_path):
     env["MXFP8_MOE_CACHE_DIR"] = str(cache_dir)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     start = tmp_path / "start"
-    argv = json.dumps([(type(s).__name__, dataclasses.asdict(s)) for s in specs])
+    argv = pickle.dumps(specs).hex()
     procs = [subprocess.Popen([sys.executable, "-c", CHILD, argv, str(start), str(i % len(specs))],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for i in range(processes)]

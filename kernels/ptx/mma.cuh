@@ -4,7 +4,7 @@
 // a2 = row g, k 16+4t..; a3 = row g+8, k 16+4t... B (8 columns x 32, K-contiguous) b0 = column g,
 // k 4t..; b1 = column g, k 16+4t... C/D: c0, c1 = row g, columns 2t, 2t+1; c2, c3 = row g+8.
 #pragma once
-#include "../common.cuh"
+#include "../e2m1.cuh"
 
 namespace mxfp8_moe::ptx {
 
@@ -59,5 +59,30 @@ __device__ __forceinline__ void mma_e4m3_block_scaled_emulated(float (&d)[4], co
     d[1] = c[1] + product[1] * (scale_lo * scale_1);
     d[2] = c[2] + product[2] * (scale_hi * scale_0);
     d[3] = c[3] + product[3] * (scale_hi * scale_1);
+}
+
+// MXFP4 weights x MXFP8 tokens (sm_120a / sm_121a only): A holds e2m1 codes in 8-bit containers
+// (e2m1_containers), B e4m3; fragments, scales and selectors as for mma_e4m3_block_scaled.
+template <int BYTE_A, int LANE_A, int BYTE_B, int LANE_B>
+__device__ __forceinline__ void mma_e2m1_e4m3_block_scaled(float (&d)[4], const u32 (&a)[4], const u32 (&b)[2],
+                                                           const float (&c)[4], u32 sfa, u32 sfb) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.kind::mxf8f6f4.block_scale.scale_vec::1X.f32.e2m1.e4m3.f32.ue8m0 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%10, %11, %12, %13}, "
+        "%14, {%16, %17}, %15, {%18, %19};\n"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]),
+          "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]), "r"(sfa), "r"(sfb),
+          "n"(BYTE_A), "n"(LANE_A), "n"(BYTE_B), "n"(LANE_B));
+}
+
+// Its semantics for GPUs that lack it: each container's e2m1 value, exactly, as e4m3, then the
+// block-scaled e4m3 MMA's emulation.
+template <int BYTE_A, int LANE_A, int BYTE_B, int LANE_B>
+__device__ __forceinline__ void mma_e2m1_e4m3_block_scaled_emulated(float (&d)[4], const u32 (&a)[4], const u32 (&b)[2],
+                                                                    const float (&c)[4], u32 sfa, u32 sfb) {
+    const u32 widened[4] = {e2m1_containers_to_e4m3(a[0]), e2m1_containers_to_e4m3(a[1]),
+                            e2m1_containers_to_e4m3(a[2]), e2m1_containers_to_e4m3(a[3])};
+    mma_e4m3_block_scaled_emulated<BYTE_A, LANE_A, BYTE_B, LANE_B>(d, widened, b, c, sfa, sfb);
 }
 }  // namespace mxfp8_moe::ptx

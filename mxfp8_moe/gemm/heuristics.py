@@ -24,7 +24,7 @@ import math
 from ..arith import ceil_div
 from .device import DeviceInfo
 from .families import MmaSpec, SimtSpec, WgmmaSpec
-from .spec import SCALE_MODES, KernelSpec
+from .spec import DEFAULT_VARIANT, SCALE_MODES, KernelSpec, Variant
 
 TOKEN_TILES = (8, 16, 32, 64)
 MANY_UNITS_STAGES = 4
@@ -94,19 +94,23 @@ def tensor_core_capable(device: DeviceInfo) -> bool:
 
 
 def choose_spec(*, device: DeviceInfo, num_experts: int, cum_m: int, n: int, k: int, k_granularity: int,
-                gated: bool, scale_mode: str, aligned: bool = True, allow_wgmma: bool = True) -> KernelSpec:
+                gated: bool, scale_mode: str, aligned: bool = True, allow_wgmma: bool = True,
+                variant: Variant = DEFAULT_VARIANT) -> KernelSpec:
     """The kernel for a call shape. `aligned`: a, b and out allow 16-byte vectors (else the SIMT
-    kernel); `allow_wgmma`: the scales are laid out as the wgmma kernel's TMA reads them."""
-    portable = SimtSpec(device.arch, n, k, k_granularity, gated)
+    kernel); `allow_wgmma`: the scales are laid out as the wgmma kernel's TMA reads them; `variant`:
+    weight format and epilogue (MXFP4 weights and interleaved gate and up rows run on mma.sync, whose
+    tiles gather rows one by one and widen 4-bit weights in registers)."""
+    portable = SimtSpec(device.arch, n, k, k_granularity, gated, variant=variant)
     if not (tensor_core_capable(device) and aligned):
         return portable
+    allow_wgmma = allow_wgmma and not variant.interleaved and variant.weights == "e4m3"
 
     active_experts = max(1, min(num_experts, cum_m))
     rows = cum_m / active_experts
     mode = resolve_scale_mode(scale_mode, device.arch)
     # (The emulated mode exists to run the sm_12x mma.sync scale path here: it keeps mma.sync.)
     if allow_wgmma and device.arch in WGMMA_ARCHS and mode == "software":
-        spec = wgmma_spec(device, num_experts, rows, n, k, k_granularity, gated)
+        spec = wgmma_spec(device, num_experts, rows, n, k, k_granularity, gated, variant)
         if spec is not None:
             return spec
     block_t = next((t for t in TOKEN_TILES if t >= rows + 2 * math.sqrt(rows)), TOKEN_TILES[-1])
@@ -125,7 +129,7 @@ def choose_spec(*, device: DeviceInfo, num_experts: int, cum_m: int, n: int, k: 
         warps_k = min(4, FEW_UNITS_WARPS // warps_n)
 
     spec = MmaSpec(device.arch, n, k, k_granularity, gated, block_n=block_n, block_t=block_t, stages=1,
-                   warps_n=warps_n, warps_k=warps_k, scale_mode=mode)
+                   warps_n=warps_n, warps_k=warps_k, scale_mode=mode, variant=variant)
     # Few units: let two CTAs share an SM and give each as deep a pipeline as fits.
     budget = (device.shared_memory_limit // 2 if few_units else device.shared_memory_limit) - _PER_BLOCK_RESERVE
     budget -= spec.dynamic_shared_bytes(num_experts) - spec.pipeline_bytes()
@@ -140,12 +144,12 @@ def choose_spec(*, device: DeviceInfo, num_experts: int, cum_m: int, n: int, k: 
 
 
 def wgmma_spec(device: DeviceInfo, num_experts: int, rows: float, n: int, k: int, k_granularity: int,
-               gated: bool) -> WgmmaSpec | None:
+               gated: bool, variant: Variant = DEFAULT_VARIANT) -> WgmmaSpec | None:
     """The wgmma kernel with as many pipeline stages as fit (None if two do not)."""
     if (n // 2 if gated else n) % (64 if gated else 16):
         return None  # gated tiles pair 64 up rows with 64 gate rows
     block_t = wgmma_token_tile(rows, narrow_last_tile=k_granularity == WGMMA_NARROW_LAST_TILE_K_GRANULARITY)
-    spec = WgmmaSpec(device.arch, n, k, k_granularity, gated, block_t=block_t, stages=1)
+    spec = WgmmaSpec(device.arch, n, k, k_granularity, gated, block_t=block_t, stages=1, variant=variant)
     budget = device.shared_memory_limit - _PER_BLOCK_RESERVE - (spec.dynamic_shared_bytes(num_experts)
                                                                  - spec.pipeline_bytes())
     stages = min(WGMMA_MAX_STAGES, budget // spec.pipeline_bytes())
@@ -171,7 +175,8 @@ def wgmma_token_tile(rows: float, narrow_last_tile: bool) -> int:
 
 
 def candidate_specs(*, device: DeviceInfo, num_experts: int, n: int, k: int, k_granularity: int, gated: bool,
-                    scale_mode: str = "auto", max_tokens: int = 1 << 16) -> list[KernelSpec]:
+                    scale_mode: str = "auto", max_tokens: int = 1 << 16,
+                    variant: Variant = DEFAULT_VARIANT) -> list[KernelSpec]:
     """Every specialization choose_spec can pick for this weight shape (what `prewarm` compiles),
     on sm_90a also for scales the wgmma kernel cannot read (K-major: mma.sync)."""
     specs: dict[KernelSpec, None] = {}
@@ -180,6 +185,6 @@ def candidate_specs(*, device: DeviceInfo, num_experts: int, n: int, k: int, k_g
         while cum_m <= max_tokens:
             specs[choose_spec(device=device, num_experts=num_experts, cum_m=cum_m, n=n, k=k,
                               k_granularity=k_granularity, gated=gated, scale_mode=scale_mode,
-                              allow_wgmma=allow_wgmma)] = None
+                              allow_wgmma=allow_wgmma, variant=variant)] = None
             cum_m = cum_m + 1 if cum_m < 64 else cum_m * 9 // 8  # fine enough to meet every tile boundary
     return list(specs)

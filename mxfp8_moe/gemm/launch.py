@@ -18,7 +18,7 @@ from ..jit.build import build
 from ..jit.runtime import LoadedKernel
 from ..memo import BoundedMemo
 from .device import DeviceInfo
-from .spec import ENTRY, KernelSpec
+from .spec import ENTRY, NO_EPILOGUE_ARGUMENTS, EpilogueArguments, KernelSpec
 
 
 class LaunchArguments:
@@ -50,15 +50,17 @@ class GemmKernel:
         return self.spec.grid(num_experts, cum_m, self.kernel.resident_blocks(shared)), shared
 
     def __call__(self, a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
-                 m_indptr: torch.Tensor, out: torch.Tensor, stream: int) -> None:
+                 m_indptr: torch.Tensor, out: torch.Tensor, stream: int,
+                 epilogue: EpilogueArguments = NO_EPILOGUE_ARGUMENTS) -> None:
         # Everything the arguments hold beyond what the spec fixes (N, K, the word count, the boxes).
         key = (a.data_ptr(), b.data_ptr(), a_scale.data_ptr(), b_scale.data_ptr(), m_indptr.data_ptr(),
-               out.data_ptr(), a.shape[0], b.shape[0], a_scale.shape[0], a_scale.stride(), b_scale.stride())
+               out.data_ptr(), a.shape[0], b.shape[0], a_scale.shape[0], a_scale.stride(), b_scale.stride(),
+               epilogue.key)
         arguments = self._arguments.get(key)
         if arguments is None:
             grid, shared = self.launch_config(b.shape[0], a.shape[0])
-            arguments = self._arguments.put(
-                key, LaunchArguments(grid, shared, self.spec.arguments(a, b, a_scale, b_scale, m_indptr, out)))
+            blocks = self.spec.arguments(a, b, a_scale, b_scale, m_indptr, out, epilogue)
+            arguments = self._arguments.put(key, LaunchArguments(grid, shared, blocks))
         self.kernel.launch(arguments.grid, arguments.shared, stream, arguments.address)
 
 

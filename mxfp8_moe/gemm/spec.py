@@ -41,13 +41,71 @@ class GroupedGemmParams(ctypes.Structure):
         ("b_scale_stride_word", ctypes.c_int64),
         ("cum_m", ctypes.c_int32),
         ("num_experts", ctypes.c_int32),
+        ("bias", ctypes.c_void_p),
+        ("alpha", ctypes.c_float),
+        ("limit", ctypes.c_float),
     ]
 
     @classmethod
     def of(cls, a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
-           m_indptr: torch.Tensor, out: torch.Tensor) -> "GroupedGemmParams":
+           m_indptr: torch.Tensor, out: torch.Tensor, epilogue: "EpilogueArguments") -> "GroupedGemmParams":
         return cls(a.data_ptr(), b.data_ptr(), a_scale.data_ptr(), b_scale.data_ptr(), m_indptr.data_ptr(),
-                   out.data_ptr(), *a_scale.stride(), *b_scale.stride(), a.shape[0], b.shape[0])
+                   out.data_ptr(), *a_scale.stride(), *b_scale.stride(), a.shape[0], b.shape[0],
+                   None if epilogue.bias is None else epilogue.bias.data_ptr(), epilogue.alpha, epilogue.limit)
+
+
+@dataclasses.dataclass(frozen=True)
+class EpilogueArguments:
+    """What a launch passes to the epilogue beside the spec: the bias tensor (for specs built with a
+    bias) and the clamped SwiGLU's constants. `key`: what a launch's arguments depend on."""
+
+    bias: torch.Tensor | None = None
+    alpha: float = 0.0
+    limit: float = 0.0
+    key: tuple = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "key", (None if self.bias is None else self.bias.data_ptr(), self.alpha, self.limit))
+
+
+NO_EPILOGUE_ARGUMENTS = EpilogueArguments()
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """A kernel's compile-time choices beside its shape and tile (kernels/problem.cuh: Variant)."""
+
+    weights: str = "e4m3"  # or "e2m1": MXFP4, two codes per byte
+    activation: str = "swiglu"  # gated: or "clamped_swiglu"
+    interleaved: bool = False  # gated: gate rows even, up rows odd (else [up; gate] halves)
+    bias: bool = False  # a per-expert bias before the activation
+    _hash: int = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        # Part of the plan memo's key on every call: hashed once, not field by field each time.
+        object.__setattr__(self, "_hash", hash((self.weights, self.activation, self.interleaved, self.bias)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    @property
+    def label(self) -> str:
+        """The label's suffix: empty for the default (MXFP8, SwiGLU on halves, no bias)."""
+        return "".join(name for name, chosen in (("_w4", self.weights == "e2m1"), ("_il", self.interleaved),
+                                                 ("_clamped", self.activation == "clamped_swiglu"),
+                                                 ("_bias", self.bias)) if chosen)
+
+    @property
+    def template_argument(self) -> str:
+        """The kernel template's last argument, empty for the default, which the templates default to."""
+        if self == Variant():
+            return ""
+        weights = "mxfp8_moe::kE2M1" if self.weights == "e2m1" else "mxfp8_moe::kE4M3"
+        activation = "mxfp8_moe::kClampedSwiGLU" if self.activation == "clamped_swiglu" else "mxfp8_moe::kSwiGLU"
+        return f", mxfp8_moe::Variant<{weights}, {activation}, {str(self.interleaved).lower()}, {str(self.bias).lower()}>"
+
+
+DEFAULT_VARIANT = Variant()
 
 
 def entry_source(header: str, gemm: str, *, tensor_maps: str | None = None, min_blocks: int | None = None) -> str:
@@ -80,6 +138,9 @@ class KernelSpec(abc.ABC):
     k_granularity: int
     gated: bool
 
+    # Keyword-only, so each family's tile fields follow the shape positionally.
+    variant: Variant = dataclasses.field(default=DEFAULT_VARIANT, kw_only=True)
+
     family: ClassVar[str]  # the label's prefix: "simt", "mma", "wgmma"
     # Whether the kernel waits for the grid before it on the stream before touching global memory
     # (kernels/ptx/grid_dependency.cuh), so that its launch may overlap that grid's end (sm_90+).
@@ -91,8 +152,9 @@ class KernelSpec(abc.ABC):
 
     @property
     def problem_label(self) -> str:
-        """The label's first part: the family and the problem's compile-time shape."""
-        return f"{self.family}_n{self.n}_k{self.k}_g{self.k_granularity}{'_gated' if self.gated else ''}"
+        """The label's first part: the family, the problem's compile-time shape and the variant."""
+        return (f"{self.family}_n{self.n}_k{self.k}_g{self.k_granularity}{'_gated' if self.gated else ''}"
+                f"{self.variant.label}")
 
     @property
     @abc.abstractmethod
@@ -117,6 +179,6 @@ class KernelSpec(abc.ABC):
         """The launch grid; `resident_blocks`: how many blocks fit on the device at once."""
 
     def arguments(self, a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
-                  m_indptr: torch.Tensor, out: torch.Tensor) -> tuple[ctypes.Structure, ...]:
+                  m_indptr: torch.Tensor, out: torch.Tensor, epilogue: EpilogueArguments) -> tuple[ctypes.Structure, ...]:
         """The kernel's by-value parameters for one set of (validated) tensors."""
-        return (GroupedGemmParams.of(a, b, a_scale, b_scale, m_indptr, out),)
+        return (GroupedGemmParams.of(a, b, a_scale, b_scale, m_indptr, out, epilogue),)

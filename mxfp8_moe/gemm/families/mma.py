@@ -46,12 +46,14 @@ class MmaSpec(KernelSpec):
         return entry_source("mma_grouped_gemm.cuh",
                             f"mxfp8_moe::MmaGemm<{self.n}, {self.k}, {self.k_granularity}, {str(self.gated).lower()}, "
                             f"{self.block_n}, {self.block_t}, {self.stages}, {self.warps_n}, {self.warps_k}, "
-                            f"mxfp8_moe::{_SCALE_MODE_ENUM[self.scale_mode]}>")
+                            f"mxfp8_moe::{_SCALE_MODE_ENUM[self.scale_mode]}{self.variant.template_argument}>")
 
     def stage_bytes(self) -> int:
-        """One pipeline stage: weight and token tiles, then a scale word per row (MmaGemm::kStageBytes)."""
+        """One pipeline stage: weight and token tiles (MXFP4 weight rows: half the bytes), then a
+        scale word per row (MmaGemm::kStageBytes)."""
+        weight_row_bytes = STAGE_K_BYTES // 2 if self.variant.weights == "e2m1" else STAGE_K_BYTES
         rows = self.weight_rows + self.block_t
-        return rows * STAGE_K_BYTES + round_up(rows * 4, 128)
+        return self.weight_rows * weight_row_bytes + self.block_t * STAGE_K_BYTES + round_up(rows * 4, 128)
 
     def pipeline_bytes(self) -> int:
         return self.stages * self.stage_bytes()

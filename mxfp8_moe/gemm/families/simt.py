@@ -27,7 +27,8 @@ class SimtSpec(KernelSpec):
 
     def source(self) -> str:
         return entry_source("simt_grouped_gemm.cuh", f"mxfp8_moe::SimtGemm<{self.threads}, {self.k_granularity}, "
-                                                     f"{str(self.gated).lower()}, {self.n}, {self.k}>")
+                                                     f"{str(self.gated).lower()}, {self.n}, {self.k}"
+                                                     f"{self.variant.template_argument}>")
 
     def dynamic_shared_bytes(self, num_experts: int) -> int:
         return 0

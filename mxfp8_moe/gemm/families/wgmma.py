@@ -73,7 +73,7 @@ class WgmmaSpec(KernelSpec):
         # One block per SM in the launch bounds: setmaxnreg needs a register cap at entry.
         return entry_source("wgmma_grouped_gemm.cuh",
                             f"mxfp8_moe::WgmmaGemm<{self.n}, {self.k}, {self.k_granularity}, {str(self.gated).lower()}, "
-                            f"{self.block_t}, {self.stages}>",
+                            f"{self.block_t}, {self.stages}{self.variant.template_argument}>",
                             tensor_maps="mxfp8_moe::WgmmaTensorMaps", min_blocks=1)
 
     def stage_bytes(self) -> int:
@@ -100,7 +100,7 @@ class WgmmaSpec(KernelSpec):
     def grid(self, num_experts: int, cum_m: int, resident_blocks: int) -> tuple[int, int, int]:
         return resident_blocks, 1, 1  # persistent
 
-    def arguments(self, a, b, a_scale, b_scale, m_indptr, out) -> tuple[ctypes.Structure, ...]:
+    def arguments(self, a, b, a_scale, b_scale, m_indptr, out, epilogue) -> tuple[ctypes.Structure, ...]:
         maps = WgmmaTensorMaps()
         maps.set(**wgmma_maps(a, b, a_scale, b_scale, out, block_t=self.block_t))
-        return super().arguments(a, b, a_scale, b_scale, m_indptr, out) + (maps,)
+        return super().arguments(a, b, a_scale, b_scale, m_indptr, out, epilogue) + (maps,)

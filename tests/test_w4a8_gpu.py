@@ -1,0 +1,140 @@
+"""MXFP4 weights and the epilogue options (bias, clamped SwiGLU, interleaved gate and up rows) on
+the CUDA kernels, against the float64 reference of the same quantized inputs (GPU only).
+
+Each case draws fresh data and poisons `out` with NaN. The kernel under test is chosen by the
+heuristic (mma.sync for MXFP4 and interleaved rows on every tensor-core GPU, wgmma on sm_90a for
+the rest), by MXFP8_MOE_SCALE_MODE=emulated (the sm_120a block-scaled path, its MMA emulated), or
+launched directly (the portable kernel).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mxfp8_moe import (GatedActivation, moe_gemm_mxfp8_mxfp4_nt_groupwise, moe_gemm_mxfp8_nt_groupwise,
+                       quantize_activations, quantize_weights, quantize_weights_mxfp4, reference_moe_gemm)
+from mxfp8_moe.gemm import launch
+from mxfp8_moe.gemm.device import current_stream, device_info
+from mxfp8_moe.gemm.families import SimtSpec
+from mxfp8_moe.gemm.heuristics import WGMMA_ARCHS
+from mxfp8_moe.gemm.launch import get_kernel
+from mxfp8_moe.gemm.spec import EpilogueArguments, Variant
+
+from problems import indptr, relative_error
+
+pytestmark = pytest.mark.gpu
+TOLERANCE = 5e-3
+# Empty experts, one row, partial and full tiles; K = 2880 ends in half a 128-value stage.
+ROWS = [0, 1, 17, 0, 64, 130]
+ACTIVATIONS = {
+    "plain": None,
+    "swiglu": GatedActivation(),
+    "clamped": GatedActivation("clamped_swiglu"),
+    "clamped-interleaved": GatedActivation("clamped_swiglu", "interleaved", alpha=1.5, limit=2.0),
+    "swiglu-interleaved": GatedActivation("swiglu", "interleaved"),
+}
+
+
+def problem(weights: str, n: int, k: int, k_granularity: int = 32, *, bias: bool):
+    m_indptr = indptr(ROWS, "cuda")
+    x = torch.randn(sum(ROWS), k, device="cuda") * torch.exp2(torch.randint(-3, 4, (sum(ROWS), 1), device="cuda").float())
+    a, a_scale = quantize_activations(x, m_indptr, k_granularity)
+    w = torch.randn(len(ROWS), n, k, device="cuda") * 0.05
+    b, b_scale = quantize_weights_mxfp4(w) if weights == "e2m1" else quantize_weights(w, k_granularity)
+    return (a, b, a_scale, b_scale, m_indptr), (torch.randn(len(ROWS), n, device="cuda") if bias else None)
+
+
+def check(call, operands, bias, activation, k_granularity, **kwargs):
+    a, b = operands[:2]
+    n_out = b.shape[1] // (2 if activation else 1)
+    out = torch.full((a.shape[0], n_out), float("nan"), dtype=torch.bfloat16, device="cuda")
+    options = {} if activation is None else dict(activation=activation.kind, gate_layout=activation.layout,
+                                                 alpha=activation.alpha, limit=activation.limit)
+    call(*operands, (1, 1, k_granularity), out=out, is_gated=activation is not None, bias=bias, **options, **kwargs)
+    expected = reference_moe_gemm(*operands, k_granularity=k_granularity, is_gated=activation is not None,
+                                  accumulate_dtype=torch.float64, bias=bias, activation=activation or GatedActivation())
+    assert not torch.isnan(out).any(), "output has unwritten (NaN) elements"
+    error = relative_error(out, expected)
+    assert error <= TOLERANCE, f"relative error {error:.2e}"
+
+
+@pytest.fixture
+def served(monkeypatch):
+    """The families of the kernels the calls launch."""
+    families, real_call = [], launch.GemmKernel.__call__
+
+    def recording_call(self, *args):
+        families.append(self.spec.family)
+        return real_call(self, *args)
+
+    monkeypatch.setattr(launch.GemmKernel, "__call__", recording_call)
+    return families
+
+
+@pytest.mark.parametrize("scale_mode", ["auto", "emulated"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("name", list(ACTIVATIONS))
+def test_mxfp4_weights(name, bias, scale_mode, served, monkeypatch, fresh_memos):
+    monkeypatch.setenv("MXFP8_MOE_SCALE_MODE", scale_mode)
+    operands, bias_tensor = problem("e2m1", 256, 2880, bias=bias)
+    check(moe_gemm_mxfp8_mxfp4_nt_groupwise, operands, bias_tensor, ACTIVATIONS[name], 32)
+    assert served == ["mma"]
+
+
+@pytest.mark.parametrize("k_granularity", [32, 128])
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("name", list(ACTIVATIONS))
+def test_mxfp8_epilogue_options(name, bias, k_granularity, served, fresh_memos):
+    operands, bias_tensor = problem("e4m3", 5760 if ACTIVATIONS[name] else 2880, 2880, k_granularity, bias=bias)
+    check(moe_gemm_mxfp8_nt_groupwise, operands, bias_tensor, ACTIVATIONS[name], k_granularity)
+    interleaved = ACTIVATIONS[name] is not None and ACTIVATIONS[name].layout == "interleaved"
+    hopper = device_info(0).arch in WGMMA_ARCHS
+    assert served == ["wgmma" if hopper and not interleaved else "mma"]
+
+
+@pytest.mark.parametrize("weights", ["e4m3", "e2m1"])
+@pytest.mark.parametrize("name", ["plain", "clamped-interleaved"])
+def test_portable_kernel(weights, name):
+    operands, bias = problem(weights, 192, 320, bias=True)
+    activation = ACTIVATIONS[name]
+    variant = Variant(weights, activation.kind if activation else "swiglu",
+                      bool(activation) and activation.layout == "interleaved", True)
+    kernel = get_kernel(SimtSpec(device_info(0).arch, 192, 320, 32, activation is not None, variant=variant), 0)
+    out = torch.full((operands[0].shape[0], 96 if activation else 192), float("nan"), dtype=torch.bfloat16,
+                     device="cuda")
+    kernel(*operands, out, current_stream(0), EpilogueArguments(bias, *(
+        (activation.alpha, activation.limit) if activation else (0.0, 0.0))))
+    expected = reference_moe_gemm(*operands, k_granularity=32, is_gated=activation is not None,
+                                  accumulate_dtype=torch.float64, bias=bias, activation=activation or GatedActivation())
+    assert not torch.isnan(out).any()
+    assert relative_error(out, expected) <= TOLERANCE
+
+
+def test_nan_stays_nan_through_the_clamp():
+    # The clamped SwiGLU's comparisons must not turn a NaN product into the limit.
+    operands, _ = problem("e2m1", 128, 256, bias=False)
+    a, b, a_scale, b_scale, m_indptr = operands
+    a_scale[:, 0] = 0x7F7F7FFF  # the first K block of every row: scale 0xFF (NaN)
+    out = moe_gemm_mxfp8_mxfp4_nt_groupwise(a, b, a_scale, b_scale, m_indptr, is_gated=True,
+                                            activation="clamped_swiglu")
+    assert torch.isnan(out).all()
+
+
+def test_cuda_graph_replays_bias_and_mxfp4():
+    operands, bias = problem("e2m1", 256, 640, bias=True)
+    out = torch.empty(sum(ROWS), 128, dtype=torch.bfloat16, device="cuda")
+    call = dict(out=out, is_gated=True, bias=bias, activation="clamped_swiglu", gate_layout="interleaved")
+    moe_gemm_mxfp8_mxfp4_nt_groupwise(*operands, **call)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        moe_gemm_mxfp8_mxfp4_nt_groupwise(*operands, **call)
+    fresh, fresh_bias = problem("e2m1", 256, 640, bias=True)
+    for mine, new in zip((*operands, bias), (*fresh, fresh_bias)):
+        mine.copy_(new)
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    expected = reference_moe_gemm(*operands, k_granularity=32, is_gated=True, accumulate_dtype=torch.float64,
+                                  bias=bias, activation=GatedActivation("clamped_swiglu", "interleaved"))
+    assert relative_error(out, expected) <= TOLERANCE
