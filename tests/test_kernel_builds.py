@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 
 import pytest
 
 from mxfp8_moe.gemm.device import DeviceInfo
 from mxfp8_moe.gemm.heuristics import candidate_specs, choose_spec
 from mxfp8_moe.gemm.families import SimtSpec
-from mxfp8_moe.gemm.spec import KernelSpec
+from mxfp8_moe.gemm.spec import DEFAULT_VARIANT, KernelSpec, Variant
 from mxfp8_moe.jit import inspect
 from mxfp8_moe.jit.build import OPTIONS, kernel_dir
 from mxfp8_moe.jit.compiler import CompileError, compile_cubin, supported_archs
@@ -32,11 +33,14 @@ SHAPES = ((4096, 7168, True), (2880, 2880, False))
 SM120_MODEL_SHAPES = ((1536, 2048, True), (2048, 768, False), (3072, 4096, True), (4096, 1536, False),
                       (7168, 2048, False), (5760, 2880, True))
 SASS_OPCODES = ("QMMA.SF", "QMMA", "HMMA", "LDL", "STL")
+MXFP4 = Variant("e2m1")
+GPT_OSS_GATE_UP = Variant("e2m1", "clamped_swiglu", interleaved=True, bias=True)
 
 
-def _candidates(arch: str, n: int, k: int, gated: bool, k_granularity: int, scale_mode: str = "auto"):
+def _candidates(arch: str, n: int, k: int, gated: bool, k_granularity: int, scale_mode: str = "auto", *,
+                variant: Variant = DEFAULT_VARIANT):
     return candidate_specs(device=DeviceInfo.for_arch(arch), num_experts=NUM_EXPERTS, n=n, k=k,
-                           k_granularity=k_granularity, gated=gated, scale_mode=scale_mode)
+                           k_granularity=k_granularity, gated=gated, scale_mode=scale_mode, variant=variant)
 
 
 def _largest(specs):
@@ -68,6 +72,14 @@ def _specs() -> list[KernelSpec]:
     # down GEMM (6 K blocks, chains of 3 + 3) and 10 K blocks (4 + 4 + 2).
     for k in (768, 1280):
         specs.update(dict.fromkeys(s for s in _candidates("sm_90a", 2048, k, False, 128) if s.family == "wgmma"))
+    # MXFP4 weights (gpt-oss: both GEMMs, its epilogue; the model shapes) on sm_12x, and on sm_90a
+    # the software-scaled and emulated forms the H100 tests run.
+    for variant, shapes in ((GPT_OSS_GATE_UP, ((5760, 2880, True),)), (MXFP4, ((2880, 2880, False), *SM120_MODEL_SHAPES))):
+        for n, k, gated in shapes:
+            specs.update(dict.fromkeys(_candidates("sm_120a", n, k, gated, 32, variant=variant)))
+    specs[_largest(_candidates("sm_121a", 5760, 2880, True, 32, variant=GPT_OSS_GATE_UP))] = None
+    for mode in ("software", "emulated"):
+        specs[_largest(_candidates("sm_90a", 5760, 2880, True, 32, mode, variant=GPT_OSS_GATE_UP))] = None
     return list(specs)
 
 
@@ -126,8 +138,12 @@ def test_sm12x_sass(spec):
         assert counts["LDL"] == counts["STL"] == 0, counts
     assert counts["HMMA"] == 0, counts
     if spec.scale_mode == "native":
-        # The full-rate block-scaled MMA, and no half-rate plain FP8 MMA left beside it.
+        # The full-rate block-scaled MMA, and no half-rate plain FP8 MMA left beside it; with MXFP4
+        # weights its e2m1 x e4m3 form.
         assert counts["QMMA.SF"] > 0 and counts["QMMA"] == 0, counts
+        operands = "E2M1.E4M3" if spec.variant.weights == "e2m1" else "E4M3.E4M3"
+        assert inspect.count_instructions(inspect.sass(build(spec)[0].cubin), (f"QMMA.SF.16832.F32.{operands}",))[
+            f"QMMA.SF.16832.F32.{operands}"] == counts["QMMA.SF"], spec
     else:
         assert counts["QMMA"] > 0 and counts["QMMA.SF"] == 0, counts
 
@@ -180,6 +196,15 @@ def test_wgmma_host_and_kernel_agree_on_shared_memory():
                              f"{dataclasses.replace(spec, stages=stages).dynamic_shared_bytes(num_experts)}, "
                              f'"spec {i}, {stages} stages, {num_experts} experts");')
     compile_cubin("\n".join(lines) + "\n", arch="sm_90a", include_dir=kernel_dir(), label="layout-check")
+
+
+def test_mma_host_and_kernel_agree_on_shared_memory():
+    # The same comparison for the mma.sync kernel's pipeline (MXFP4 weight rows are half as long).
+    lines = ['#include "mma_grouped_gemm.cuh"']
+    for i, spec in enumerate(s for s in SPECS if s.family == "mma"):
+        gemm = re.search(r"using Gemm = (.*);", spec.source())[1]
+        lines.append(f'static_assert({gemm}::kPipelineBytes == {spec.pipeline_bytes()}, "spec {i}: {spec.label}");')
+    compile_cubin("\n".join(lines) + "\n", arch="sm_120a", include_dir=kernel_dir(), label="mma-layout-check")
 
 
 def test_subset_covers_wgmma_token_tiles():
