@@ -93,10 +93,13 @@ struct MmaGemm {
     }
 
     // Smem row r of the weight tile holds global weight row weight_row(n0, r) of the expert: the up
-    // rows of the tile's columns, then (gated) their gate rows.
+    // rows of the tile's columns, then (gated) their gate rows (Output::up_row, gate_row). The
+    // halves' form is spelled out: through the Output functions ptxas spilled a register in some
+    // sm_120a configurations.
     __device__ __forceinline__ static int weight_row(int n0, int r) {
-        if (!GATED) return n0 + r;
-        return r >= BLOCK_N ? Output::gate_row(n0 + r - BLOCK_N) : Output::up_row(n0 + r);
+        if constexpr (GATED && V::kInterleaved)
+            return r >= BLOCK_N ? Output::gate_row(n0 + r - BLOCK_N) : Output::up_row(n0 + r);
+        return (GATED && r >= BLOCK_N) ? kNOut + n0 + r - BLOCK_N : n0 + r;
     }
 
     __device__ __forceinline__ static bool weight_row_valid(int n0, int r) {
