@@ -24,7 +24,7 @@ elif _envs.log_level():
 from .api import moe_gemm_mxfp8_mxfp4_nt_groupwise, moe_gemm_mxfp8_nt_groupwise  # noqa: E402
 from .epilogue import GatedActivation  # noqa: E402
 from .mxfp4 import dequantize_weights_mxfp4, quantize_weights_mxfp4  # noqa: E402
-from .convert import from_bf16, from_fp8_block_scaled, from_ocp_mx  # noqa: E402
+from .convert import from_bf16, from_fp8_block_scaled, from_gpt_oss, from_ocp_mx  # noqa: E402
 from .memo import clear_memos  # noqa: E402
 from .layout import (  # noqa: E402
     float_to_ue8m0,
@@ -66,6 +66,7 @@ __all__ = [
     "from_bf16",
     "from_fp8_block_scaled",
     "from_ocp_mx",
+    "from_gpt_oss",
     "MXFP8MoE",
     "QuantizedExperts",
     "moe_forward",

@@ -30,6 +30,7 @@ from .jit.cache import default_cache, default_cache_dir
 from .jit.compiler import CompileError, nvrtc_library_path, nvrtc_version, supported_archs
 from .jit.runtime import driver_version
 from .model_config import GemmShape, MoeConfig
+from .mxfp4 import K_GRANULARITY as MXFP4_K_GRANULARITY
 from .version import __version__
 
 DEFAULT_EXPERTS = 128
@@ -57,8 +58,9 @@ def _check_shape(shape: GemmShape) -> GemmShape:
     if shape.n < 1 or shape.n % step:
         why = " (gated: the output width N/2 must be a multiple of 16)" if shape.gated else ""
         raise CliError(f"{shape}: N must be a positive multiple of {step}{why}")
-    if shape.k < 1 or shape.k % 16:
-        raise CliError(f"{shape}: K must be a positive multiple of 16")
+    k_multiple = MXFP4_K_GRANULARITY if shape.variant.weights == "e2m1" else 16
+    if shape.k < 1 or shape.k % k_multiple:
+        raise CliError(f"{shape}: K must be a positive multiple of {k_multiple}")
     if shape.num_experts < 1:
         raise CliError(f"{shape}: the number of experts must be positive")
     return shape
@@ -107,10 +109,11 @@ def _kernel_specs(device: DeviceInfo, shape: GemmShape, k_granularity: int) -> l
     portable kernel it falls back to for misaligned tensors, and the fused quantizer of its input."""
     try:
         specs = candidate_specs(device=device, num_experts=shape.num_experts, n=shape.n, k=shape.k,
-                                k_granularity=k_granularity, gated=shape.gated, scale_mode=envs.scale_mode())
+                                k_granularity=k_granularity, gated=shape.gated, scale_mode=envs.scale_mode(),
+                                variant=shape.variant)
     except ValueError as error:
         raise CliError(f"{shape} on {device.arch}: {error}") from None
-    specs.append(SimtSpec(device.arch, shape.n, shape.k, k_granularity, shape.gated))
+    specs.append(SimtSpec(device.arch, shape.n, shape.k, k_granularity, shape.gated, variant=shape.variant))
     if tensor_core_capable(device):
         specs.append(QuantizerSpec(device.arch, shape.k, k_granularity))
     return specs
@@ -166,7 +169,9 @@ def _prewarm(args) -> int:
     shapes = _requested_shapes(args)
     targets = _targets(args.arch)
     granularities = sorted({g for choice in args.k_granularity or ["128"] for g in GRANULARITY_CHOICES[choice]})
-    specs = [spec for device in targets for shape in shapes for g in granularities
+    # MXFP4 weights (gpt-oss) have one scale per 32 values, whatever --k-granularity says.
+    specs = [spec for device in targets for shape in shapes
+             for g in ((MXFP4_K_GRANULARITY,) if shape.variant.weights == "e2m1" else granularities)
              for spec in _kernel_specs(device, shape, g)]
     if envs.scale_mode() == "auto":  # the first native call checks itself against software scaling
         specs += [spec for device in targets if device.arch in NATIVE_ARCHS

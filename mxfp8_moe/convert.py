@@ -112,3 +112,36 @@ def from_ocp_mx(w_fp8: torch.Tensor, scales_e8m0: torch.Tensor) -> tuple[torch.T
               scales_e8m0.device)
     b_scale = to_mn_major_b_scale(pack_ue8m0(scales_e8m0.view(torch.uint8)))
     return w_fp8.contiguous(), tag_k_granularity(b_scale, OCP_BLOCK)
+
+
+def from_gpt_oss(blocks: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None, *,
+                 gate_up: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Convert one gpt-oss expert projection (MXFP4 as its checkpoint ships it) to the W4A8 op's
+    operands, with no requantization.
+
+    gpt-oss stores `*_proj_blocks` uint8 (E, n, k / 32, 16) (K runs along the blocks, then the 16
+    bytes; each byte two e2m1 codes, the low nibble first), `*_proj_scales` uint8 (E, n, k / 32)
+    (UE8M0) and `*_proj_bias` (E, n). Its gate_up rows interleave gate (even) and up (odd): with
+    `gate_up` they are reordered into [up; gate] halves, the layout every kernel family takes
+    (the op's gate_layout="halves"), bias rows alike.
+
+    Returns:
+        b: (E, n, k / 2) uint8, contiguous; b_scale: (E, n, ceil(k / 128)) int32 UE8M0 words,
+        MN-major, k granularity 32; bias: (E, n) float32 (None if none was given).
+    """
+    check_arg(blocks.dtype == torch.uint8 and blocks.dim() == 4 and blocks.shape[-1] == 16, "blocks",
+              "uint8 of shape (E, n, k / 32, 16)", f"{blocks.dtype} {tuple(blocks.shape)}")
+    num_experts, n, num_blocks, _ = blocks.shape
+    check_arg(scales.dtype == torch.uint8 and tuple(scales.shape) == (num_experts, n, num_blocks), "scales",
+              f"uint8 of shape {(num_experts, n, num_blocks)}", f"{scales.dtype} {tuple(scales.shape)}")
+    if bias is not None:
+        check_arg(bias.is_floating_point() and tuple(bias.shape) == (num_experts, n), "bias",
+                  f"a float tensor of shape {(num_experts, n)}", f"{bias.dtype} {tuple(bias.shape)}")
+    if gate_up:
+        check_arg(n % 2 == 0, "blocks.shape[1]", "even (gate and up rows) with gate_up=True", n)
+        order = torch.cat([torch.arange(1, n, 2), torch.arange(0, n, 2)]).to(blocks.device)
+        blocks, scales = blocks[:, order], scales[:, order]
+        bias = None if bias is None else bias[:, order]
+    b = blocks.reshape(num_experts, n, num_blocks * 16).contiguous()
+    b_scale = tag_k_granularity(to_mn_major_b_scale(pack_ue8m0(scales)), OCP_BLOCK)
+    return b, b_scale, None if bias is None else bias.to(torch.float32).contiguous()

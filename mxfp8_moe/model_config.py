@@ -1,8 +1,10 @@
 """The grouped GEMMs of an MoE model, read from its Hugging Face config.json (for `mxfp8-moe prewarm`).
 
 Each MoE layer runs two grouped GEMMs: gate_up (N = 2 * moe_intermediate / tp, K = hidden, with the
-SwiGLU epilogue fused) and down (N = hidden, K = moe_intermediate / tp). Tensor parallelism splits
+gated activation fused) and down (N = hidden, K = moe_intermediate / tp). Tensor parallelism splits
 the intermediate dimension. Shared experts are dense MLPs, not grouped GEMMs, so they are ignored.
+gpt-oss's experts ship in MXFP4 with biases and a clamped SwiGLU: its GEMMs are the W4A8 op's, with
+that epilogue, on the [up; gate] halves that convert.from_gpt_oss makes of its interleaved rows.
 """
 
 from __future__ import annotations
@@ -11,13 +13,14 @@ import dataclasses
 import json
 from pathlib import Path
 
+from .gemm.spec import DEFAULT_VARIANT, Variant
+
 # Alternative spellings, the MoE-specific one first: Qwen2-MoE and DeepSeek-V3 also carry an
 # `intermediate_size`, which is their dense MLP's width, not the experts'.
 _INTERMEDIATE_KEYS = ("moe_intermediate_size", "intermediate_size")  # Qwen-MoE, DeepSeek / Mixtral, gpt-oss
 _EXPERT_KEYS = ("num_experts", "n_routed_experts", "num_local_experts")  # Qwen-MoE / DeepSeek / Mixtral, gpt-oss
-# gpt-oss's activation (clamped, alpha = 1.702, (up + 1) * glu, gate and up rows interleaved) is not
-# the fused SwiGLU, so its gate_up GEMM runs without the epilogue.
-_UNFUSED_ACTIVATION = frozenset({"gpt_oss"})
+# The kernel variants of each model type's GEMMs (gate_up, down); others run MXFP8 with SwiGLU.
+_VARIANTS = {"gpt_oss": (Variant("e2m1", "clamped_swiglu", bias=True), Variant("e2m1", bias=True))}
 SLICE_MULTIPLE = 16  # a rank's share of the intermediate size is a GEMM's K and output width
 
 
@@ -30,9 +33,11 @@ class GemmShape:
     k: int
     gated: bool
     num_experts: int
+    variant: Variant = DEFAULT_VARIANT  # weight format and epilogue
 
     def __str__(self) -> str:
-        return f"{self.name} N={self.n} K={self.k}{' gated' if self.gated else ''} ({self.num_experts} experts)"
+        variant = f" {self.variant.label.lstrip('_').replace('_', ' ')}" if self.variant.label else ""
+        return f"{self.name} N={self.n} K={self.k}{' gated' if self.gated else ''}{variant} ({self.num_experts} experts)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +45,7 @@ class MoeConfig:
     hidden_size: int
     intermediate_size: int  # of one expert
     num_experts: int
-    fused_swiglu: bool = True
+    variants: tuple[Variant, Variant] = (DEFAULT_VARIANT, DEFAULT_VARIANT)  # gate_up's, down's
 
     @classmethod
     def from_dict(cls, config: dict, source: str = "config") -> "MoeConfig":
@@ -61,7 +66,7 @@ class MoeConfig:
         for field, value in values.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{source}: {field} must be a positive integer, got {value!r}")
-        return cls(**values, fused_swiglu=config.get("model_type") not in _UNFUSED_ACTIVATION)
+        return cls(**values, variants=_VARIANTS.get(config.get("model_type"), (DEFAULT_VARIANT, DEFAULT_VARIANT)))
 
     @classmethod
     def load(cls, path: str | Path) -> "MoeConfig":
@@ -87,5 +92,6 @@ class MoeConfig:
             raise ValueError(f"tp={tp} {what} the experts' intermediate size {self.intermediate_size} into slices "
                              f"that are multiples of {SLICE_MULTIPLE} (each rank would hold {self.intermediate_size / tp:g}); "
                              f"tp may be {', '.join(map(str, valid)) or 'nothing'}")
-        return [GemmShape("gate_up", 2 * local, self.hidden_size, self.fused_swiglu, self.num_experts),
-                GemmShape("down", self.hidden_size, local, False, self.num_experts)]
+        gate_up, down = self.variants
+        return [GemmShape("gate_up", 2 * local, self.hidden_size, True, self.num_experts, gate_up),
+                GemmShape("down", self.hidden_size, local, False, self.num_experts, down)]

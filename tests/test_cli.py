@@ -20,6 +20,7 @@ import torch
 
 from mxfp8_moe import cli
 from mxfp8_moe.jit.cache import reset_default_cache
+from mxfp8_moe.gemm.spec import Variant
 from mxfp8_moe.model_config import GemmShape, MoeConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -248,8 +249,9 @@ def test_demo_without_gpu_runs_reference_and_compiles(tmp_path):
     (QWEN3_30B, 1, [GemmShape("gate_up", 1536, 2048, True, 128), GemmShape("down", 2048, 768, False, 128)]),
     (DEEPSEEK_V3, 8, [GemmShape("gate_up", 512, 7168, True, 256), GemmShape("down", 7168, 256, False, 256)]),
     (MIXTRAL_8X7B, 2, [GemmShape("gate_up", 14336, 4096, True, 8), GemmShape("down", 4096, 7168, False, 8)]),
-    # gpt-oss's clamped, interleaved activation is not the fused SwiGLU: its gate_up runs ungated.
-    (GPT_OSS_20B, 1, [GemmShape("gate_up", 5760, 2880, False, 32), GemmShape("down", 2880, 2880, False, 32)]),
+    # gpt-oss: MXFP4 experts with biases, the clamped SwiGLU on the converter's [up; gate] halves.
+    (GPT_OSS_20B, 1, [GemmShape("gate_up", 5760, 2880, True, 32, Variant("e2m1", "clamped_swiglu", bias=True)),
+                      GemmShape("down", 2880, 2880, False, 32, Variant("e2m1", bias=True))]),
     ({"model_type": "qwen3_vl_moe", "text_config": QWEN3_30B}, 1,
      [GemmShape("gate_up", 1536, 2048, True, 128), GemmShape("down", 2048, 768, False, 128)]),
 ], ids=["qwen3", "deepseek-v3-tp8", "mixtral-tp2", "gpt-oss", "text-config"])
@@ -289,3 +291,19 @@ def test_model_config_load(tmp_path):
     (tmp_path / "list.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="does not hold a JSON object"):
         MoeConfig.load(tmp_path / "list.json")
+
+
+def test_prewarm_gpt_oss_compiles_its_w4a8_kernels(tmp_path, monkeypatch, capsys):
+    compiled = []
+    monkeypatch.setattr(cli, "_compile", lambda specs: compiled.extend(specs) or True)
+    path = write_config(tmp_path / "config.json", GPT_OSS_20B)
+    assert cli.main(["prewarm", "--arch", "sm_120a", "--model-config", str(path), "--k-granularity", "128"]) == 0
+    gemms = [spec for spec in compiled if hasattr(spec, "variant")]
+    by_shape = {(s.n, s.gated): s for s in gemms}
+    assert by_shape[(5760, True)].variant == Variant("e2m1", "clamped_swiglu", bias=True)
+    assert by_shape[(2880, False)].variant == Variant("e2m1", bias=True)
+    # The model's kernels are MXFP4 at k granularity 32 (--k-granularity applies to MXFP8 weights);
+    # the first-use check's own kernels are MXFP8.
+    model = [s for s in gemms if s.n in (5760, 2880)]
+    assert {(s.variant.weights, s.k_granularity) for s in model} == {("e2m1", 32)}
+    assert "gate_up N=5760 K=2880 gated w4 clamped bias (32 experts)" in capsys.readouterr().out

@@ -170,3 +170,36 @@ E8M0 = torch.zeros(2, 130, 10, dtype=torch.uint8)
 def test_bad_arguments(call, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         call()
+
+
+def test_from_gpt_oss_keeps_the_values_and_orders_gate_up_into_halves():
+    from mxfp8_moe import GatedActivation, from_gpt_oss, quantize_activations, reference_moe_gemm
+    from mxfp8_moe.mxfp4 import dequantize_weights_mxfp4, e2m1_to_float, unpack_e2m1
+
+    experts, n, k = 3, 8, 96
+    blocks = torch.randint(0, 256, (experts, n, k // 32, 16), dtype=torch.uint8)
+    scales = torch.randint(120, 130, (experts, n, k // 32), dtype=torch.uint8)
+    bias = torch.randn(experts, n, dtype=torch.bfloat16)
+    # The checkpoint's values: byte j of block i of a row holds k = 32 i + 2 j (low nibble) and + 1.
+    codes = torch.stack((blocks & 0xF, blocks >> 4), dim=-1).reshape(experts, n, k)
+    values = e2m1_to_float(codes) * torch.exp2(scales.float() - 127).repeat_interleave(32, dim=-1)
+
+    b, b_scale, bias32 = from_gpt_oss(blocks, scales, bias, gate_up=False)
+    assert b.shape == (experts, n, k // 2) and b.dtype == torch.uint8 and k_granularity_of(b_scale) == 32
+    assert torch.equal(dequantize_weights_mxfp4(b, b_scale), values) and bias32.dtype == torch.float32
+    assert torch.equal(e2m1_to_float(unpack_e2m1(b)), e2m1_to_float(codes))
+
+    # gate_up: the same layer computed from the interleaved checkpoint and from the converted halves.
+    b, b_scale, bias32 = from_gpt_oss(blocks, scales, bias, gate_up=True)
+    order = torch.cat([torch.arange(1, n, 2), torch.arange(0, n, 2)])
+    assert torch.equal(dequantize_weights_mxfp4(b, b_scale), values[:, order])
+    m_indptr = torch.tensor([0, 2, 2, 5], dtype=torch.int32)
+    a, a_scale = quantize_activations(torch.randn(5, k), m_indptr, 32)
+    interleaved_b, interleaved_scale, _ = from_gpt_oss(blocks, scales, gate_up=False)
+    activation = GatedActivation("clamped_swiglu")
+    halves = reference_moe_gemm(a, b, a_scale, b_scale, m_indptr, k_granularity=32, is_gated=True,
+                                accumulate_dtype=torch.float64, bias=bias32, activation=activation)
+    interleaved = reference_moe_gemm(a, interleaved_b, a_scale, interleaved_scale, m_indptr, k_granularity=32,
+                                     is_gated=True, accumulate_dtype=torch.float64, bias=bias.float(),
+                                     activation=GatedActivation("clamped_swiglu", "interleaved"))
+    torch.testing.assert_close(halves, interleaved, rtol=0, atol=0)
