@@ -73,6 +73,15 @@ def _shape(name: str, x: torch.Tensor, expected: tuple[int, ...], why: str) -> N
         raise ValueError(f"{name} must have shape {list(expected)} ({why}), got {list(x.shape)}")
 
 
+def _dense_matrix(name: str, x, dtype: torch.dtype, device: torch.device, shape: tuple[int, int], why: str) -> None:
+    """A contiguous 2-D tensor of `dtype` and `shape` on `device` (out, bias)."""
+    _tensor(name, x, dtype, 2)
+    if x.device != device:
+        raise ValueError(f"{name} must be on the same device as a ({device}), got {x.device}")
+    _shape(name, x, shape, why)
+    _contiguous(name, x)
+
+
 def _scale_shape(name: str, scale: torch.Tensor, leading: tuple[int, ...], why: str, k: int, k_granularity: int) -> None:
     """A scale tensor's shape: `leading` dimensions, then k_align words. For K > 128 the word count
     tells the granularities apart, so the message says which one the given shape fits."""
@@ -191,17 +200,9 @@ def _check_tensors(a, b, a_scale, b_scale, m_indptr, out, bias, *, k_granularity
     _scale_shape("b_scale", b_scale, (num_experts, n), "num_experts, n", k, k_granularity)
 
     if bias is not None:
-        _tensor("bias", bias, torch.float32, 2)
-        if bias.device != device:
-            raise ValueError(f"bias must be on the same device as a ({device}), got {bias.device}")
-        _shape("bias", bias, (num_experts, n), "num_experts, n: one per row of b")
-        _contiguous("bias", bias)
+        _dense_matrix("bias", bias, torch.float32, device, (num_experts, n), "num_experts, n: one per row of b")
     if out is not None:
-        _tensor("out", out, torch.bfloat16, 2)
-        if out.device != device:
-            raise ValueError(f"out must be on the same device as a ({device}), got {out.device}")
-        _shape("out", out, (cum_m, n_out), "cum_m, n / 2 when gated else n")
-        _contiguous("out", out)
+        _dense_matrix("out", out, torch.bfloat16, device, (cum_m, n_out), "cum_m, n / 2 when gated else n")
         if cum_m:
             _check_no_overlap(out, a, b, a_scale, b_scale, m_indptr, bias)
     aligned = (a.data_ptr() | b.data_ptr() | (0 if out is None else out.data_ptr())) % VECTOR_ALIGNMENT == 0

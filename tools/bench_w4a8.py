@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from problems import indptr, routed_rows  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_moe import ROUTINGS, copy_bandwidth, time_in_rounds  # noqa: E402
+from bench_moe import ROUTINGS, copy_bandwidth, time_in_rounds, torch_bf16_grouped  # noqa: E402
 
 from mxfp8_moe import (k_align, m_padded, moe_gemm_mxfp8_mxfp4_nt_groupwise, moe_gemm_mxfp8_nt_groupwise,  # noqa: E402
                        quantize_activations, quantize_weights, quantize_weights_mxfp4)
@@ -71,14 +71,7 @@ def bench_cell(model: str, gemm: str, tokens: int, bandwidth: float, peers: bool
     impls = {"w4a8_us": call(moe_gemm_mxfp8_mxfp4_nt_groupwise, mxfp4), "mxfp8_us": call(moe_gemm_mxfp8_nt_groupwise, mxfp8)}
     if peers:
         w_bf16 = w.to(torch.bfloat16).transpose(1, 2)
-
-        def torch_bf16(r):
-            _, m_indptr, a, _, _ = r
-            a16 = torch.randn(a.shape, device="cuda", dtype=torch.bfloat16)
-            offs = m_indptr[1:].contiguous()
-            return lambda: torch._grouped_mm(a16, w_bf16, offs=offs)
-
-        impls["torch_bf16_grouped_us"] = [torch_bf16(r) for r in routings]
+        impls["torch_bf16_grouped_us"] = [torch_bf16_grouped(w_bf16, r) for r in routings]
     row = {"model": model, "gemm": gemm, "n": n, "k": k, "tokens": tokens, "cum_m": cum_m, "active": active,
            "floor_w4_us": floor_w4 * 1e6, "floor_w8_us": floor_w8 * 1e6}
     row.update({name: None if seconds is None else seconds * 1e6 for name, seconds in time_in_rounds(impls).items()})
