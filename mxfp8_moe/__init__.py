@@ -49,6 +49,7 @@ from .quantize import (  # noqa: E402
 )
 from .reference import reference_moe_gemm  # noqa: E402
 from .moe_layer import MXFP8MoE, QuantizedExperts, moe_forward, reference_moe_forward  # noqa: E402
+from .gpt_oss import GptOssMoE, MXFP4Experts, gpt_oss_moe_forward, reference_gpt_oss_forward  # noqa: E402
 from .ops import grouped_gemm, quantize_activations_op  # noqa: E402
 
 __all__ = [
@@ -71,6 +72,10 @@ __all__ = [
     "QuantizedExperts",
     "moe_forward",
     "reference_moe_forward",
+    "GptOssMoE",
+    "MXFP4Experts",
+    "gpt_oss_moe_forward",
+    "reference_gpt_oss_forward",
     "grouped_gemm",
     "quantize_activations_op",
     "num_k_blocks",

@@ -1,6 +1,6 @@
-"""torch custom ops (namespace "mxfp8_moe") for the quantizer and the grouped GEMM.
+"""torch custom ops (namespace "mxfp8_moe") for the quantizer and the grouped GEMMs.
 
-As custom ops, both calls are opaque to torch.compile: Dynamo and Inductor place them in the graph
+As custom ops, the calls are opaque to torch.compile: Dynamo and Inductor place them in the graph
 from their fake implementations (shapes, dtypes and strides computed from input shapes alone), so a
 compiled MoE layer has no graph break around them, and their CUDA work lands on torch's current
 stream, so CUDA graphs capture it.
@@ -9,6 +9,8 @@ stream, so CUDA graphs capture it.
         -> (Tensor, Tensor)
     torch.ops.mxfp8_moe.grouped_gemm(Tensor a, Tensor b, Tensor a_scale, Tensor b_scale,
         Tensor m_indptr, int k_granularity, bool is_gated) -> Tensor
+    torch.ops.mxfp8_moe.grouped_gemm_mxfp4(Tensor a, Tensor b, Tensor a_scale, Tensor b_scale,
+        Tensor m_indptr, Tensor? bias, bool is_gated, str activation, float alpha, float limit) -> Tensor
 
 Schemas are spelled out rather than inferred from type hints, so they read the same on every
 torch >= 2.4.
@@ -16,7 +18,7 @@ torch >= 2.4.
 
 import torch
 
-from .api import moe_gemm_mxfp8_nt_groupwise
+from .api import moe_gemm_mxfp8_mxfp4_nt_groupwise, moe_gemm_mxfp8_nt_groupwise
 from .layout import k_align, m_padded
 from .quantize import quantize_activations
 
@@ -58,6 +60,25 @@ def _(a, b, a_scale, b_scale, m_indptr, k_granularity, is_gated):
     return a.new_empty((a.shape[0], n // 2 if is_gated else n), dtype=torch.bfloat16)
 
 
+@torch.library.custom_op(
+    "mxfp8_moe::grouped_gemm_mxfp4",
+    mutates_args=(),
+    schema="(Tensor a, Tensor b, Tensor a_scale, Tensor b_scale, Tensor m_indptr, Tensor? bias, bool is_gated, "
+    "str activation, float alpha, float limit) -> Tensor",
+)
+def _grouped_gemm_mxfp4(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
+                        m_indptr: torch.Tensor, bias: torch.Tensor | None, is_gated: bool, activation: str, alpha: float,
+                        limit: float) -> torch.Tensor:
+    options = dict(activation=activation, alpha=alpha, limit=limit) if is_gated else {}
+    return moe_gemm_mxfp8_mxfp4_nt_groupwise(a, b, a_scale, b_scale, m_indptr, is_gated=is_gated, bias=bias, **options)
+
+
+@_grouped_gemm_mxfp4.register_fake
+def _(a, b, a_scale, b_scale, m_indptr, bias, is_gated, activation, alpha, limit):
+    n = b.shape[1]
+    return a.new_empty((a.shape[0], n // 2 if is_gated else n), dtype=torch.bfloat16)
+
+
 def quantize_activations_op(
     x: torch.Tensor, m_indptr: torch.Tensor, k_granularity: int = 128
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,3 +97,21 @@ def grouped_gemm(
 ) -> torch.Tensor:
     """`moe_gemm_mxfp8_nt_groupwise` (backend "auto", a new bf16 output) as a custom op."""
     return torch.ops.mxfp8_moe.grouped_gemm.default(a, b, a_scale, b_scale, m_indptr, k_granularity, is_gated)
+
+
+def grouped_gemm_mxfp4(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    a_scale: torch.Tensor,
+    b_scale: torch.Tensor,
+    m_indptr: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    is_gated: bool = False,
+    activation: str = "swiglu",
+    alpha: float = 1.702,
+    limit: float = 7.0,
+) -> torch.Tensor:
+    """`moe_gemm_mxfp8_mxfp4_nt_groupwise` (backend "auto", a new bf16 output, [up; gate] halves) as
+    a custom op."""
+    return torch.ops.mxfp8_moe.grouped_gemm_mxfp4.default(a, b, a_scale, b_scale, m_indptr, bias, is_gated, activation,
+                                                          alpha, limit)

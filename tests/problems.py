@@ -81,3 +81,18 @@ def make_problem(rows_per_expert, n: int, k: int, *, k_granularity=128, gated=Fa
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     diff = out.double() - ref.double()
     return (diff.norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+GPT_OSS_PREFIX = "mlp.experts."
+
+
+def gpt_oss_checkpoint(experts=8, hidden=256, inter=256, device="cpu") -> dict[str, torch.Tensor]:
+    """One layer's expert tensors as gpt-oss's safetensors hold them: random MXFP4 codes with scales
+    around 2^-7, bf16 biases."""
+    tensors = {}
+    for name, n, k in (("gate_up_proj", 2 * inter, hidden), ("down_proj", hidden, inter)):
+        key = f"{GPT_OSS_PREFIX}{name}"
+        tensors[f"{key}_blocks"] = torch.randint(0, 256, (experts, n, k // 32, 16), dtype=torch.uint8, device=device)
+        tensors[f"{key}_scales"] = torch.randint(118, 122, (experts, n, k // 32), dtype=torch.uint8, device=device)
+        tensors[f"{key}_bias"] = (torch.randn(experts, n, device=device) * 0.1).bfloat16()
+    return tensors

@@ -1,0 +1,65 @@
+"""A gpt-oss-shaped MoE layer on W4A8 (random MXFP4 experts in the checkpoint's layout, biases,
+clamped SwiGLU, top-4 routing) against gpt-oss's formulation in bf16 with the same weights
+dequantized; on a GPU also the layer's time per call in a CUDA graph.
+
+    python tools/gpt_oss_layer.py                      # gpt-oss-120b's layer, 64 tokens
+    python tools/gpt_oss_layer.py --experts 32         # gpt-oss-20b's
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from problems import GPT_OSS_PREFIX, gpt_oss_checkpoint  # noqa: E402
+
+from mxfp8_moe.gpt_oss import GptOssMoE, reference_gpt_oss_forward  # noqa: E402
+
+HIDDEN = INTER = 2880
+
+
+def graph_ms(run, replays: int = 20) -> float:
+    run()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--experts", type=int, default=128)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--top-k", type=int, default=4)
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tensors = gpt_oss_checkpoint(args.experts, HIDDEN, INTER, device)
+    layer = GptOssMoE.from_checkpoint(tensors, GPT_OSS_PREFIX, top_k=args.top_k)
+    for tokens in args.tokens:
+        x = torch.randn(tokens, HIDDEN, dtype=torch.bfloat16, device=device)
+        logits = torch.randn(tokens, args.experts, device=device)
+        out = layer(x, logits)
+        ref = reference_gpt_oss_forward(x, logits, tensors, args.top_k).float()
+        error = ((out.float() - ref).norm() / ref.norm()).item()
+        line = f"T={tokens}: relative error {error:.3e} against bf16 with the dequantized weights"
+        if device == "cuda":
+            line += f", {graph_ms(lambda: layer(x, logits)) * 1e3:.1f} us per layer (CUDA graph)"
+        print(line, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
