@@ -54,10 +54,15 @@ def _grouped_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_sca
     return moe_gemm_mxfp8_nt_groupwise(a, b, a_scale, b_scale, m_indptr, (1, 1, k_granularity), is_gated=is_gated)
 
 
-@_grouped_gemm.register_fake
-def _(a, b, a_scale, b_scale, m_indptr, k_granularity, is_gated):
+def _gemm_output(a: torch.Tensor, b: torch.Tensor, is_gated: bool) -> torch.Tensor:
+    """A grouped GEMM's output as its fake implementation describes it: (cum_m, N or N / 2) bf16."""
     n = b.shape[1]
     return a.new_empty((a.shape[0], n // 2 if is_gated else n), dtype=torch.bfloat16)
+
+
+@_grouped_gemm.register_fake
+def _(a, b, a_scale, b_scale, m_indptr, k_granularity, is_gated):
+    return _gemm_output(a, b, is_gated)
 
 
 @torch.library.custom_op(
@@ -75,8 +80,7 @@ def _grouped_gemm_mxfp4(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor,
 
 @_grouped_gemm_mxfp4.register_fake
 def _(a, b, a_scale, b_scale, m_indptr, bias, is_gated, activation, alpha, limit):
-    n = b.shape[1]
-    return a.new_empty((a.shape[0], n // 2 if is_gated else n), dtype=torch.bfloat16)
+    return _gemm_output(a, b, is_gated)
 
 
 def quantize_activations_op(

@@ -9,7 +9,6 @@ dequantized; on a GPU also the layer's time per call in a CUDA graph.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -18,25 +17,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from problems import GPT_OSS_PREFIX, gpt_oss_checkpoint  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_moe import graph_time  # noqa: E402
+
 from mxfp8_moe.gpt_oss import GptOssMoE, reference_gpt_oss_forward  # noqa: E402
 
 HIDDEN = INTER = 2880
-
-
-def graph_ms(run, replays: int = 20) -> float:
-    run()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def main() -> int:
@@ -56,7 +42,7 @@ def main() -> int:
         error = ((out.float() - ref).norm() / ref.norm()).item()
         line = f"T={tokens}: relative error {error:.3e} against bf16 with the dequantized weights"
         if device == "cuda":
-            line += f", {graph_ms(lambda: layer(x, logits)) * 1e3:.1f} us per layer (CUDA graph)"
+            line += f", {graph_time([lambda: layer(x, logits)]) * 1e6:.1f} us per layer (CUDA graph)"
         print(line, flush=True)
     return 0
 
