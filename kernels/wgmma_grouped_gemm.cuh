@@ -90,7 +90,7 @@ struct WgmmaGemm {
     static_assert(!GATED || kNOut % 64 == 0, "gated tiles pair 64 up rows with 64 gate rows");
     // A warpgroup's 64 weight rows are one TMA box of consecutive rows.
     static_assert(!V::kInterleaved, "interleaved up and gate rows run on the mma.sync kernel");
-    static_assert(V::kWeights == kE4M3, "MXFP4 weights run on the portable kernel");
+    static_assert(V::kWeights == kE4M3, "MXFP4 weights run on the mma.sync kernel");
 
     using Scheduler = TileScheduler<kThreads, BLOCK_T, kNTiles>;
     using Output = Epilogue<N, GATED, V>;
@@ -342,10 +342,11 @@ struct WgmmaGemm {
     }
 
     // The epilogue's values out (gated: warpgroup 1 hands the activation's gate part of its
-    // accumulators to warpgroup 0, which holds the matching up ones). A full tile (every row in its expert) goes through a
-    // staging tile and out by TMA store, finished by the copy engine while the consumers go on with
-    // the next unit (storing synchronously cost 9-17 % of the kernel's time); the tile that ends an
-    // expert is stored by the consumers straight from their registers, its valid rows only.
+    // accumulators to warpgroup 0, which holds the matching up ones). A full tile (every row in its
+    // expert) goes through a staging tile and out by TMA store, finished by the copy engine while
+    // the consumers go on with the next unit (storing synchronously cost 9-17 % of the kernel's
+    // time); the tile that ends an expert is stored by the consumers straight from their
+    // registers, its valid rows only.
     __device__ __forceinline__ void store_tile(const float (&acc)[kAccumulators], const WorkUnit& w, int warpgroup,
                                                int thread) const {
         float* exchange = reinterpret_cast<float*>(tiles + kExchangeOffset);

@@ -270,7 +270,7 @@ def _env(args) -> int:
         ("kernel sources", str(kernel_dir())),
         ("cache", str(default_cache_dir()) + (" (disk cache disabled)" if envs.disable_disk_cache() else "")),
         ("scale mode", f"{envs.scale_mode()}: {envs.SCALE_MODES.get(envs.scale_mode(), 'invalid')}"),
-        *((name, value + (f" ({envs.invalid(name)})" if envs.invalid(name) else ""))
+        *((name, value if (problem := envs.invalid(name)) is None else f"{value} ({problem})")
           for name, value in envs.in_effect().items()),
     ]
     if not envs.in_effect():

@@ -39,11 +39,6 @@ class GatedActivation:
             raise ValueError(f"clamped_swiglu needs a positive limit and a finite alpha, got limit={self.limit!r}, "
                              f"alpha={self.alpha!r}")
 
-    @property
-    def is_default(self) -> bool:
-        """FlashInfer's fused SwiGLU on [up; gate] halves."""
-        return self == GatedActivation()
-
     def split(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(up, gate) of the (..., 2N) results of one row of b each."""
         if self.layout == "interleaved":

@@ -40,12 +40,6 @@ class BoundedMemo:
     def clear(self) -> None:
         self._entries.clear()
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def __contains__(self, key) -> bool:
-        return key in self._entries
-
 
 def clear_memos() -> None:
     """Forget every remembered validation verdict, kernel choice, launch argument block, tensor map

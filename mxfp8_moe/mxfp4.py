@@ -17,14 +17,13 @@ import torch
 
 from .checks import check_arg
 from .layout import k_align, num_k_blocks, pack_ue8m0, tag_k_granularity, to_mn_major_b_scale, ue8m0_to_float, unpack_ue8m0
-from .quantize import K_MULTIPLE, k_blocks, scale_exponents
+from .quantize import FLOAT_DTYPES, K_MULTIPLE, k_blocks, scale_exponents
 
 K_GRANULARITY = 32  # one scale per 32 values of K (OCP MX)
 E2M1_MAX = 6.0
 E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 # Halfway between neighbouring magnitudes: a magnitude rounds to the code whose interval holds it.
 _MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def e2m1_to_float(codes: torch.Tensor) -> torch.Tensor:
@@ -67,7 +66,7 @@ def quantize_weights_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
         b: (E, n, k / 2) uint8, two e2m1 codes per byte (low nibble first), contiguous.
         b_scale: (E, n, k_align) int32 UE8M0 words in MN-major layout, k granularity 32 (recorded).
     """
-    check_arg(w.dtype in _FLOAT_DTYPES, "w.dtype", f"one of {_FLOAT_DTYPES}", w.dtype)
+    check_arg(w.dtype in FLOAT_DTYPES, "w.dtype", f"one of {FLOAT_DTYPES}", w.dtype)
     check_arg(w.dim() == 3, "w", "3-D (E, n, k)", f"shape {tuple(w.shape)}")
     k = w.shape[-1]
     check_arg(k > 0 and k % K_GRANULARITY == 0 and k % K_MULTIPLE == 0, "w.shape[-1] (K)",

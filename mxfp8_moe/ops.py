@@ -19,6 +19,7 @@ torch >= 2.4.
 import torch
 
 from .api import moe_gemm_mxfp8_mxfp4_nt_groupwise, moe_gemm_mxfp8_nt_groupwise
+from .epilogue import GPT_OSS_ALPHA, GPT_OSS_LIMIT
 from .layout import k_align, m_padded
 from .quantize import quantize_activations
 
@@ -112,8 +113,8 @@ def grouped_gemm_mxfp4(
     bias: torch.Tensor | None = None,
     is_gated: bool = False,
     activation: str = "swiglu",
-    alpha: float = 1.702,
-    limit: float = 7.0,
+    alpha: float = GPT_OSS_ALPHA,
+    limit: float = GPT_OSS_LIMIT,
 ) -> torch.Tensor:
     """`moe_gemm_mxfp8_mxfp4_nt_groupwise` (backend "auto", a new bf16 output, [up; gate] halves) as
     a custom op."""

@@ -27,7 +27,7 @@ from .layout import (
 )
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # what the quantizers take
 K_MULTIPLE = 16  # the GEMM's K is a multiple of 16 bytes (its 16-byte vector loads)
 
 
@@ -75,7 +75,7 @@ def _decode(data: torch.Tensor, words: torch.Tensor, k_granularity: int) -> torc
 
 
 def _check_float(name: str, t: torch.Tensor, ndim: int) -> None:
-    check_arg(t.dtype in _FLOAT_DTYPES, f"{name}.dtype", f"one of {_FLOAT_DTYPES}", t.dtype)
+    check_arg(t.dtype in FLOAT_DTYPES, f"{name}.dtype", f"one of {FLOAT_DTYPES}", t.dtype)
     check_arg(t.dim() == ndim, name, f"{ndim}-D", f"shape {tuple(t.shape)}")
     k = t.shape[-1]
     check_arg(k > 0 and k % K_MULTIPLE == 0, f"{name}.shape[-1] (K)",

@@ -21,12 +21,11 @@ from .checks import K_GRANULARITIES, check_offsets
 from .gemm.tensor_maps import scales_fit_tma
 from .layout import K_GRANULARITY_TAG, k_align, m_padded
 from .memo import BoundedMemo
+from .mxfp4 import K_GRANULARITY as MXFP4_K_GRANULARITY
 
 BACKENDS = ("auto", "cuda", "cute", "reference")
 GRANULARITIES = tuple((1, 1, g) for g in K_GRANULARITIES)  # scale_granularity_mnk values
 VECTOR_ALIGNMENT = 16  # bytes; the tensor-core kernels move a, b and out in 16-byte vectors
-WEIGHT_FORMATS = ("e4m3", "e2m1")  # MXFP8 weights, MXFP4 weights (two e2m1 codes per byte)
-MXFP4_K_MULTIPLE = 32  # one scale per 32 values of K, two values per byte
 _checked = BoundedMemo(4096)
 
 
@@ -40,8 +39,6 @@ class GemmProblem(NamedTuple):
     device: torch.device
     aligned: bool  # a, b and out (when given) allow 16-byte vectors
     tma_scales: bool  # both scale tensors are laid out as the wgmma kernel's TMA reads them
-    weights: str  # "e4m3" or "e2m1"
-    bias: bool  # a per-expert bias is added
 
     @property
     def n_out(self) -> int:
@@ -124,7 +121,7 @@ def check_options(scale_granularity_mnk, scale_major_mode, backend, out_dtype, w
         granularity = None
     if granularity not in GRANULARITIES:
         raise ValueError(f"scale_granularity_mnk must be (1, 1, 32) or (1, 1, 128), got {scale_granularity_mnk!r}")
-    if weights == "e2m1" and granularity != (1, 1, MXFP4_K_MULTIPLE):
+    if weights == "e2m1" and granularity != (1, 1, MXFP4_K_GRANULARITY):
         raise ValueError(f"scale_granularity_mnk must be (1, 1, 32) with MXFP4 weights (one scale per 32 values), "
                          f"got {scale_granularity_mnk!r}")
     if scale_major_mode != "MN":
@@ -184,7 +181,7 @@ def _check_tensors(a, b, a_scale, b_scale, m_indptr, out, bias, *, k_granularity
         raise ValueError(f"b.size(2) must equal a.size(1) (the K dimension, {k}), got b of shape {list(b.shape)}")
     if num_experts < 1:
         raise ValueError(f"b must hold at least one expert, got shape {list(b.shape)}")
-    k_multiple = MXFP4_K_MULTIPLE if mxfp4 else 16
+    k_multiple = MXFP4_K_GRANULARITY if mxfp4 else 16  # (MXFP4: one scale per 32 values, two values a byte)
     if k == 0 or k % k_multiple != 0:
         raise ValueError(f"K (a.size(1)) must be a positive multiple of {k_multiple}"
                          f"{' with MXFP4 weights' if mxfp4 else ''}, got {k}")
@@ -207,7 +204,7 @@ def _check_tensors(a, b, a_scale, b_scale, m_indptr, out, bias, *, k_granularity
             _check_no_overlap(out, a, b, a_scale, b_scale, m_indptr, bias)
     aligned = (a.data_ptr() | b.data_ptr() | (0 if out is None else out.data_ptr())) % VECTOR_ALIGNMENT == 0
     return GemmProblem(num_experts, cum_m, n, k, k_granularity, is_gated, device, aligned,
-                       scales_fit_tma(a_scale, b_scale), weights, bias is not None)
+                       scales_fit_tma(a_scale, b_scale))
 
 
 def _check_no_overlap(out, a, b, a_scale, b_scale, m_indptr, bias) -> None:

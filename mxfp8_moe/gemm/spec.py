@@ -98,7 +98,7 @@ class Variant:
     @property
     def template_argument(self) -> str:
         """The kernel template's last argument, empty for the default, which the templates default to."""
-        if self == Variant():
+        if self == DEFAULT_VARIANT:
             return ""
         weights = "mxfp8_moe::kE2M1" if self.weights == "e2m1" else "mxfp8_moe::kE4M3"
         activation = "mxfp8_moe::kClampedSwiGLU" if self.activation == "clamped_swiglu" else "mxfp8_moe::kSwiGLU"
