@@ -169,7 +169,7 @@ struct MmaGemm {
                     // which are bytes 2t (+8) of the stage row's chunk ks.
                     const int row = fragment_row(f) + g + 8 * (i % 2);
                     const u32 packed = ptx::load_shared_u16(weight_tile + packed_swizzled(row, ks) + 2 * t + 8 * (i / 2));
-                    a[f][i] = SCALE_MODE == kSoftware ? e2m1_to_e4m3(packed) : e2m1_containers(packed);
+                    a[f][i] = SCALE_MODE == kSoftware ? e2m1_to_e4m3<0>(packed) : e2m1_containers(packed);
                 }
         } else {
 #pragma unroll

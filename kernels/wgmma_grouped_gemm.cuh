@@ -6,9 +6,12 @@
 //   - warpgroup 2 produces. One thread issues the TMA copies of each stage: the weight and token
 //     tiles (128-byte swizzled, straight into the layout wgmma reads) and both operands' UE8M0
 //     scale words for the stage's K block, all landing on the stage's "full" barrier. Warp 1
-//     then turns the stage's scale bytes into floats ("scaled" barrier), work the consumers
+//     then turns the stage's scale bytes into floats ("prepared" barrier), work the consumers
 //     would otherwise repeat in every thread. (Copying the scale words with cp.async instead,
 //     eight 4-byte copies per lane and stage, cost 30 % of the kernel's time on H100.)
+//   - MXFP4 weights (wgmma has no 4-bit operand) arrive packed, two codes a byte, and warps 1-3
+//     widen them to e4m3 (exact for every e2m1 value) in the swizzled layout before "prepared":
+//     the HBM stream is halved and the tensor work is the FP8 kernel's.
 //   - warpgroups 0 and 1 consume: each multiplies 64 weight rows by the BLOCK_T-token tile, one
 //     scale group (a K block; a k32 slice for k_gran 32) at a time, into one of two partial sums,
 //     and promotes it into the FP32 accumulators with the group's scales while the next group's
@@ -25,6 +28,7 @@
 // (another expert's tokens, weights or scales) only feed output elements that are never stored;
 // the copy engine zero-fills what lies past a tensor's end.
 #pragma once
+#include "e2m1.cuh"
 #include "epilogue.cuh"
 #include "tile_scheduler.cuh"
 #include "ptx/grid_dependency.cuh"
@@ -56,18 +60,25 @@ struct WgmmaGemm {
     static constexpr int kBlockN = GATED ? 64 : kWeightRows;  // output columns per tile
     static constexpr int kNTiles = ceil_div(kNOut, kBlockN);
     static constexpr int kAccumulators = BLOCK_T / 2;         // per thread: 64 x BLOCK_T / 128
+    static constexpr bool kPackedWeights = V::kWeights == kE2M1;  // MXFP4: two codes a byte
+    static constexpr int kPreparers = kPackedWeights ? 3 : 1;      // producer warps preparing stages
+    static constexpr int kPreparerThreads = 32 * kPreparers;
 
     // One stage: weight tile, token tile (both 1024-byte aligned for the swizzle), the scale words
     // (one per weight row, then one per token), then their floats [k32 slice][row] (k_gran 128:
-    // one slice, the stage's K block).
+    // one slice, the stage's K block); MXFP4: then the packed weight tile the copies deliver, of
+    // which the weight tile is the widened form.
     static constexpr int kWeightBytes = kWeightRows * kBlockK;
     static constexpr int kTokenBytes = BLOCK_T * kBlockK;
     static constexpr int kScaleWords = kWeightRows + BLOCK_T;
     static constexpr int kScaleSlices = K_GRAN == 32 ? kBlockK / 32 : 1;
     static constexpr int kScaleFloatsOffset = kWeightBytes + kTokenBytes + kScaleWords * 4;
-    static constexpr int kCopyBytes = kScaleFloatsOffset;  // what a stage's copies deliver
-    static constexpr int kStageBytes =
+    static constexpr int kPackedOffset =
         kWeightBytes + kTokenBytes + ceil_div(kScaleWords * 4 * (1 + kScaleSlices), 1024) * 1024;
+    static constexpr int kPackedBytes = kPackedWeights ? kWeightBytes / 2 : 0;
+    static constexpr int kCopyBytes =  // what a stage's copies deliver
+        (kPackedWeights ? kPackedBytes : kWeightBytes) + kTokenBytes + kScaleWords * 4;
+    static constexpr int kStageBytes = kPackedOffset + kPackedBytes;
     // After the stages: the bf16 output tile as the TMA store reads it (see staging_offset), then
     // for gated tiles the gate part of the activation of the gate warpgroup's accumulators,
     // [accumulator][thread] so each access is one 128-byte line.
@@ -90,7 +101,8 @@ struct WgmmaGemm {
     static_assert(!GATED || kNOut % 64 == 0, "gated tiles pair 64 up rows with 64 gate rows");
     // A warpgroup's 64 weight rows are one TMA box of consecutive rows.
     static_assert(!V::kInterleaved, "interleaved up and gate rows run on the mma.sync kernel");
-    static_assert(V::kWeights == kE4M3, "MXFP4 weights run on the mma.sync kernel");
+    // A packed weight row's K block is 64 bytes, four 16-byte chunks, each widened to two.
+    static_assert(!kPackedWeights || K % 32 == 0, "MXFP4 rows must be whole 16-byte chunks (K % 32 == 0)");
 
     using Scheduler = TileScheduler<kThreads, BLOCK_T, kNTiles>;
     using Output = Epilogue<N, GATED, V>;
@@ -103,10 +115,10 @@ struct WgmmaGemm {
     const WgmmaTensorMaps& maps;
     const Scheduler& scheduler;
     u8* tiles;      // 1024-byte aligned
-    u32 barriers;   // full[STAGES], scaled[STAGES], empty[STAGES]
+    u32 barriers;   // full[STAGES], prepared[STAGES], empty[STAGES]
 
     __device__ __forceinline__ u32 full_barrier(int s) const { return barriers + 8 * s; }
-    __device__ __forceinline__ u32 scaled_barrier(int s) const { return barriers + 8 * (STAGES + s); }
+    __device__ __forceinline__ u32 prepared_barrier(int s) const { return barriers + 8 * (STAGES + s); }
     __device__ __forceinline__ u32 empty_barrier(int s) const { return barriers + 8 * (2 * STAGES + s); }
     __device__ __forceinline__ u8* stage(int s) const { return tiles + s * kStageBytes; }
     __device__ __forceinline__ float* scale_floats(int s) const {
@@ -147,16 +159,21 @@ struct WgmmaGemm {
 #pragma unroll
                 for (int c = 0; c < kConsumers; ++c) {
                     const int row = weight_row(n0, c);
-                    ptx::tma_load_2d(weights + c * 64 * kBlockK, &maps.weights, kb * kBlockK, w.expert * N + row, full);
+                    if constexpr (kPackedWeights)
+                        ptx::tma_load_2d(weights + kPackedOffset + c * 64 * kBlockK / 2, &maps.weights, kb * kBlockK / 2,
+                                         w.expert * N + row, full);
+                    else
+                        ptx::tma_load_2d(weights + c * 64 * kBlockK, &maps.weights, kb * kBlockK, w.expert * N + row, full);
                     ptx::tma_load_3d(scales + 4 * 64 * c, &maps.weight_scales, row, word, w.expert, full);
                 }
             }
         }
     }
 
-    // Scale bytes -> floats, once per stage for the whole CTA: byte kb % 4 of each word for k_gran
-    // 128, all four bytes (the stage's k32 slices) for k_gran 32.
-    __device__ __forceinline__ void convert_scales(int lane) const {
+    // Once per stage for the whole CTA, by the kPreparerThreads threads of warps 1 .. kPreparers:
+    // scale bytes -> floats (byte kb % 4 of each word for k_gran 128, all four bytes, the stage's
+    // k32 slices, for k_gran 32) and MXFP4 weights -> e4m3.
+    __device__ __forceinline__ void prepare_stages(int preparer) const {
         int it = 0;
         for (i64 u = blockIdx.x; u < scheduler.num_units(); u += gridDim.x) {
             for (int kb = 0; kb < kKIters; ++kb, ++it) {
@@ -168,7 +185,7 @@ struct WgmmaGemm {
                 ptx::mbarrier_wait(full_barrier(s), (it / STAGES) & 1);
                 const u32* words = reinterpret_cast<const u32*>(stage(s) + kWeightBytes + kTokenBytes);
                 float* floats = scale_floats(s);
-                for (int i = lane; i < kScaleWords; i += 32) {
+                for (int i = preparer; i < kScaleWords; i += kPreparerThreads) {
                     const u32 word = words[i];
 #pragma unroll
                     for (int slice = 0; slice < kScaleSlices; ++slice) {
@@ -180,9 +197,30 @@ struct WgmmaGemm {
                             past_k ? 0.0f : ue8m0_to_float(byte_of(word, K_GRAN == 32 ? slice : kb % 4));
                     }
                 }
-                ptx::mbarrier_arrive(scaled_barrier(s));
+                if constexpr (kPackedWeights) widen_weights(s, preparer);
+                ptx::mbarrier_arrive(prepared_barrier(s));
             }
         }
+    }
+
+    // Each 16-byte chunk of a packed row (32 codes) becomes two 16-byte e4m3 chunks of the row in
+    // the 128-byte swizzle wgmma reads (chunk j of row r at j ^ r % 8). A warp reads 512 adjacent
+    // bytes, and a quarter-warp's stores (two rows) land on distinct banks. Codes past K were
+    // zero-filled by the copy: they widen to 0.
+    __device__ __forceinline__ void widen_weights(int s, int preparer) const {
+        const u32x4* packed = reinterpret_cast<const u32x4*>(stage(s) + kPackedOffset);
+        for (int i = preparer; i < kWeightRows * 4; i += kPreparerThreads) {
+            const int row = i / 4, chunk = 2 * (i % 4);
+            const u32x4 codes = packed[i];
+            const u32x4 first = {e2m1_to_e4m3<0>(codes.x), e2m1_to_e4m3<1>(codes.x), e2m1_to_e4m3<0>(codes.y),
+                                 e2m1_to_e4m3<1>(codes.y)};
+            const u32x4 second = {e2m1_to_e4m3<0>(codes.z), e2m1_to_e4m3<1>(codes.z), e2m1_to_e4m3<0>(codes.w),
+                                  e2m1_to_e4m3<1>(codes.w)};
+            u8* line = stage(s) + row * kBlockK;
+            *reinterpret_cast<u32x4*>(line + 16 * (chunk ^ row % 8)) = first;
+            *reinterpret_cast<u32x4*>(line + 16 * ((chunk + 1) ^ row % 8)) = second;
+        }
+        ptx::fence_proxy_async_shared();  // the consumers' wgmmas read these through the async proxy
     }
 
     // ---- consumers ------------------------------------------------------------------------------
@@ -304,10 +342,10 @@ struct WgmmaGemm {
                                                 int warpgroup) const {
         const int it = first_stage + g / kGroupsPerStage, s = it % STAGES, slice = g % kGroupsPerStage;
         if (slice == 0) {
-            // "scaled" completes after "full" (the converter waited for it); waiting for both
+            // "prepared" completes after "full" (the preparers waited for it); waiting for both
             // keeps the copies' visibility a direct acquire of the barrier they completed on.
             ptx::mbarrier_wait(full_barrier(s), (it / STAGES) & 1);
-            ptx::mbarrier_wait(scaled_barrier(s), (it / STAGES) & 1);
+            ptx::mbarrier_wait(prepared_barrier(s), (it / STAGES) & 1);
         }
         // k32 step ks of the stage starts 32 bytes further: +2 in the descriptor's address field.
         const u64 a = ptx::smem_descriptor_sw128(ptx::shared_address(stage(s)) + warpgroup * 64 * kBlockK) + 2 * slice;
@@ -439,7 +477,7 @@ struct WgmmaGemm {
         if (threadIdx.x == 0) {
             for (int s = 0; s < STAGES; ++s) {
                 ptx::mbarrier_init(barriers + 8 * s, 1);                            // the producer's expect_tx
-                ptx::mbarrier_init(barriers + 8 * (STAGES + s), 32);                // the converter warp
+                ptx::mbarrier_init(barriers + 8 * (STAGES + s), kPreparerThreads);  // the preparer warps
                 ptx::mbarrier_init(barriers + 8 * (2 * STAGES + s), kConsumers * 128);  // every consumer thread
             }
             ptx::fence_barrier_init();
@@ -451,7 +489,7 @@ struct WgmmaGemm {
         if (warpgroup == kConsumers) {
             asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" :: "n"(kProducerRegisters));
             if (thread == 0) gemm.produce();
-            else if (thread / 32 == 1) gemm.convert_scales(thread % 32);
+            else if (thread >= 32 && thread < 32 + kPreparerThreads) gemm.prepare_stages(thread - 32);
         } else {
             asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" :: "n"(kConsumerRegisters));
             gemm.consume(warpgroup, thread);

@@ -35,6 +35,8 @@ SM120_MODEL_SHAPES = ((1536, 2048, True), (2048, 768, False), (3072, 4096, True)
 SASS_OPCODES = ("QMMA.SF", "QMMA", "HMMA", "LDL", "STL")
 MXFP4 = Variant("e2m1")
 GPT_OSS_GATE_UP = Variant("e2m1", "clamped_swiglu", interleaved=True, bias=True)
+GPT_OSS_GATE_UP_HALVES = Variant("e2m1", "clamped_swiglu", bias=True)  # as the loader reorders the rows
+GPT_OSS_DOWN = Variant("e2m1", bias=True)
 
 
 def _candidates(arch: str, n: int, k: int, gated: bool, k_granularity: int, scale_mode: str = "auto", *,
@@ -80,6 +82,10 @@ def _specs() -> list[KernelSpec]:
     specs[_largest(_candidates("sm_121a", 5760, 2880, True, 32, variant=GPT_OSS_GATE_UP))] = None
     for mode in ("software", "emulated"):
         specs[_largest(_candidates("sm_90a", 5760, 2880, True, 32, mode, variant=GPT_OSS_GATE_UP))] = None
+    # ... and every wgmma configuration gpt-oss's GEMMs take on sm_90a (weights widened to e4m3).
+    for variant, (n, k, gated) in ((GPT_OSS_GATE_UP_HALVES, (5760, 2880, True)), (GPT_OSS_DOWN, (2880, 2880, False))):
+        specs.update(dict.fromkeys(s for s in _candidates("sm_90a", n, k, gated, 32, variant=variant)
+                                   if s.family == "wgmma"))
     return list(specs)
 
 
@@ -192,7 +198,7 @@ def test_wgmma_host_and_kernel_agree_on_shared_memory():
         for stages in (2, spec.stages):
             for num_experts in (1, 7, 128, 300):
                 lines.append(f"static_assert(mxfp8_moe::WgmmaGemm<{spec.n}, {spec.k}, {spec.k_granularity}, "
-                             f"{str(spec.gated).lower()}, {spec.block_t}, {stages}>::shared_bytes({num_experts}) == "
+                             f"{str(spec.gated).lower()}, {spec.block_t}, {stages}{spec.variant.template_argument}>::shared_bytes({num_experts}) == "
                              f"{dataclasses.replace(spec, stages=stages).dynamic_shared_bytes(num_experts)}, "
                              f'"spec {i}, {stages} stages, {num_experts} experts");')
     compile_cubin("\n".join(lines) + "\n", arch="sm_90a", include_dir=kernel_dir(), label="layout-check")

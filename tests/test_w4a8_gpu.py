@@ -2,9 +2,10 @@
 the CUDA kernels, against the float64 reference of the same quantized inputs (GPU only).
 
 Each case draws fresh data and poisons `out` with NaN. The kernel under test is chosen by the
-heuristic (mma.sync for MXFP4 and interleaved rows on every tensor-core GPU, wgmma on sm_90a for
-the rest), by MXFP8_MOE_SCALE_MODE=emulated (the sm_120a block-scaled path, its MMA emulated), or
-launched directly (the portable kernel).
+heuristic (on sm_90a wgmma, MXFP4 weights widened to e4m3 in shared memory, and mma.sync for
+interleaved rows or K-major scales; mma.sync on other tensor-core GPUs), by
+MXFP8_MOE_SCALE_MODE=emulated (the sm_120a block-scaled path, its MMA emulated), or launched
+directly (the portable kernel).
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from mxfp8_moe.gemm.families import SimtSpec
 from mxfp8_moe.gemm.heuristics import WGMMA_ARCHS
 from mxfp8_moe.gemm.launch import get_kernel
 from mxfp8_moe.gemm.spec import EpilogueArguments, Variant
+from mxfp8_moe.layout import to_k_major
 
-from problems import indptr, relative_error
+from problems import indptr, relative_error, routed_rows
 
 pytestmark = pytest.mark.gpu
 TOLERANCE = 5e-3
@@ -72,14 +74,31 @@ def served(monkeypatch):
     return families
 
 
-@pytest.mark.parametrize("scale_mode", ["auto", "emulated"])
+@pytest.mark.parametrize("scales", ["auto", "auto-k-major", "emulated"])
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
 @pytest.mark.parametrize("name", list(ACTIVATIONS))
-def test_mxfp4_weights(name, bias, scale_mode, served, monkeypatch, fresh_memos):
-    monkeypatch.setenv("MXFP8_MOE_SCALE_MODE", scale_mode)
+def test_mxfp4_weights(name, bias, scales, served, monkeypatch, fresh_memos):
+    monkeypatch.setenv("MXFP8_MOE_SCALE_MODE", scales.removesuffix("-k-major"))
     operands, bias_tensor = problem("e2m1", 256, 2880, bias=bias)
+    if scales.endswith("k-major"):  # TMA cannot read these: mma.sync on sm_90a too
+        a, b, a_scale, b_scale, m_indptr = operands
+        operands = (a, b, to_k_major(a_scale), to_k_major(b_scale), m_indptr)
     check(moe_gemm_mxfp8_mxfp4_nt_groupwise, operands, bias_tensor, ACTIVATIONS[name], 32)
-    assert served == ["mma"]
+    interleaved = ACTIVATIONS[name] is not None and ACTIVATIONS[name].layout == "interleaved"
+    wgmma = device_info(0).arch in WGMMA_ARCHS and scales == "auto" and not interleaved
+    assert served == ["wgmma" if wgmma else "mma"]
+
+
+@pytest.mark.parametrize("tokens", [1, 40, 900])
+def test_mxfp4_weights_on_model_shapes(tokens, fresh_memos):
+    # gpt-oss-20b's gate_up (32 experts, N = 5760, K = 2880) under top-4 routing: one row per
+    # expert up to several full 128-token tiles, the token tile the heuristic picks for each.
+    rows = routed_rows(tokens, 32, 4)
+    m_indptr = indptr(rows, "cuda")
+    a, a_scale = quantize_activations(torch.randn(sum(rows), 2880, device="cuda"), m_indptr, 32)
+    b, b_scale = quantize_weights_mxfp4(torch.randn(32, 5760, 2880, device="cuda") * 0.05)
+    check(moe_gemm_mxfp8_mxfp4_nt_groupwise, (a, b, a_scale, b_scale, m_indptr), torch.randn(32, 5760, device="cuda"),
+          ACTIVATIONS["clamped"], 32)
 
 
 @pytest.mark.parametrize("k_granularity", [32, 128])

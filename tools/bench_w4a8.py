@@ -5,7 +5,9 @@ Method as tools/bench_moe.py (rotated routings in one CUDA graph, best of two ro
 order); the HBM floor counts 4 bits per weight plus its scales. gate_up runs gpt-oss's epilogue
 (its bias and clamped SwiGLU) in both of this package's ops, on [up; gate] halves (the layout a
 loader de-interleaves the checkpoint's rows into once, and the one the Hopper wgmma kernel takes);
-down its bias.
+down its bias. On Hopper a further column runs W4A8 on the mma.sync kernel (K-major scales, which
+the wgmma kernel's TMA cannot read, select it), the one family that reads the packed weights
+straight into registers.
 
     python tools/bench_w4a8.py --out w4a8.json       # also w4a8.md
 """
@@ -29,6 +31,7 @@ from bench_moe import ROUTINGS, copy_bandwidth, time_in_rounds, torch_bf16_group
 
 from mxfp8_moe import (k_align, m_padded, moe_gemm_mxfp8_mxfp4_nt_groupwise, moe_gemm_mxfp8_nt_groupwise,  # noqa: E402
                        quantize_activations, quantize_weights, quantize_weights_mxfp4)
+from mxfp8_moe.layout import to_k_major  # noqa: E402
 
 MODELS = {"gpt-oss-120b": 128, "gpt-oss-20b": 32}  # experts; hidden = intermediate = 2880, top-4
 HIDDEN, TOP_K = 2880, 4
@@ -62,13 +65,18 @@ def bench_cell(model: str, gemm: str, tokens: int, bandwidth: float, peers: bool
     floor_w4 = (active * n * (k // 2 + scale_bytes) + active * n * 4 + act_bytes) / bandwidth  # + the bias
     floor_w8 = (active * n * (k + scale_bytes) + active * n * 4 + act_bytes) / bandwidth
 
-    def call(op, weights):
+    def call(op, weights, k_major=False):
         def bind(r):
             _, m_indptr, a, a_scale, out = r
-            return lambda: op(a, weights[0], a_scale, weights[1], m_indptr, (1, 1, 32), out=out, **epilogue)
+            b, b_scale = weights
+            if k_major:
+                a_scale, b_scale = to_k_major(a_scale), to_k_major(b_scale)
+            return lambda: op(a, b, a_scale, b_scale, m_indptr, (1, 1, 32), out=out, **epilogue)
         return [bind(r) for r in routings]
 
     impls = {"w4a8_us": call(moe_gemm_mxfp8_mxfp4_nt_groupwise, mxfp4), "mxfp8_us": call(moe_gemm_mxfp8_nt_groupwise, mxfp8)}
+    if torch.cuda.get_device_capability() == (9, 0):
+        impls["w4a8_mma_us"] = call(moe_gemm_mxfp8_mxfp4_nt_groupwise, mxfp4, k_major=True)
     if peers:
         w_bf16 = w.to(torch.bfloat16).transpose(1, 2)
         impls["torch_bf16_grouped_us"] = [torch_bf16_grouped(w_bf16, r) for r in routings]
@@ -79,13 +87,17 @@ def bench_cell(model: str, gemm: str, tokens: int, bandwidth: float, peers: bool
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| model | GEMM | T | W4 floor us | W4A8 us (% of floor) | MXFP8 op us | W4A8 speedup | torch bf16 us |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| model | GEMM | T | W4 floor us | W4A8 us (% of floor) | W4A8 mma.sync us | MXFP8 op us | W4A8 speedup "
+             "| torch bf16 us |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+    def us(value):
+        return "-" if value is None else f"{value:.1f}"
+
     for r in rows:
-        bf16 = r.get("torch_bf16_grouped_us")
         lines.append(f"| {r['model']} | {r['gemm']} {r['n']}x{r['k']} | {r['tokens']} | {r['floor_w4_us']:.1f} | "
-                     f"{r['w4a8_us']:.1f} ({100 * r['floor_w4_us'] / r['w4a8_us']:.0f}%) | {r['mxfp8_us']:.1f} | "
-                     f"{r['mxfp8_us'] / r['w4a8_us']:.2f}x | {'-' if bf16 is None else f'{bf16:.1f}'} |")
+                     f"{r['w4a8_us']:.1f} ({100 * r['floor_w4_us'] / r['w4a8_us']:.0f}%) | {us(r.get('w4a8_mma_us'))} | "
+                     f"{r['mxfp8_us']:.1f} | {r['mxfp8_us'] / r['w4a8_us']:.2f}x | {us(r.get('torch_bf16_grouped_us'))} |")
     return "\n".join(lines) + "\n"
 
 

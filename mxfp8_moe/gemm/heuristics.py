@@ -98,12 +98,12 @@ def choose_spec(*, device: DeviceInfo, num_experts: int, cum_m: int, n: int, k: 
                 variant: Variant = DEFAULT_VARIANT) -> KernelSpec:
     """The kernel for a call shape. `aligned`: a, b and out allow 16-byte vectors (else the SIMT
     kernel); `allow_wgmma`: the scales are laid out as the wgmma kernel's TMA reads them; `variant`:
-    weight format and epilogue (MXFP4 weights and interleaved gate and up rows run on mma.sync, whose
-    tiles gather rows one by one and widen 4-bit weights in registers)."""
+    weight format and epilogue (interleaved gate and up rows run on mma.sync, whose tiles gather
+    rows one by one)."""
     portable = SimtSpec(device.arch, n, k, k_granularity, gated, variant=variant)
     if not (tensor_core_capable(device) and aligned):
         return portable
-    allow_wgmma = allow_wgmma and not variant.interleaved and variant.weights == "e4m3"
+    allow_wgmma = allow_wgmma and not variant.interleaved
 
     active_experts = max(1, min(num_experts, cum_m))
     rows = cum_m / active_experts

@@ -1,5 +1,5 @@
-"""The Hopper family (kernels/wgmma_grouped_gemm.cuh, sm_90a): FP8 wgmma fed by TMA, with its five
-tensor maps passed by value beside the parameters."""
+"""The Hopper family (kernels/wgmma_grouped_gemm.cuh, sm_90a): FP8 wgmma fed by TMA (MXFP4 weights
+widened to e4m3 in shared memory), with its five tensor maps passed by value beside the parameters."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from ...arith import round_up
 from ..spec import STAGE_K_BYTES, KernelSpec, entry_source, scheduler_shared_bytes
-from ..tensor_maps import MAP_BYTES, operand_map, output_map, scale_map
+from ..tensor_maps import MAP_BYTES, operand_map, output_map, packed_operand_map, scale_map
 
 WARPGROUP = 128  # threads
 CONSUMERS = 2  # warpgroups multiplying; one more produces
@@ -32,13 +32,16 @@ class WgmmaTensorMaps(ctypes.Structure):
 
 
 def wgmma_maps(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor, out: torch.Tensor, *,
-               block_t: int) -> dict[str, bytes]:
-    """The five maps of one call (scales as tensor_maps.scales_fit_tma accepts them)."""
-    num_experts, n, k = b.shape
+               block_t: int, packed_weights: bool = False) -> dict[str, bytes]:
+    """The five maps of one call (scales as tensor_maps.scales_fit_tma accepts them);
+    `packed_weights`: b holds MXFP4 codes, two a byte."""
+    num_experts, n = b.shape[:2]
+    k = a.shape[1]
     box_rows = WEIGHT_ROWS // CONSUMERS  # each consumer's weight rows: one box
+    weights = packed_operand_map if packed_weights else operand_map
     return {
         "tokens": operand_map(a.data_ptr(), a.shape[0], k, block_t),
-        "weights": operand_map(b.data_ptr(), num_experts * n, k, box_rows),
+        "weights": weights(b.data_ptr(), num_experts * n, k, box_rows),
         # a_scale (m_padded, k_align) with rows adjacent: innermost first, as it is.
         "token_scales": scale_map(a_scale.data_ptr(), tuple(a_scale.shape), a_scale.stride(), block_t),
         # b_scale (E, N, k_align) with rows adjacent: (rows, words, experts) innermost-first.
@@ -78,10 +81,11 @@ class WgmmaSpec(KernelSpec):
 
     def stage_bytes(self) -> int:
         """Weight and token tiles, then the scale words and their floats (one set per k32 slice at
-        k_gran 32) in 1024-byte units (WgmmaGemm::kStageBytes)."""
+        k_gran 32) in 1024-byte units, then for MXFP4 the packed weight tile (WgmmaGemm::kStageBytes)."""
         slices = STAGE_K_BYTES // 32 if self.k_granularity == 32 else 1
         rows = WEIGHT_ROWS + self.block_t
-        return rows * STAGE_K_BYTES + round_up(rows * 4 * (1 + slices), 1024)
+        packed = WEIGHT_ROWS * STAGE_K_BYTES // 2 if self.variant.weights == "e2m1" else 0
+        return rows * STAGE_K_BYTES + round_up(rows * 4 * (1 + slices), 1024) + packed
 
     def pipeline_bytes(self) -> int:
         return self.stages * self.stage_bytes()
@@ -102,5 +106,6 @@ class WgmmaSpec(KernelSpec):
 
     def arguments(self, a, b, a_scale, b_scale, m_indptr, out, epilogue) -> tuple[ctypes.Structure, ...]:
         maps = WgmmaTensorMaps()
-        maps.set(**wgmma_maps(a, b, a_scale, b_scale, out, block_t=self.block_t))
+        maps.set(**wgmma_maps(a, b, a_scale, b_scale, out, block_t=self.block_t,
+                              packed_weights=self.variant.weights == "e2m1"))
         return super().arguments(a, b, a_scale, b_scale, m_indptr, out, epilogue) + (maps,)
