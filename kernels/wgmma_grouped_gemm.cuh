@@ -19,6 +19,9 @@
 //   - the epilogue writes a full tile out by TMA store, finished while the consumers go on.
 // The promotion (a multiply and an FMA per accumulator per scale group) is work a plain FP8 GEMM
 // does not have; it runs on the CUDA cores beside the tensor work (docs/DESIGN.md).
+// Split K (SPLITS > 1, decode shapes with fewer units than SMs): the CTAs of a cluster multiply
+// the same unit over their shares of K, and rank 0 adds the others' accumulators, read from its
+// shared memory in rank order (a sum whose order never depends on timing), before its epilogue.
 // Operands are swapped as in the mma.sync kernel: weight rows are wgmma's M (64 per warpgroup),
 // tokens its N: a token tile is 32, 64, 96 or 128 tokens; at k_gran 32 the tile that ends an
 // expert runs the narrowest wgmma that covers its rows.
@@ -31,6 +34,7 @@
 #include "e2m1.cuh"
 #include "epilogue.cuh"
 #include "tile_scheduler.cuh"
+#include "ptx/cluster.cuh"
 #include "ptx/grid_dependency.cuh"
 #include "ptx/tma.cuh"
 #include "ptx/wgmma.cuh"
@@ -47,14 +51,17 @@ struct WgmmaTensorMaps {
     ptx::TensorMap output;         // out as (cum_m, N or N / 2) bf16; box BLOCK_T x 64, 128-byte swizzle
 };
 
-template <int N, int K, int K_GRAN, bool GATED, int BLOCK_T, int STAGES, typename V = Variant<>>
+template <int N, int K, int K_GRAN, bool GATED, int BLOCK_T, int STAGES, int SPLITS = 1, typename V = Variant<>>
 struct WgmmaGemm {
     static constexpr int kConsumers = 2;                      // warpgroups multiplying
     static constexpr int kThreads = (kConsumers + 1) * 128;   // + the producer warpgroup
-    static constexpr int kProducerRegisters = 40;             // setmaxnreg: 128 x 40 + 256 x 232 <= 64K
-    static constexpr int kConsumerRegisters = 232;
+    // setmaxnreg: 128 x 40 + 256 x 232 <= 64K. Split-K kernels (decode tiles: few accumulators)
+    // give the producer more: its K loop starts at a block only known at run time.
+    static constexpr int kProducerRegisters = SPLITS > 1 ? 56 : 40;
+    static constexpr int kConsumerRegisters = SPLITS > 1 ? 224 : 232;
     static constexpr int kBlockK = 128;
     static constexpr int kKIters = ceil_div(K, kBlockK);
+    static constexpr int kUnitKIters = kKIters / SPLITS;  // the K blocks a CTA multiplies per unit
     static constexpr int kWeightRows = 64 * kConsumers;       // weight rows per tile
     static constexpr int kNOut = GATED ? N / 2 : N;
     static constexpr int kBlockN = GATED ? 64 : kWeightRows;  // output columns per tile
@@ -84,14 +91,18 @@ struct WgmmaGemm {
     // [accumulator][thread] so each access is one 128-byte line.
     static constexpr int kStagingOffset = STAGES * kStageBytes;
     static constexpr int kExchangeOffset = kStagingOffset + BLOCK_T * kBlockN * 2;
-    static constexpr int kTileBytes = kExchangeOffset + (GATED ? kAccumulators * 128 * 4 : 0);
+    // Split K: then rank 0's slots for the other ranks' accumulators, [rank - 1][warpgroup][v / 4][thread][4].
+    static constexpr int kSlotBytes = kConsumers * 128 * kAccumulators * 4;
+    static constexpr int kSlotsOffset = kExchangeOffset + (GATED ? kAccumulators * 128 * 4 : 0);
+    static constexpr int kTileBytes = kSlotsOffset + (SPLITS - 1) * kSlotBytes;
     // Dynamic shared memory: scheduler, barriers, up to 1 KB of alignment padding, tiles.
     static constexpr int kBarrierBytes = 256;
 
     static_assert(K % 16 == 0 && kNOut % 16 == 0, "K and the output width must be multiples of 16");
     static_assert(K_GRAN == 32 || K_GRAN == 128, "k granularity is 32 or 128");
     static_assert(BLOCK_T % 32 == 0 && BLOCK_T <= 128, "token tiles of 32, 64, 96 or 128 (ptx::Wgmma instances)");
-    static_assert(3 * STAGES * 8 <= kBarrierBytes, "barriers must fit their region");
+    static_assert((3 * STAGES + 2) * 8 <= kBarrierBytes, "barriers must fit their region");
+    static_assert(kKIters % SPLITS == 0, "split K: each rank multiplies as many K blocks");
     // A chain issues the next group before releasing the current one's stage: that must be another stage.
     static_assert(STAGES >= 2, "the promotion overlap needs two stages");
     // setmaxnreg moves registers within what the CTA got at launch: __launch_bounds__(384, 1) caps
@@ -115,12 +126,20 @@ struct WgmmaGemm {
     const WgmmaTensorMaps& maps;
     const Scheduler& scheduler;
     u8* tiles;      // 1024-byte aligned
-    u32 barriers;   // full[STAGES], prepared[STAGES], empty[STAGES]
+    u32 barriers;   // full[STAGES], prepared[STAGES], empty[STAGES], split K: partials, slot free
 
     __device__ __forceinline__ u32 full_barrier(int s) const { return barriers + 8 * s; }
     __device__ __forceinline__ u32 prepared_barrier(int s) const { return barriers + 8 * (STAGES + s); }
     __device__ __forceinline__ u32 empty_barrier(int s) const { return barriers + 8 * (2 * STAGES + s); }
+    __device__ __forceinline__ u32 partials_barrier() const { return barriers + 8 * 3 * STAGES; }
+    __device__ __forceinline__ u32 slot_free_barrier() const { return barriers + 8 * (3 * STAGES + 1); }
     __device__ __forceinline__ u8* stage(int s) const { return tiles + s * kStageBytes; }
+
+    // Units are shared by the SPLITS CTAs of a cluster (consecutive blocks); a CTA's split is its
+    // cluster rank, and it multiplies K blocks [split * kUnitKIters, (split + 1) * kUnitKIters).
+    __device__ __forceinline__ static i64 first_unit() { return blockIdx.x / SPLITS; }
+    __device__ __forceinline__ static i64 unit_stride() { return gridDim.x / SPLITS; }
+    __device__ __forceinline__ static int first_k_block() { return SPLITS > 1 ? ptx::cluster_rank() * kUnitKIters : 0; }
     __device__ __forceinline__ float* scale_floats(int s) const {
         return reinterpret_cast<float*>(stage(s) + kScaleFloatsOffset);
     }
@@ -140,10 +159,11 @@ struct WgmmaGemm {
         ptx::prefetch_tensor_map(&maps.weight_scales);
         ptx::prefetch_tensor_map(&maps.output);  // for the consumers' stores
         int it = 0;
-        for (i64 u = blockIdx.x; u < scheduler.num_units(); u += gridDim.x) {
+        const int kb0 = first_k_block();
+        for (i64 u = first_unit(); u < scheduler.num_units(); u += unit_stride()) {
             const WorkUnit w = scheduler.unit(u);
             const int n0 = w.n_tile * kBlockN;
-            for (int kb = 0; kb < kKIters; ++kb, ++it) {
+            for (int kb = kb0; kb < kb0 + kUnitKIters; ++kb, ++it) {
                 const int s = it % STAGES;
                 ptx::mbarrier_wait(empty_barrier(s), ((it / STAGES) & 1) ^ 1);
                 const u32 full = full_barrier(s);
@@ -175,8 +195,9 @@ struct WgmmaGemm {
     // k32 slices, for k_gran 32) and MXFP4 weights -> e4m3.
     __device__ __forceinline__ void prepare_stages(int preparer) const {
         int it = 0;
-        for (i64 u = blockIdx.x; u < scheduler.num_units(); u += gridDim.x) {
-            for (int kb = 0; kb < kKIters; ++kb, ++it) {
+        const int kb0 = first_k_block();
+        for (i64 u = first_unit(); u < scheduler.num_units(); u += unit_stride()) {
+            for (int kb = kb0; kb < kb0 + kUnitKIters; ++kb, ++it) {
                 const int s = it % STAGES;
                 // The consumers' release of the stage's previous round already precedes "full"
                 // (through the producer); waiting for it here as well makes the ordering of these
@@ -247,7 +268,7 @@ struct WgmmaGemm {
     // slices. Its wgmmas sum into a partial that is promoted with the group's scales. Two partials
     // alternate so that a group's promotion runs while the next group's wgmmas do.
     static constexpr int kGroupsPerStage = K_GRAN == 32 ? kBlockK / 32 : 1;
-    static constexpr int kGroups = kKIters * kGroupsPerStage;
+    static constexpr int kGroups = kUnitKIters * kGroupsPerStage;
     static constexpr int kGroupK = kBlockK / kGroupsPerStage;
     // Groups per chain: a chain ends with no wgmma in flight, since ptxas serializes every wgmma
     // of the kernel when a loop carries one in flight across its back edge. The chain's last
@@ -264,13 +285,51 @@ struct WgmmaGemm {
     __device__ __forceinline__ void consume(int warpgroup, int thread) const {
         float acc[kAccumulators];
         int first_stage = 0;  // pipeline iteration of the unit's first K block
-        for (i64 u = blockIdx.x; u < scheduler.num_units(); u += gridDim.x, first_stage += kKIters) {
+        int round = 0;        // units done: the split-K barriers' phase
+        for (i64 u = first_unit(); u < scheduler.num_units(); u += unit_stride(), first_stage += kUnitKIters, ++round) {
             const WorkUnit w = scheduler.unit(u);
 #pragma unroll
             for (int i = 0; i < kAccumulators; ++i) acc[i] = 0.0f;
             multiply_narrowest<kNarrowLastTile ? kWidthStep : BLOCK_T>(acc, first_stage, w.rows, warpgroup, thread);
+            if constexpr (SPLITS > 1) {
+                if (!gather_splits(acc, round, warpgroup, thread)) continue;  // rank 0 stores the tile
+            }
             store_tile(acc, w, warpgroup, thread);
         }
+    }
+
+    // Split K: every rank but 0 writes its accumulators into its slot in rank 0's shared memory and
+    // arrives on rank 0's "partials" barrier; rank 0 waits for all of them, adds the slots in rank
+    // order, and frees each slot by arriving on its writer's "slot free" barrier, which that rank
+    // waits on before it writes the next unit's. Returns whether this CTA stores the tile.
+    __device__ __forceinline__ bool gather_splits(float (&acc)[kAccumulators], int round, int warpgroup,
+                                                  int thread) const {
+        const int rank = ptx::cluster_rank();
+        const int first = (warpgroup * kAccumulators / 4) * 128 + thread;  // this thread's first float4
+        if (rank != 0) {
+            ptx::mbarrier_wait_cluster(slot_free_barrier(), (round & 1) ^ 1);
+            const u32 slot = ptx::map_shared(ptx::shared_address(tiles + kSlotsOffset + (rank - 1) * kSlotBytes), 0);
+#pragma unroll
+            for (int j = 0; j < kAccumulators / 4; ++j)
+                ptx::store_cluster(slot + 16 * (first + 128 * j), acc[4 * j], acc[4 * j + 1], acc[4 * j + 2], acc[4 * j + 3]);
+            ptx::mbarrier_arrive_remote(ptx::map_shared(partials_barrier(), 0));
+            return false;
+        }
+        ptx::mbarrier_wait_cluster(partials_barrier(), round & 1);
+#pragma unroll 1
+        for (int r = 1; r < SPLITS; ++r) {
+            const u32x4* slot = reinterpret_cast<const u32x4*>(tiles + kSlotsOffset + (r - 1) * kSlotBytes);
+#pragma unroll
+            for (int j = 0; j < kAccumulators / 4; ++j) {
+                const u32x4 v = slot[first + 128 * j];
+                acc[4 * j] += __uint_as_float(v.x);
+                acc[4 * j + 1] += __uint_as_float(v.y);
+                acc[4 * j + 2] += __uint_as_float(v.z);
+                acc[4 * j + 3] += __uint_as_float(v.w);
+            }
+        }
+        for (int r = 1; r < SPLITS; ++r) ptx::mbarrier_arrive_remote(ptx::map_shared(slot_free_barrier(), r));
+        return true;
     }
 
     // The tile's K loop with the narrowest wgmma, from WIDTH up, that covers its rows (at k_gran 128
@@ -480,9 +539,14 @@ struct WgmmaGemm {
                 ptx::mbarrier_init(barriers + 8 * (STAGES + s), kPreparerThreads);  // the preparer warps
                 ptx::mbarrier_init(barriers + 8 * (2 * STAGES + s), kConsumers * 128);  // every consumer thread
             }
+            if (SPLITS > 1) {
+                ptx::mbarrier_init(barriers + 8 * 3 * STAGES, (SPLITS - 1) * kConsumers * 128);  // partials: other ranks
+                ptx::mbarrier_init(barriers + 8 * (3 * STAGES + 1), kConsumers * 128);          // slot free: rank 0
+            }
             ptx::fence_barrier_init();
         }
         __syncthreads();
+        if constexpr (SPLITS > 1) ptx::cluster_sync();  // no CTA arrives on another's barrier before its init
 
         const WgmmaGemm gemm{params, maps, scheduler, tiles, barriers};
         const int warpgroup = threadIdx.x / 128, thread = threadIdx.x % 128;
@@ -495,6 +559,7 @@ struct WgmmaGemm {
             gemm.consume(warpgroup, thread);
             if (warpgroup == 0 && thread == 0) ptx::bulk_wait();  // shared memory outlives the last store
         }
+        if constexpr (SPLITS > 1) ptx::cluster_sync();  // ... and the other ranks' last accesses to it
     }
 };
 

@@ -52,7 +52,7 @@ def test_adversarial_m_indptr(case, gated, kernel):
     else:
         if kernel == "wgmma" and device.arch not in WGMMA_ARCHS:
             pytest.skip(f"the wgmma kernel needs sm_90a, this GPU is {device.arch}")
-        spec = (wgmma_spec(device, 4, 5.0, 128, 288, 128, gated) if kernel == "wgmma"
+        spec = (wgmma_spec(device, 4, 4, 5.0, 128, 288, 128, gated) if kernel == "wgmma"
                 else SimtSpec(device.arch, 128, 288, 128, gated))
         get_kernel(spec, 0)(*problem.args, out, torch.cuda.current_stream().cuda_stream)
     torch.cuda.synchronize()

@@ -59,6 +59,7 @@ def run_kernel_and_check(kernel, problem):
     assert not torch.isnan(out).any(), "output has unwritten (NaN) elements"
     error = relative_error(out, problem.reference())
     assert error <= TOLERANCE, f"relative error {error:.2e}"
+    return out
 
 
 @pytest.fixture
@@ -126,7 +127,7 @@ def test_wgmma_kernel(block_t, gated, k_granularity, hopper):
     rows = [0, 1, 63, 64, 65, 0, 130, 257, 500]
     n = 5760 if gated else 2880
     problem = make_problem(rows, n, 2880, k_granularity=k_granularity, gated=gated)  # MN-major scales (TMA)
-    spec = dataclasses.replace(wgmma_spec(hopper, len(rows), 100.0, n, 2880, k_granularity, gated), block_t=block_t)
+    spec = dataclasses.replace(wgmma_spec(hopper, len(rows), len(rows), 100.0, n, 2880, k_granularity, gated), block_t=block_t)
     run_kernel_and_check(get_kernel(spec, 0), problem)
 
 
@@ -140,11 +141,38 @@ def test_wgmma_kernel_small(k_granularity, gated, hopper, monkeypatch):
     # TMA store.
     rows, n, k = [128, 0, 45, 256], 256 if gated else 208, 640
     problem = make_problem(rows, n, k, k_granularity=k_granularity, gated=gated)
-    spec = dataclasses.replace(wgmma_spec(hopper, len(rows), 143.0, n, k, k_granularity, gated), block_t=128, stages=2)
+    spec = dataclasses.replace(wgmma_spec(hopper, len(rows), len(rows), 143.0, n, k, k_granularity, gated), block_t=128, stages=2)
     kernel = get_kernel(spec, 0)
     shared = kernel.launch_config(len(rows), sum(rows))[1]
     monkeypatch.setattr(kernel, "launch_config", lambda *_: ((2, 1, 1), shared))
     run_kernel_and_check(kernel, problem)
+
+
+@pytest.mark.parametrize("splits", [2, 4])
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("k_granularity", [32, 128])
+def test_wgmma_split_k(splits, gated, k_granularity, hopper, monkeypatch):
+    # Clusters of `splits` CTAs share each unit over K. Two clusters and more units than that, so
+    # rank 0's slots and their barriers go through several phases; one-row, partial and full
+    # tiles; an empty expert; K = 960 ends inside its last block. Bitwise the same when repeated:
+    # the ranks' sums meet in a fixed order.
+    rows, n, k = [1, 0, 40, 128, 3], 512 if gated else 320, 960
+    problem = make_problem(rows, n, k, k_granularity=k_granularity, gated=gated)
+    spec = dataclasses.replace(wgmma_spec(hopper, len(rows), len(rows), 20.0, n, k, k_granularity, gated),
+                               block_t=32, splits=splits)
+    kernel = get_kernel(spec, 0)
+    shared = kernel.launch_config(len(rows), sum(rows))[1]
+    monkeypatch.setattr(kernel, "launch_config", lambda *_: ((2 * splits, 1, 1), shared))
+    first = run_kernel_and_check(kernel, problem).clone()
+    assert torch.equal(run_kernel_and_check(kernel, problem), first)
+
+
+def test_decode_splits_k_where_units_are_few(hopper):
+    # DeepSeek-V3 EP8's gate_up at one token: 32 units on 132 SMs, split in four.
+    spec = choose_spec(device=hopper, num_experts=32, cum_m=1, n=4096, k=7168, k_granularity=128, gated=True,
+                       scale_mode="software")
+    assert (spec.family, spec.splits) == ("wgmma", 4)
+    run_and_check(make_problem([0] * 5 + [1] + [0] * 26, 4096, 7168, gated=True))
 
 
 @pytest.mark.parametrize("layout", ["MN", "K"])

@@ -74,6 +74,8 @@ def _specs() -> list[KernelSpec]:
     # down GEMM (6 K blocks, chains of 3 + 3) and 10 K blocks (4 + 4 + 2).
     for k in (768, 1280):
         specs.update(dict.fromkeys(s for s in _candidates("sm_90a", 2048, k, False, 128) if s.family == "wgmma"))
+    # K split in clusters of 2 (DeepSeek-V3's down at one token; SHAPES[0] splits in 4 there).
+    specs.update(dict.fromkeys(s for s in _candidates("sm_90a", 7168, 2048, False, 32) if s.family == "wgmma"))
     # MXFP4 weights (gpt-oss: both GEMMs, its epilogue; the model shapes) on sm_12x, and on sm_90a
     # the software-scaled and emulated forms the H100 tests run.
     for variant, shapes in ((GPT_OSS_GATE_UP, ((5760, 2880, True),)), (MXFP4, ((2880, 2880, False), *SM120_MODEL_SHAPES))):
@@ -198,7 +200,7 @@ def test_wgmma_host_and_kernel_agree_on_shared_memory():
         for stages in (2, spec.stages):
             for num_experts in (1, 7, 128, 300):
                 lines.append(f"static_assert(mxfp8_moe::WgmmaGemm<{spec.n}, {spec.k}, {spec.k_granularity}, "
-                             f"{str(spec.gated).lower()}, {spec.block_t}, {stages}{spec.variant.template_argument}>::shared_bytes({num_experts}) == "
+                             f"{str(spec.gated).lower()}, {spec.block_t}, {stages}, {spec.splits}{spec.variant.template_argument}>::shared_bytes({num_experts}) == "
                              f"{dataclasses.replace(spec, stages=stages).dynamic_shared_bytes(num_experts)}, "
                              f'"spec {i}, {stages} stages, {num_experts} experts");')
     compile_cubin("\n".join(lines) + "\n", arch="sm_90a", include_dir=kernel_dir(), label="layout-check")
@@ -215,6 +217,7 @@ def test_mma_host_and_kernel_agree_on_shared_memory():
 
 def test_subset_covers_wgmma_token_tiles():
     assert {s.block_t for s in WGMMA_SPECS} >= {32, 128} and {s.k_granularity for s in WGMMA_SPECS} == {32, 128}
+    assert {s.splits for s in WGMMA_SPECS} == {1, 2, 4}
 
 
 def test_subset_covers_both_scale_modes_on_sm120():

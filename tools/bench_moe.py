@@ -17,6 +17,7 @@ heuristic picks.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -166,12 +167,15 @@ def bench_cell(model, gemm, tokens, k_granularity, bandwidth, peak, peers):
                                                    out=out, is_gated=gated)
 
     impls = {"mxfp8_moe_us": [ours(r) for r in routings]}
-    # Both tensor-core kernels on every cell where both exist: the data behind the kernel choice.
+    # Both tensor-core kernels on every cell where both exist: the data behind the kernel choice
+    # (the wgmma one unsplit, so that a cell the heuristic splits in K shows the split's effect).
     if device.arch in WGMMA_ARCHS:
+        active = min(experts, cum_m)
+        wgmma = wgmma_spec(device, experts, active, cum_m / active, n, k, k_granularity, gated)
         kernels = {"mma_sync_us": choose_spec(device=device, num_experts=experts, cum_m=int(cum_m), n=n, k=k,
                                               k_granularity=k_granularity, gated=gated, scale_mode="auto",
                                               allow_wgmma=False),
-                   "wgmma_us": wgmma_spec(device, experts, cum_m / min(experts, cum_m), n, k, k_granularity, gated)}
+                   "wgmma_us": wgmma and dataclasses.replace(wgmma, splits=1)}
         for name, kernel_spec in kernels.items():
             if kernel_spec is not None:
                 impls[name] = [direct(get_kernel(kernel_spec, 0), b, b_scale, r) for r in routings]

@@ -24,7 +24,7 @@ import math
 from ..arith import ceil_div
 from .device import DeviceInfo
 from .families import MmaSpec, SimtSpec, WgmmaSpec
-from .spec import DEFAULT_VARIANT, SCALE_MODES, KernelSpec, Variant
+from .spec import DEFAULT_VARIANT, SCALE_MODES, STAGE_K_BYTES, KernelSpec, Variant
 
 TOKEN_TILES = (8, 16, 32, 64)
 MANY_UNITS_STAGES = 4
@@ -34,6 +34,10 @@ NATIVE_ARCHS = ("sm_120a", "sm_121a")
 WGMMA_ARCHS = ("sm_90a",)
 WGMMA_TOKEN_TILES = (32, 64, 96, 128)
 WGMMA_MAX_STAGES = 5
+# K splits the wgmma kernel may run a unit in (its cluster size), largest first: when a call's
+# units are fewer than the SMs (one token on a few experts), splitting K puts more SMs to streaming
+# the weights. Only as many as keep every split's CTA on its own SM.
+WGMMA_SPLITS = (4, 2)
 # Cost of a token tile beside the columns it multiplies, in token columns: a fixed part (its
 # epilogue, its weight tile's trip from L2 or HBM) and, per row of its token box, the copy of that
 # row (the box is the whole tile even where the expert's rows end; copied, not multiplied: 1/8).
@@ -110,7 +114,7 @@ def choose_spec(*, device: DeviceInfo, num_experts: int, cum_m: int, n: int, k: 
     mode = resolve_scale_mode(scale_mode, device.arch)
     # (The emulated mode exists to run the sm_12x mma.sync scale path here: it keeps mma.sync.)
     if allow_wgmma and device.arch in WGMMA_ARCHS and mode == "software":
-        spec = wgmma_spec(device, num_experts, rows, n, k, k_granularity, gated, variant)
+        spec = wgmma_spec(device, num_experts, active_experts, rows, n, k, k_granularity, gated, variant)
         if spec is not None:
             return spec
     block_t = next((t for t in TOKEN_TILES if t >= rows + 2 * math.sqrt(rows)), TOKEN_TILES[-1])
@@ -143,13 +147,18 @@ def choose_spec(*, device: DeviceInfo, num_experts: int, cum_m: int, n: int, k: 
     return dataclasses.replace(spec, stages=stages)
 
 
-def wgmma_spec(device: DeviceInfo, num_experts: int, rows: float, n: int, k: int, k_granularity: int,
-               gated: bool, variant: Variant = DEFAULT_VARIANT) -> WgmmaSpec | None:
-    """The wgmma kernel with as many pipeline stages as fit (None if two do not)."""
+def wgmma_spec(device: DeviceInfo, num_experts: int, active_experts: int, rows: float, n: int, k: int,
+               k_granularity: int, gated: bool, variant: Variant = DEFAULT_VARIANT) -> WgmmaSpec | None:
+    """The wgmma kernel with as many pipeline stages as fit (None if two do not), its K split when
+    the expected units leave SMs idle."""
     if (n // 2 if gated else n) % (64 if gated else 16):
         return None  # gated tiles pair 64 up rows with 64 gate rows
     block_t = wgmma_token_tile(rows, narrow_last_tile=k_granularity == WGMMA_NARROW_LAST_TILE_K_GRANULARITY)
     spec = WgmmaSpec(device.arch, n, k, k_granularity, gated, block_t=block_t, stages=1, variant=variant)
+    units = active_experts * math.ceil(rows / block_t) * ceil_div(spec.n_out, spec.block_n)
+    k_blocks = ceil_div(k, STAGE_K_BYTES)
+    splits = next((s for s in WGMMA_SPLITS if k_blocks % s == 0 and units * s <= device.num_sms), 1)
+    spec = dataclasses.replace(spec, splits=splits)
     budget = device.shared_memory_limit - _PER_BLOCK_RESERVE - (spec.dynamic_shared_bytes(num_experts)
                                                                  - spec.pipeline_bytes())
     stages = min(WGMMA_MAX_STAGES, budget // spec.pipeline_bytes())

@@ -108,17 +108,19 @@ class Variant:
 DEFAULT_VARIANT = Variant()
 
 
-def entry_source(header: str, gemm: str, *, tensor_maps: str | None = None, min_blocks: int | None = None) -> str:
+def entry_source(header: str, gemm: str, *, tensor_maps: str | None = None, min_blocks: int | None = None,
+                 cluster: int = 1) -> str:
     """The source of ENTRY: `using Gemm = <gemm>;` from kernels/<header>, and a __global__ function
-    bounded by Gemm::kThreads (and `min_blocks` per SM) that takes the parameters by value (and
-    the family's `tensor_maps` struct) and runs Gemm::run on them."""
+    bounded by Gemm::kThreads (and `min_blocks` per SM), launched in clusters of `cluster` blocks,
+    that takes the parameters by value (and the family's `tensor_maps` struct) and runs Gemm::run on them."""
     parameters, arguments = "const __grid_constant__ mxfp8_moe::GroupedGemmParams params", "params"
     if tensor_maps is not None:
         parameters, arguments = f"{parameters}, const __grid_constant__ {tensor_maps} maps", f"{arguments}, maps"
     bounds = "Gemm::kThreads" if min_blocks is None else f"Gemm::kThreads, {min_blocks}"
+    cluster_dims = f"__cluster_dims__({cluster}, 1, 1) " if cluster > 1 else ""
     return (f'#include "{header}"\n'
             f"using Gemm = {gemm};\n"
-            f'extern "C" __global__ void __launch_bounds__({bounds}) {ENTRY}({parameters}) {{\n'
+            f'extern "C" __global__ void {cluster_dims}__launch_bounds__({bounds}) {ENTRY}({parameters}) {{\n'
             f"    Gemm::run({arguments});\n}}\n")
 
 

@@ -55,6 +55,7 @@ def wgmma_maps(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale:
 class WgmmaSpec(KernelSpec):
     block_t: int  # tokens per tile: 32, 64, 96 or 128
     stages: int
+    splits: int = 1  # K splits: the CTAs of a cluster share each unit (WgmmaGemm's SPLITS)
 
     family = "wgmma"
     waits_for_prior_grid = True
@@ -66,7 +67,8 @@ class WgmmaSpec(KernelSpec):
 
     @property
     def label(self) -> str:
-        return f"{self.problem_label}_bn{self.block_n}_bt{self.block_t}_s{self.stages}"
+        split = f"_split{self.splits}" if self.splits > 1 else ""
+        return f"{self.problem_label}_bn{self.block_n}_bt{self.block_t}_s{self.stages}{split}"
 
     @property
     def threads(self) -> int:
@@ -76,8 +78,8 @@ class WgmmaSpec(KernelSpec):
         # One block per SM in the launch bounds: setmaxnreg needs a register cap at entry.
         return entry_source("wgmma_grouped_gemm.cuh",
                             f"mxfp8_moe::WgmmaGemm<{self.n}, {self.k}, {self.k_granularity}, {str(self.gated).lower()}, "
-                            f"{self.block_t}, {self.stages}{self.variant.template_argument}>",
-                            tensor_maps="mxfp8_moe::WgmmaTensorMaps", min_blocks=1)
+                            f"{self.block_t}, {self.stages}, {self.splits}{self.variant.template_argument}>",
+                            tensor_maps="mxfp8_moe::WgmmaTensorMaps", min_blocks=1, cluster=self.splits)
 
     def stage_bytes(self) -> int:
         """Weight and token tiles, then the scale words and their floats (one set per k32 slice at
@@ -92,9 +94,11 @@ class WgmmaSpec(KernelSpec):
 
     def epilogue_bytes(self) -> int:
         """The bf16 staging tile, then for gated tiles the gate warpgroup's accumulators, one float
-        per accumulator and consumer thread (WgmmaGemm::kTileBytes - kStagingOffset)."""
+        per accumulator and consumer thread, then with split K rank 0's slots for the other ranks'
+        accumulators (WgmmaGemm::kTileBytes - kStagingOffset)."""
         accumulators = self.block_t // 2  # per thread: 64 rows x block_t tokens / 128 threads
-        return self.block_t * self.block_n * 2 + (accumulators * WARPGROUP * 4 if self.gated else 0)
+        slots = (self.splits - 1) * CONSUMERS * WARPGROUP * accumulators * 4
+        return self.block_t * self.block_n * 2 + (accumulators * WARPGROUP * 4 if self.gated else 0) + slots
 
     def dynamic_shared_bytes(self, num_experts: int) -> int:
         """WgmmaGemm::shared_bytes: scheduler, barriers, alignment padding, stages, epilogue."""
@@ -102,7 +106,7 @@ class WgmmaSpec(KernelSpec):
                 + self.epilogue_bytes())
 
     def grid(self, num_experts: int, cum_m: int, resident_blocks: int) -> tuple[int, int, int]:
-        return resident_blocks, 1, 1  # persistent
+        return max(self.splits, resident_blocks // self.splits * self.splits), 1, 1  # persistent, whole clusters
 
     def arguments(self, a, b, a_scale, b_scale, m_indptr, out, epilogue) -> tuple[ctypes.Structure, ...]:
         maps = WgmmaTensorMaps()

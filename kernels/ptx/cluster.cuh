@@ -1,0 +1,51 @@
+// Thread-block clusters (sm_90+): the CTAs of a cluster run at the same time and can read, write
+// and arrive on mbarriers in each other's shared memory (distributed shared memory).
+#pragma once
+#include "../common.cuh"
+
+namespace mxfp8_moe::ptx {
+
+__device__ __forceinline__ int cluster_rank() {
+    u32 rank;
+    asm("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+    return static_cast<int>(rank);
+}
+
+// Every thread of every CTA in the cluster arrives (release) and waits (acquire): what one CTA
+// wrote before is visible to all after. Not .aligned: the threads may come from divergent paths.
+__device__ __forceinline__ void cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release;\n"
+                 "barrier.cluster.wait.acquire;\n" ::: "memory");
+}
+
+// The address of the same shared-memory location in the CTA of rank `rank` (shared::cluster window).
+__device__ __forceinline__ u32 map_shared(u32 address, int rank) {
+    u32 mapped;
+    asm("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(mapped) : "r"(address), "r"(rank));
+    return mapped;
+}
+
+__device__ __forceinline__ void store_cluster(u32 address, float x, float y, float z, float w) {
+    asm volatile("st.shared::cluster.v4.f32 [%0], {%1, %2, %3, %4};\n"
+                 :: "r"(address), "f"(x), "f"(y), "f"(z), "f"(w) : "memory");
+}
+
+// One arrival on an mbarrier of another CTA (a map_shared address), releasing at cluster scope
+// what this thread wrote before, to that CTA's shared memory included.
+__device__ __forceinline__ void mbarrier_arrive_remote(u32 mapped_barrier) {
+    asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" :: "r"(mapped_barrier) : "memory");
+}
+
+// Block until this CTA's mbarrier completes the phase with this parity, acquiring at cluster
+// scope what the arriving threads of other CTAs released.
+__device__ __forceinline__ void mbarrier_wait_cluster(u32 barrier, u32 parity) {
+    u32 done;
+    do {
+        asm volatile("{\n .reg .pred complete;\n"
+                     " mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 complete, [%1], %2;\n"
+                     " selp.u32 %0, 1, 0, complete;\n}\n"
+                     : "=r"(done) : "r"(barrier), "r"(parity) : "memory");
+    } while (!done);
+}
+
+}  // namespace mxfp8_moe::ptx
