@@ -553,7 +553,9 @@ struct WgmmaGemm {
         if (warpgroup == kConsumers) {
             asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" :: "n"(kProducerRegisters));
             if (thread == 0) gemm.produce();
-            else if (thread >= 32 && thread < 32 + kPreparerThreads) gemm.prepare_stages(thread - 32);
+            // (One preparer warp is handed its lane: ptxas then knows the index's range, and the
+            // MXFP8 kernels keep the code they had before MXFP4 came.)
+            else if (thread / 32 >= 1 && thread / 32 <= kPreparers) gemm.prepare_stages(kPreparers == 1 ? thread % 32 : thread - 32);
         } else {
             asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" :: "n"(kConsumerRegisters));
             gemm.consume(warpgroup, thread);
