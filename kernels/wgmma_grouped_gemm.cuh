@@ -555,7 +555,8 @@ struct WgmmaGemm {
             if (thread == 0) gemm.produce();
             // (One preparer warp is handed its lane: ptxas then knows the index's range, and the
             // MXFP8 kernels keep the code they had before MXFP4 came.)
-            else if (thread / 32 >= 1 && thread / 32 <= kPreparers) gemm.prepare_stages(kPreparers == 1 ? thread % 32 : thread - 32);
+            else if (thread / 32 == 1 || (thread / 32 > 1 && thread / 32 <= kPreparers))
+                gemm.prepare_stages(kPreparers == 1 ? thread % 32 : thread - 32);
         } else {
             asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" :: "n"(kConsumerRegisters));
             gemm.consume(warpgroup, thread);
