@@ -167,12 +167,13 @@ def test_wgmma_split_k(splits, gated, k_granularity, hopper, monkeypatch):
     assert torch.equal(run_kernel_and_check(kernel, problem), first)
 
 
-def test_decode_splits_k_where_units_are_few(hopper):
-    # DeepSeek-V3 EP8's gate_up at one token: 32 units on 132 SMs, split in four.
-    spec = choose_spec(device=hopper, num_experts=32, cum_m=1, n=4096, k=7168, k_granularity=128, gated=True,
-                       scale_mode="software")
-    assert (spec.family, spec.splits) == ("wgmma", 4)
-    run_and_check(make_problem([0] * 5 + [1] + [0] * 26, 4096, 7168, gated=True))
+@pytest.mark.parametrize("gemm", ["gate_up", "down"])
+def test_split_k_on_decode_shapes(gemm, hopper):
+    # DeepSeek-V3 EP8 at one token (32 and 56 units on 132 SMs): the split wgmma_spec gives it.
+    n, k = (4096, 7168) if gemm == "gate_up" else (7168, 2048)
+    spec = wgmma_spec(hopper, 32, 1, 1.0, n, k, 128, gemm == "gate_up", split_k=True)
+    assert spec.splits == (4 if gemm == "gate_up" else 2)
+    run_kernel_and_check(get_kernel(spec, 0), make_problem([0] * 5 + [1] + [0] * 26, n, k, gated=gemm == "gate_up"))
 
 
 @pytest.mark.parametrize("layout", ["MN", "K"])

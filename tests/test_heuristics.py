@@ -7,9 +7,10 @@ import itertools
 import pytest
 
 from mxfp8_moe.gemm.device import DeviceInfo
-from mxfp8_moe.gemm.heuristics import (WGMMA_TOKEN_TILES, candidate_specs, choose_spec, resolve_scale_mode,
-                                       wgmma_token_tile)
+from mxfp8_moe.gemm.heuristics import (WGMMA_SPLITS_K, WGMMA_TAKES_MXFP4, WGMMA_TOKEN_TILES, candidate_specs,
+                                       choose_spec, resolve_scale_mode, wgmma_spec, wgmma_token_tile)
 from mxfp8_moe.gemm.families import WgmmaSpec
+from mxfp8_moe.gemm.spec import Variant
 
 ARCHS = ("sm_120a", "sm_121a", "sm_90a", "sm_89")
 
@@ -73,6 +74,27 @@ def test_wgmma_on_hopper_from_decode_to_prefill():
     assert choose("sm_90a", cum_m=128 * 256, scale_mode="emulated").family == "mma"
     for arch in ("sm_120a", "sm_121a", "sm_89"):
         assert choose(arch, cum_m=128 * 256).family == "mma"
+
+
+def test_paths_not_yet_run_on_a_gpu_stay_off():
+    # Built and compile-checked, not yet run on a GPU: MXFP4 on wgmma and split K (issues 14, 15).
+    hopper = DeviceInfo.for_arch("sm_90a")
+    mxfp4 = choose_spec(device=hopper, num_experts=128, cum_m=4096, n=5760, k=2880, k_granularity=32, gated=True,
+                        scale_mode="auto", variant=Variant("e2m1"))
+    decode = choose("sm_90a", cum_m=1, num_experts=32, n=4096, k=7168)
+    assert (mxfp4.family, decode.splits) == ("wgmma" if WGMMA_TAKES_MXFP4 else "mma", 4 if WGMMA_SPLITS_K else 1)
+
+
+def test_split_k_where_units_leave_sms_idle():
+    hopper = DeviceInfo.for_arch("sm_90a")
+
+    def splits(num_experts, active, n, k, gated):
+        return wgmma_spec(hopper, num_experts, active, 1.0, n, k, 128, gated, split_k=True).splits
+
+    assert splits(32, 1, 4096, 7168, True) == 4    # DeepSeek-V3 EP8 gate_up, one token: 32 units
+    assert splits(32, 1, 7168, 2048, False) == 2   # ... down: 56 units
+    assert splits(32, 4, 4096, 7168, True) == 1    # four tokens: 128 units
+    assert splits(128, 1, 2880, 2880, False) == 1  # 23 K blocks split evenly in neither 2 nor 4
 
 
 @pytest.mark.parametrize("narrow_last_tile", [False, True])

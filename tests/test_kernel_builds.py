@@ -15,7 +15,7 @@ import re
 import pytest
 
 from mxfp8_moe.gemm.device import DeviceInfo
-from mxfp8_moe.gemm.heuristics import candidate_specs, choose_spec
+from mxfp8_moe.gemm.heuristics import candidate_specs, choose_spec, wgmma_spec
 from mxfp8_moe.gemm.families import SimtSpec
 from mxfp8_moe.gemm.spec import DEFAULT_VARIANT, KernelSpec, Variant
 from mxfp8_moe.jit import inspect
@@ -74,8 +74,11 @@ def _specs() -> list[KernelSpec]:
     # down GEMM (6 K blocks, chains of 3 + 3) and 10 K blocks (4 + 4 + 2).
     for k in (768, 1280):
         specs.update(dict.fromkeys(s for s in _candidates("sm_90a", 2048, k, False, 128) if s.family == "wgmma"))
-    # K split in clusters of 2 (DeepSeek-V3's down at one token; SHAPES[0] splits in 4 there).
-    specs.update(dict.fromkeys(s for s in _candidates("sm_90a", 7168, 2048, False, 32) if s.family == "wgmma"))
+    # K split in clusters (off in the heuristic until run on a GPU): DeepSeek-V3 EP8 at one token,
+    # gate_up in 4 and down in 2.
+    hopper = DeviceInfo.for_arch("sm_90a")
+    for n, k, gated, k_granularity in ((4096, 7168, True, 128), (7168, 2048, False, 32)):
+        specs[wgmma_spec(hopper, 32, 1, 1.0, n, k, k_granularity, gated, split_k=True)] = None
     # MXFP4 weights (gpt-oss: both GEMMs, its epilogue; the model shapes) on sm_12x, and on sm_90a
     # the software-scaled and emulated forms the H100 tests run.
     for variant, shapes in ((GPT_OSS_GATE_UP, ((5760, 2880, True),)), (MXFP4, ((2880, 2880, False), *SM120_MODEL_SHAPES))):
@@ -84,10 +87,11 @@ def _specs() -> list[KernelSpec]:
     specs[_largest(_candidates("sm_121a", 5760, 2880, True, 32, variant=GPT_OSS_GATE_UP))] = None
     for mode in ("software", "emulated"):
         specs[_largest(_candidates("sm_90a", 5760, 2880, True, 32, mode, variant=GPT_OSS_GATE_UP))] = None
-    # ... and every wgmma configuration gpt-oss's GEMMs take on sm_90a (weights widened to e4m3).
+    # ... and every wgmma configuration gpt-oss's GEMMs would take on sm_90a (weights widened to
+    # e4m3; off in the heuristic until run on a GPU), decode to prefill.
     for variant, (n, k, gated) in ((GPT_OSS_GATE_UP_HALVES, (5760, 2880, True)), (GPT_OSS_DOWN, (2880, 2880, False))):
-        specs.update(dict.fromkeys(s for s in _candidates("sm_90a", n, k, gated, 32, variant=variant)
-                                   if s.family == "wgmma"))
+        for rows in (1.0, 40.0, 70.0, 1000.0):
+            specs[wgmma_spec(hopper, NUM_EXPERTS, NUM_EXPERTS, rows, n, k, 32, gated, variant)] = None
     return list(specs)
 
 
@@ -218,6 +222,7 @@ def test_mma_host_and_kernel_agree_on_shared_memory():
 def test_subset_covers_wgmma_token_tiles():
     assert {s.block_t for s in WGMMA_SPECS} >= {32, 128} and {s.k_granularity for s in WGMMA_SPECS} == {32, 128}
     assert {s.splits for s in WGMMA_SPECS} == {1, 2, 4}
+    assert {s.block_t for s in WGMMA_SPECS if s.variant.weights == "e2m1"} == {32, 64, 96, 128}
 
 
 def test_subset_covers_both_scale_modes_on_sm120():

@@ -2,10 +2,10 @@
 the CUDA kernels, against the float64 reference of the same quantized inputs (GPU only).
 
 Each case draws fresh data and poisons `out` with NaN. The kernel under test is chosen by the
-heuristic (on sm_90a wgmma, MXFP4 weights widened to e4m3 in shared memory, and mma.sync for
-interleaved rows or K-major scales; mma.sync on other tensor-core GPUs), by
-MXFP8_MOE_SCALE_MODE=emulated (the sm_120a block-scaled path, its MMA emulated), or launched
-directly (the portable kernel).
+heuristic (mma.sync for MXFP4 and interleaved rows on every tensor-core GPU, wgmma on sm_90a for
+the rest), by MXFP8_MOE_SCALE_MODE=emulated (the sm_120a block-scaled path, its MMA emulated), or
+launched directly (the portable kernel; the wgmma kernel with MXFP4 weights, widened to e4m3 in
+shared memory, which the heuristic leaves off until these tests and the benchmark have run).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from mxfp8_moe import (GatedActivation, moe_gemm_mxfp8_mxfp4_nt_groupwise, moe_g
 from mxfp8_moe.gemm import launch
 from mxfp8_moe.gemm.device import current_stream, device_info
 from mxfp8_moe.gemm.families import SimtSpec
-from mxfp8_moe.gemm.heuristics import WGMMA_ARCHS
+from mxfp8_moe.gemm.heuristics import WGMMA_ARCHS, WGMMA_TAKES_MXFP4, wgmma_spec
 from mxfp8_moe.gemm.launch import get_kernel
 from mxfp8_moe.gemm.spec import EpilogueArguments, Variant
 from mxfp8_moe.layout import to_k_major
@@ -85,8 +85,35 @@ def test_mxfp4_weights(name, bias, scales, served, monkeypatch, fresh_memos):
         operands = (a, b, to_k_major(a_scale), to_k_major(b_scale), m_indptr)
     check(moe_gemm_mxfp8_mxfp4_nt_groupwise, operands, bias_tensor, ACTIVATIONS[name], 32)
     interleaved = ACTIVATIONS[name] is not None and ACTIVATIONS[name].layout == "interleaved"
-    wgmma = device_info(0).arch in WGMMA_ARCHS and scales == "auto" and not interleaved
+    wgmma = WGMMA_TAKES_MXFP4 and device_info(0).arch in WGMMA_ARCHS and scales == "auto" and not interleaved
     assert served == ["wgmma" if wgmma else "mma"]
+
+
+@pytest.mark.parametrize("rows", [ROWS, [0, 3, 0, 250, 600, 1]], ids=["small", "prefill"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("name", ["plain", "swiglu", "clamped"])
+def test_mxfp4_on_the_wgmma_kernel(name, bias, rows):
+    device = device_info(0)
+    if device.arch not in WGMMA_ARCHS:
+        pytest.skip(f"the wgmma kernel needs sm_90a, this GPU is {device.arch}")
+    activation = ACTIVATIONS[name]
+    n, k = (512, 2880) if activation else (320, 2880)
+    m_indptr = indptr(rows, "cuda")
+    a, a_scale = quantize_activations(torch.randn(sum(rows), k, device="cuda"), m_indptr, 32)
+    b, b_scale = quantize_weights_mxfp4(torch.randn(len(rows), n, k, device="cuda") * 0.05)
+    bias_tensor = torch.randn(len(rows), n, device="cuda") if bias else None
+    variant = Variant("e2m1", activation.kind if activation else "swiglu", False, bias)
+    expected_rows = sum(rows) / sum(r > 0 for r in rows)
+    spec = wgmma_spec(device, len(rows), sum(r > 0 for r in rows), expected_rows, n, k, 32, activation is not None,
+                      variant)
+    out = torch.full((sum(rows), n // 2 if activation else n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    get_kernel(spec, 0)(a, b, a_scale, b_scale, m_indptr, out, current_stream(0), EpilogueArguments(
+        bias_tensor, *((activation.alpha, activation.limit) if activation else (0.0, 0.0))))
+    expected = reference_moe_gemm(a, b, a_scale, b_scale, m_indptr, k_granularity=32, is_gated=activation is not None,
+                                  accumulate_dtype=torch.float64, bias=bias_tensor,
+                                  activation=activation or GatedActivation())
+    assert not torch.isnan(out).any(), "output has unwritten (NaN) elements"
+    assert relative_error(out, expected) <= TOLERANCE
 
 
 @pytest.mark.parametrize("tokens", [1, 40, 900])

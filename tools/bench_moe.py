@@ -167,15 +167,17 @@ def bench_cell(model, gemm, tokens, k_granularity, bandwidth, peak, peers):
                                                    out=out, is_gated=gated)
 
     impls = {"mxfp8_moe_us": [ours(r) for r in routings]}
-    # Both tensor-core kernels on every cell where both exist: the data behind the kernel choice
-    # (the wgmma one unsplit, so that a cell the heuristic splits in K shows the split's effect).
+    # Both tensor-core kernels on every cell where both exist: the data behind the kernel choice;
+    # and the wgmma kernel split over K where wgmma_spec would split it (off in the heuristic
+    # until measured).
     if device.arch in WGMMA_ARCHS:
         active = min(experts, cum_m)
-        wgmma = wgmma_spec(device, experts, active, cum_m / active, n, k, k_granularity, gated)
+        split = wgmma_spec(device, experts, active, cum_m / active, n, k, k_granularity, gated, split_k=True)
         kernels = {"mma_sync_us": choose_spec(device=device, num_experts=experts, cum_m=int(cum_m), n=n, k=k,
                                               k_granularity=k_granularity, gated=gated, scale_mode="auto",
                                               allow_wgmma=False),
-                   "wgmma_us": wgmma and dataclasses.replace(wgmma, splits=1)}
+                   "wgmma_us": split and dataclasses.replace(split, splits=1),
+                   "wgmma_split_k_us": split if split is not None and split.splits > 1 else None}
         for name, kernel_spec in kernels.items():
             if kernel_spec is not None:
                 impls[name] = [direct(get_kernel(kernel_spec, 0), b, b_scale, r) for r in routings]
@@ -274,6 +276,7 @@ def main() -> None:
                     print(f"{model} {gemm} T={tokens} kg={kg}: roofline {row['roofline_us']:.1f} us, "
                           f"mxfp8_moe {row['mxfp8_moe_us']:.1f} us ({row['kernel']}), "
                           f"mma.sync {row.get('mma_sync_us')}, wgmma {row.get('wgmma_us')}, "
+                          f"wgmma split K {row.get('wgmma_split_k_us')}, "
                           f"torch fp8 {row.get('torch_fp8_rowwise_us')}", flush=True)
     result = {"device": torch.cuda.get_device_name(), "copy_bandwidth": bandwidth, "fp8_peak_flops": peak,
               "host_cost_s": host, "rows": rows}

@@ -5,9 +5,9 @@ Method as tools/bench_moe.py (rotated routings in one CUDA graph, best of two ro
 order); the HBM floor counts 4 bits per weight plus its scales. gate_up runs gpt-oss's epilogue
 (its bias and clamped SwiGLU) in both of this package's ops, on [up; gate] halves (the layout a
 loader de-interleaves the checkpoint's rows into once, and the one the Hopper wgmma kernel takes);
-down its bias. On Hopper a further column runs W4A8 on the mma.sync kernel (K-major scales, which
-the wgmma kernel's TMA cannot read, select it), the one family that reads the packed weights
-straight into registers.
+down its bias. On Hopper a further column launches the wgmma kernel with MXFP4 weights (widened to
+e4m3 in shared memory) directly: the heuristic leaves it off until it has run (the op's W4A8 column
+is the mma.sync kernel there).
 
     python tools/bench_w4a8.py --out w4a8.json       # also w4a8.md
 """
@@ -31,7 +31,11 @@ from bench_moe import ROUTINGS, copy_bandwidth, time_in_rounds, torch_bf16_group
 
 from mxfp8_moe import (k_align, m_padded, moe_gemm_mxfp8_mxfp4_nt_groupwise, moe_gemm_mxfp8_nt_groupwise,  # noqa: E402
                        quantize_activations, quantize_weights, quantize_weights_mxfp4)
-from mxfp8_moe.layout import to_k_major  # noqa: E402
+from mxfp8_moe.gemm.device import current_stream, device_info  # noqa: E402
+from mxfp8_moe.gemm.heuristics import WGMMA_ARCHS, wgmma_spec  # noqa: E402
+from mxfp8_moe.gemm.launch import get_kernel  # noqa: E402
+from mxfp8_moe.gemm.spec import EpilogueArguments, Variant  # noqa: E402
+from mxfp8_moe.epilogue import GPT_OSS_ALPHA, GPT_OSS_LIMIT  # noqa: E402
 
 MODELS = {"gpt-oss-120b": 128, "gpt-oss-20b": 32}  # experts; hidden = intermediate = 2880, top-4
 HIDDEN, TOP_K = 2880, 4
@@ -65,18 +69,23 @@ def bench_cell(model: str, gemm: str, tokens: int, bandwidth: float, peers: bool
     floor_w4 = (active * n * (k // 2 + scale_bytes) + active * n * 4 + act_bytes) / bandwidth  # + the bias
     floor_w8 = (active * n * (k + scale_bytes) + active * n * 4 + act_bytes) / bandwidth
 
-    def call(op, weights, k_major=False):
+    def call(op, weights):
         def bind(r):
             _, m_indptr, a, a_scale, out = r
-            b, b_scale = weights
-            if k_major:
-                a_scale, b_scale = to_k_major(a_scale), to_k_major(b_scale)
-            return lambda: op(a, b, a_scale, b_scale, m_indptr, (1, 1, 32), out=out, **epilogue)
+            return lambda: op(a, weights[0], a_scale, weights[1], m_indptr, (1, 1, 32), out=out, **epilogue)
         return [bind(r) for r in routings]
 
     impls = {"w4a8_us": call(moe_gemm_mxfp8_mxfp4_nt_groupwise, mxfp4), "mxfp8_us": call(moe_gemm_mxfp8_nt_groupwise, mxfp8)}
-    if torch.cuda.get_device_capability() == (9, 0):
-        impls["w4a8_mma_us"] = call(moe_gemm_mxfp8_mxfp4_nt_groupwise, mxfp4, k_major=True)
+    device = device_info(0)
+    if device.arch in WGMMA_ARCHS:
+        variant = Variant("e2m1", "clamped_swiglu" if gated else "swiglu", False, True)
+        spec = wgmma_spec(device, experts, round(active), cum_m / active, n, k, 32, gated, variant)
+        kernel, arguments = get_kernel(spec, 0), EpilogueArguments(bias, GPT_OSS_ALPHA, GPT_OSS_LIMIT)
+
+        def direct(r):
+            _, m_indptr, a, a_scale, out = r
+            return lambda: kernel(a, mxfp4[0], a_scale, mxfp4[1], m_indptr, out, current_stream(0), arguments)
+        impls["w4a8_wgmma_us"] = [direct(r) for r in routings]
     if peers:
         w_bf16 = w.to(torch.bfloat16).transpose(1, 2)
         impls["torch_bf16_grouped_us"] = [torch_bf16_grouped(w_bf16, r) for r in routings]
@@ -87,7 +96,7 @@ def bench_cell(model: str, gemm: str, tokens: int, bandwidth: float, peers: bool
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| model | GEMM | T | W4 floor us | W4A8 us (% of floor) | W4A8 mma.sync us | MXFP8 op us | W4A8 speedup "
+    lines = ["| model | GEMM | T | W4 floor us | W4A8 us (% of floor) | W4A8 wgmma us | MXFP8 op us | W4A8 speedup "
              "| torch bf16 us |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
 
@@ -96,7 +105,7 @@ def markdown(rows: list[dict]) -> str:
 
     for r in rows:
         lines.append(f"| {r['model']} | {r['gemm']} {r['n']}x{r['k']} | {r['tokens']} | {r['floor_w4_us']:.1f} | "
-                     f"{r['w4a8_us']:.1f} ({100 * r['floor_w4_us'] / r['w4a8_us']:.0f}%) | {us(r.get('w4a8_mma_us'))} | "
+                     f"{r['w4a8_us']:.1f} ({100 * r['floor_w4_us'] / r['w4a8_us']:.0f}%) | {us(r.get('w4a8_wgmma_us'))} | "
                      f"{r['mxfp8_us']:.1f} | {r['mxfp8_us'] / r['w4a8_us']:.2f}x | {us(r.get('torch_bf16_grouped_us'))} |")
     return "\n".join(lines) + "\n"
 

@@ -38,6 +38,12 @@ WGMMA_MAX_STAGES = 5
 # units are fewer than the SMs (one token on a few experts), splitting K puts more SMs to streaming
 # the weights. Only as many as keep every split's CTA on its own SM.
 WGMMA_SPLITS = (4, 2)
+# Kernel paths built and checked on the CPU (NVRTC for sm_90a: no spills, no serialized wgmma)
+# that no GPU has run yet: the heuristic leaves them off until the GPU tests pass and the
+# benchmarks' direct columns show them faster (docs/PERFORMANCE.md). Tests and benchmarks reach
+# them through wgmma_spec.
+WGMMA_TAKES_MXFP4 = False  # MXFP4 weights widened to e4m3 in shared memory (issue 14)
+WGMMA_SPLITS_K = False  # decode units split over K in clusters (issue 15)
 # Cost of a token tile beside the columns it multiplies, in token columns: a fixed part (its
 # epilogue, its weight tile's trip from L2 or HBM) and, per row of its token box, the copy of that
 # row (the box is the whole tile even where the expert's rows end; copied, not multiplied: 1/8).
@@ -103,11 +109,11 @@ def choose_spec(*, device: DeviceInfo, num_experts: int, cum_m: int, n: int, k: 
     """The kernel for a call shape. `aligned`: a, b and out allow 16-byte vectors (else the SIMT
     kernel); `allow_wgmma`: the scales are laid out as the wgmma kernel's TMA reads them; `variant`:
     weight format and epilogue (interleaved gate and up rows run on mma.sync, whose tiles gather
-    rows one by one)."""
+    rows one by one; so do MXFP4 weights while WGMMA_TAKES_MXFP4 is off)."""
     portable = SimtSpec(device.arch, n, k, k_granularity, gated, variant=variant)
     if not (tensor_core_capable(device) and aligned):
         return portable
-    allow_wgmma = allow_wgmma and not variant.interleaved
+    allow_wgmma = allow_wgmma and not variant.interleaved and (variant.weights == "e4m3" or WGMMA_TAKES_MXFP4)
 
     active_experts = max(1, min(num_experts, cum_m))
     rows = cum_m / active_experts
@@ -148,16 +154,17 @@ def choose_spec(*, device: DeviceInfo, num_experts: int, cum_m: int, n: int, k: 
 
 
 def wgmma_spec(device: DeviceInfo, num_experts: int, active_experts: int, rows: float, n: int, k: int,
-               k_granularity: int, gated: bool, variant: Variant = DEFAULT_VARIANT) -> WgmmaSpec | None:
-    """The wgmma kernel with as many pipeline stages as fit (None if two do not), its K split when
-    the expected units leave SMs idle."""
+               k_granularity: int, gated: bool, variant: Variant = DEFAULT_VARIANT, *,
+               split_k: bool = WGMMA_SPLITS_K) -> WgmmaSpec | None:
+    """The wgmma kernel with as many pipeline stages as fit (None if two do not); with `split_k`,
+    its K split over a cluster when the expected units leave SMs idle."""
     if (n // 2 if gated else n) % (64 if gated else 16):
         return None  # gated tiles pair 64 up rows with 64 gate rows
     block_t = wgmma_token_tile(rows, narrow_last_tile=k_granularity == WGMMA_NARROW_LAST_TILE_K_GRANULARITY)
     spec = WgmmaSpec(device.arch, n, k, k_granularity, gated, block_t=block_t, stages=1, variant=variant)
     units = active_experts * math.ceil(rows / block_t) * ceil_div(spec.n_out, spec.block_n)
     k_blocks = ceil_div(k, STAGE_K_BYTES)
-    splits = next((s for s in WGMMA_SPLITS if k_blocks % s == 0 and units * s <= device.num_sms), 1)
+    splits = next((s for s in WGMMA_SPLITS if split_k and k_blocks % s == 0 and units * s <= device.num_sms), 1)
     spec = dataclasses.replace(spec, splits=splits)
     budget = device.shared_memory_limit - _PER_BLOCK_RESERVE - (spec.dynamic_shared_bytes(num_experts)
                                                                  - spec.pipeline_bytes())
