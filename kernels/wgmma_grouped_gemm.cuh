@@ -46,6 +46,7 @@ namespace mxfp8_moe {
 struct WgmmaTensorMaps {
     ptx::TensorMap tokens;         // a as (cum_m, K) bytes; box BLOCK_T rows x 128 bytes, 128-byte swizzle
     ptx::TensorMap weights;        // b as (E * N, K) bytes; box 64 rows x 128 bytes, 128-byte swizzle
+                                   // (MXFP4: (E * N, K / 2) bytes; box 64 rows x 64 bytes, unswizzled)
     ptx::TensorMap token_scales;   // a_scale as (k_align, m_padded) words; box 1 x BLOCK_T
     ptx::TensorMap weight_scales;  // b_scale as (E, k_align, N) words; box 1 x 1 x 64
     ptx::TensorMap output;         // out as (cum_m, N or N / 2) bf16; box BLOCK_T x 64, 128-byte swizzle

@@ -95,6 +95,9 @@ def test_split_k_where_units_leave_sms_idle():
     assert splits(32, 1, 7168, 2048, False) == 2   # ... down: 56 units
     assert splits(32, 4, 4096, 7168, True) == 1    # four tokens: 128 units
     assert splits(128, 1, 2880, 2880, False) == 1  # 23 K blocks split evenly in neither 2 nor 4
+    # Prefill-sized tiles are never split (shared memory for the slots, consumer registers).
+    prefill = wgmma_spec(hopper, 32, 1, 100.0, 4096, 7168, 128, True, split_k=True)
+    assert prefill is not None and (prefill.block_t, prefill.splits) == (128, 1)
 
 
 @pytest.mark.parametrize("narrow_last_tile", [False, True])

@@ -154,7 +154,7 @@ class _RecordingKernel:
     def __init__(self, cubin, entry, device_index, threads, programmatic):
         self.launched: list[bytes] = []
 
-    def resident_blocks(self, shared_bytes):
+    def resident_blocks(self, shared_bytes, cluster=1):
         return 132
 
     def launch(self, grid, shared_bytes, stream, pointers):

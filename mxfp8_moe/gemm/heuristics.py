@@ -38,6 +38,7 @@ WGMMA_MAX_STAGES = 5
 # units are fewer than the SMs (one token on a few experts), splitting K puts more SMs to streaming
 # the weights. Only as many as keep every split's CTA on its own SM.
 WGMMA_SPLITS = (4, 2)
+WGMMA_SPLIT_MAX_TOKEN_TILE = 64
 # Kernel paths built and checked on the CPU (NVRTC for sm_90a: no spills, no serialized wgmma)
 # that no GPU has run yet: the heuristic leaves them off until the GPU tests pass and the
 # benchmarks' direct columns show them faster (docs/PERFORMANCE.md). Tests and benchmarks reach
@@ -157,19 +158,24 @@ def wgmma_spec(device: DeviceInfo, num_experts: int, active_experts: int, rows: 
                k_granularity: int, gated: bool, variant: Variant = DEFAULT_VARIANT, *,
                split_k: bool = WGMMA_SPLITS_K) -> WgmmaSpec | None:
     """The wgmma kernel with as many pipeline stages as fit (None if two do not); with `split_k`,
-    its K split over a cluster when the expected units leave SMs idle."""
+    its K split over a cluster when the expected units leave SMs idle, on decode tiles only (at
+    wider ones rank 0's slots crowd out the pipeline, and a split kernel's consumers, 224
+    registers, spill at 128 tokens)."""
     if (n // 2 if gated else n) % (64 if gated else 16):
         return None  # gated tiles pair 64 up rows with 64 gate rows
     block_t = wgmma_token_tile(rows, narrow_last_tile=k_granularity == WGMMA_NARROW_LAST_TILE_K_GRANULARITY)
-    spec = WgmmaSpec(device.arch, n, k, k_granularity, gated, block_t=block_t, stages=1, variant=variant)
-    units = active_experts * math.ceil(rows / block_t) * ceil_div(spec.n_out, spec.block_n)
+    unsplit = WgmmaSpec(device.arch, n, k, k_granularity, gated, block_t=block_t, stages=1, variant=variant)
+    units = active_experts * math.ceil(rows / block_t) * ceil_div(unsplit.n_out, unsplit.block_n)
     k_blocks = ceil_div(k, STAGE_K_BYTES)
-    splits = next((s for s in WGMMA_SPLITS if split_k and k_blocks % s == 0 and units * s <= device.num_sms), 1)
-    spec = dataclasses.replace(spec, splits=splits)
-    budget = device.shared_memory_limit - _PER_BLOCK_RESERVE - (spec.dynamic_shared_bytes(num_experts)
-                                                                 - spec.pipeline_bytes())
-    stages = min(WGMMA_MAX_STAGES, budget // spec.pipeline_bytes())
-    return dataclasses.replace(spec, stages=stages) if stages >= 2 else None
+    splits = [s for s in WGMMA_SPLITS if split_k and block_t <= WGMMA_SPLIT_MAX_TOKEN_TILE and k_blocks % s == 0
+              and units * s <= device.num_sms]
+    for spec in [dataclasses.replace(unsplit, splits=s) for s in splits] + [unsplit]:
+        budget = device.shared_memory_limit - _PER_BLOCK_RESERVE - (spec.dynamic_shared_bytes(num_experts)
+                                                                     - spec.pipeline_bytes())
+        stages = min(WGMMA_MAX_STAGES, budget // spec.pipeline_bytes())
+        if stages >= 2:
+            return dataclasses.replace(spec, stages=stages)
+    return None
 
 
 def wgmma_token_tile(rows: float, narrow_last_tile: bool) -> int:

@@ -47,7 +47,7 @@ class GemmKernel:
     def launch_config(self, num_experts: int, cum_m: int) -> tuple[tuple[int, int, int], int]:
         """(grid, dynamic shared bytes) of a launch over this many experts and rows."""
         shared = self.spec.dynamic_shared_bytes(num_experts)
-        return self.spec.grid(num_experts, cum_m, self.kernel.resident_blocks(shared)), shared
+        return self.spec.grid(num_experts, cum_m, self.kernel.resident_blocks(shared, self.spec.cluster)), shared
 
     def __call__(self, a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
                  m_indptr: torch.Tensor, out: torch.Tensor, stream: int,

@@ -168,6 +168,11 @@ class KernelSpec(abc.ABC):
     def threads(self) -> int:
         """Threads per block."""
 
+    @property
+    def cluster(self) -> int:
+        """Blocks per thread-block cluster (the kernel's __cluster_dims__), 1 without clusters."""
+        return 1
+
     @abc.abstractmethod
     def source(self) -> str:
         """The CUDA source that instantiates the kernel as ENTRY."""
@@ -178,7 +183,8 @@ class KernelSpec(abc.ABC):
 
     @abc.abstractmethod
     def grid(self, num_experts: int, cum_m: int, resident_blocks: int) -> tuple[int, int, int]:
-        """The launch grid; `resident_blocks`: how many blocks fit on the device at once."""
+        """The launch grid; `resident_blocks`: how many blocks fit on the device at once (in whole
+        clusters)."""
 
     def arguments(self, a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
                   m_indptr: torch.Tensor, out: torch.Tensor, epilogue: EpilogueArguments) -> tuple[ctypes.Structure, ...]:

@@ -116,22 +116,33 @@ class LoadedKernel:
                 driver.cuCtxPopCurrent()
         self._resident = BoundedMemo(256)  # per dynamic shared size
 
-    def resident_blocks(self, dynamic_shared: int) -> int:
-        """How many blocks fit on the whole device at once: the size of a persistent grid."""
-        blocks = self._resident.get(dynamic_shared)
+    def resident_blocks(self, dynamic_shared: int, cluster: int = 1) -> int:
+        """How many blocks fit on the whole device at once: the size of a persistent grid. A
+        kernel built with clusters of `cluster` blocks counts whole clusters, which must each fit
+        in one GPC: fewer than the SMs divided by the cluster size where a GPC's SMs do not divide."""
+        blocks = self._resident.get((dynamic_shared, cluster))
         if blocks is None:
             pushed = _enter(self._context, self._context_id)
             try:
-                err, per_sm = driver.cuOccupancyMaxActiveBlocksPerMultiprocessor(
-                    self.function, self.threads, dynamic_shared)
+                if cluster == 1:
+                    err, per_sm = driver.cuOccupancyMaxActiveBlocksPerMultiprocessor(
+                        self.function, self.threads, dynamic_shared)
+                    resident = per_sm * self.num_sms
+                else:
+                    config = driver.CUlaunchConfig()
+                    config.gridDimX, config.gridDimY, config.gridDimZ = cluster, 1, 1
+                    config.blockDimX, config.blockDimY, config.blockDimZ = self.threads, 1, 1
+                    config.sharedMemBytes = dynamic_shared
+                    err, clusters = driver.cuOccupancyMaxActiveClusters(self.function, config)
+                    resident = clusters * cluster
             finally:
                 if pushed:
                     driver.cuCtxPopCurrent()
-            _check(err, "cuOccupancyMaxActiveBlocksPerMultiprocessor")
-            if per_sm < 1:
+            _check(err, "cuOccupancyMaxActiveClusters" if cluster > 1 else "cuOccupancyMaxActiveBlocksPerMultiprocessor")
+            if resident < 1:
                 raise DriverError(f"kernel cannot launch: {dynamic_shared} B of dynamic shared memory "
-                                  f"(limit {self.max_dynamic_shared} B), {self.threads} threads")
-            blocks = self._resident.put(dynamic_shared, per_sm * self.num_sms)
+                                  f"(limit {self.max_dynamic_shared} B), {self.threads} threads, clusters of {cluster}")
+            blocks = self._resident.put((dynamic_shared, cluster), resident)
         return blocks
 
     def launch(self, grid: tuple[int, int, int], dynamic_shared: int, stream: int, params_address: int) -> None:

@@ -74,12 +74,16 @@ class WgmmaSpec(KernelSpec):
     def threads(self) -> int:
         return (CONSUMERS + 1) * WARPGROUP
 
+    @property
+    def cluster(self) -> int:
+        return self.splits
+
     def source(self) -> str:
         # One block per SM in the launch bounds: setmaxnreg needs a register cap at entry.
         return entry_source("wgmma_grouped_gemm.cuh",
                             f"mxfp8_moe::WgmmaGemm<{self.n}, {self.k}, {self.k_granularity}, {str(self.gated).lower()}, "
                             f"{self.block_t}, {self.stages}, {self.splits}{self.variant.template_argument}>",
-                            tensor_maps="mxfp8_moe::WgmmaTensorMaps", min_blocks=1, cluster=self.splits)
+                            tensor_maps="mxfp8_moe::WgmmaTensorMaps", min_blocks=1, cluster=self.cluster)
 
     def stage_bytes(self) -> int:
         """Weight and token tiles, then the scale words and their floats (one set per k32 slice at
@@ -106,7 +110,7 @@ class WgmmaSpec(KernelSpec):
                 + self.epilogue_bytes())
 
     def grid(self, num_experts: int, cum_m: int, resident_blocks: int) -> tuple[int, int, int]:
-        return max(self.splits, resident_blocks // self.splits * self.splits), 1, 1  # persistent, whole clusters
+        return resident_blocks, 1, 1  # persistent
 
     def arguments(self, a, b, a_scale, b_scale, m_indptr, out, epilogue) -> tuple[ctypes.Structure, ...]:
         maps = WgmmaTensorMaps()
