@@ -17,7 +17,6 @@ heuristic picks.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import sys
@@ -172,12 +171,13 @@ def bench_cell(model, gemm, tokens, k_granularity, bandwidth, peak, peers):
     # until measured).
     if device.arch in WGMMA_ARCHS:
         active = min(experts, cum_m)
-        split = wgmma_spec(device, experts, active, cum_m / active, n, k, k_granularity, gated, split_k=True)
+        wgmma = {split_k: wgmma_spec(device, experts, active, cum_m / active, n, k, k_granularity, gated,
+                                     split_k=split_k) for split_k in (False, True)}
         kernels = {"mma_sync_us": choose_spec(device=device, num_experts=experts, cum_m=int(cum_m), n=n, k=k,
                                               k_granularity=k_granularity, gated=gated, scale_mode="auto",
                                               allow_wgmma=False),
-                   "wgmma_us": split and dataclasses.replace(split, splits=1),
-                   "wgmma_split_k_us": split if split is not None and split.splits > 1 else None}
+                   "wgmma_us": wgmma[False],
+                   "wgmma_split_k_us": wgmma[True] if wgmma[True] is not None and wgmma[True].splits > 1 else None}
         for name, kernel_spec in kernels.items():
             if kernel_spec is not None:
                 impls[name] = [direct(get_kernel(kernel_spec, 0), b, b_scale, r) for r in routings]
