@@ -308,7 +308,7 @@ struct WgmmaGemm {
         const int rank = ptx::cluster_rank();
         const int first = (warpgroup * kAccumulators / 4) * 128 + thread;  // this thread's first float4
         if (rank != 0) {
-            ptx::mbarrier_wait_cluster(slot_free_barrier(), (round & 1) ^ 1);
+            ptx::mbarrier_wait<true>(slot_free_barrier(), (round & 1) ^ 1);
             const u32 slot = ptx::map_shared(ptx::shared_address(tiles + kSlotsOffset + (rank - 1) * kSlotBytes), 0);
 #pragma unroll
             for (int j = 0; j < kAccumulators / 4; ++j)
@@ -316,7 +316,7 @@ struct WgmmaGemm {
             ptx::mbarrier_arrive_remote(ptx::map_shared(partials_barrier(), 0));
             return false;
         }
-        ptx::mbarrier_wait_cluster(partials_barrier(), round & 1);
+        ptx::mbarrier_wait<true>(partials_barrier(), round & 1);
 #pragma unroll 1
         for (int r = 1; r < SPLITS; ++r) {
             const u32x4* slot = reinterpret_cast<const u32x4*>(tiles + kSlotsOffset + (r - 1) * kSlotBytes);

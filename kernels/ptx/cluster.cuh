@@ -36,16 +36,6 @@ __device__ __forceinline__ void mbarrier_arrive_remote(u32 mapped_barrier) {
     asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" :: "r"(mapped_barrier) : "memory");
 }
 
-// Block until this CTA's mbarrier completes the phase with this parity, acquiring at cluster
-// scope what the arriving threads of other CTAs released.
-__device__ __forceinline__ void mbarrier_wait_cluster(u32 barrier, u32 parity) {
-    u32 done;
-    do {
-        asm volatile("{\n .reg .pred complete;\n"
-                     " mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 complete, [%1], %2;\n"
-                     " selp.u32 %0, 1, 0, complete;\n}\n"
-                     : "=r"(done) : "r"(barrier), "r"(parity) : "memory");
-    } while (!done);
-}
+// (The matching wait is ptx::mbarrier_wait<true>, in ptx/tma.cuh beside the other mbarrier operations.)
 
 }  // namespace mxfp8_moe::ptx

@@ -32,14 +32,22 @@ __device__ __forceinline__ void mbarrier_arrive_expect_tx(u32 barrier, u32 bytes
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" :: "r"(barrier), "r"(bytes) : "memory");
 }
 
-// Block until the phase with this parity has completed.
+// Block until the phase with this parity has completed. CLUSTER: acquire at cluster scope what
+// threads of other CTAs released by arriving remotely (ptx/cluster.cuh).
+template <bool CLUSTER = false>
 __device__ __forceinline__ void mbarrier_wait(u32 barrier, u32 parity) {
     u32 done;
     do {
-        asm volatile("{\n .reg .pred complete;\n"
-                     " mbarrier.try_wait.parity.shared::cta.b64 complete, [%1], %2;\n"
-                     " selp.u32 %0, 1, 0, complete;\n}\n"
-                     : "=r"(done) : "r"(barrier), "r"(parity) : "memory");
+        if constexpr (CLUSTER)
+            asm volatile("{\n .reg .pred complete;\n"
+                         " mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 complete, [%1], %2;\n"
+                         " selp.u32 %0, 1, 0, complete;\n}\n"
+                         : "=r"(done) : "r"(barrier), "r"(parity) : "memory");
+        else
+            asm volatile("{\n .reg .pred complete;\n"
+                         " mbarrier.try_wait.parity.shared::cta.b64 complete, [%1], %2;\n"
+                         " selp.u32 %0, 1, 0, complete;\n}\n"
+                         : "=r"(done) : "r"(barrier), "r"(parity) : "memory");
     } while (!done);
 }
 
