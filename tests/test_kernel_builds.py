@@ -194,6 +194,13 @@ def test_wgmma_sass(spec):
     assert counts["QMMA"] == counts["HMMA"] == 0, counts
     consumers = inspect.count_instructions(consumer_sass(sass_text), ("QGMMA", "LDL", "STL"))
     assert consumers["QGMMA"] >= 4 and consumers["LDL"] == consumers["STL"] == 0, consumers
+    # Split K: the cluster barriers at start and exit; MXFP4: the widening's byte permutes and
+    # 16-byte shared stores.
+    extras = inspect.count_instructions(sass_text, ("UCGABAR_ARV", "UCGABAR_WAIT", "PRMT", "STS.128"))
+    if spec.splits > 1:
+        assert extras["UCGABAR_ARV"] >= 2 and extras["UCGABAR_WAIT"] >= 2, extras
+    if spec.variant.weights == "e2m1":
+        assert extras["PRMT"] >= 16 and extras["STS.128"] >= 2, extras
 
 
 def test_wgmma_host_and_kernel_agree_on_shared_memory():
