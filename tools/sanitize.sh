@@ -6,15 +6,18 @@
 #   SANITIZE_TOOLS="racecheck synccheck" ...   # a subset of the tools
 set -u
 OUT=${OUT:-/tmp/out}
-TESTS=(tests/test_adversarial_gpu.py tests/test_activation_quant_gpu.py "tests/test_gemm_gpu.py")
+TESTS=(tests/test_adversarial_gpu.py tests/test_activation_quant_gpu.py tests/test_gemm_gpu.py tests/test_w4a8_gpu.py)
 # memcheck: adversarial m_indptr through the MMA and SIMT kernels, the fused quantizer, the
-# few-units (K warps) and emulated-scale configurations, and the wgmma kernel (sm_90a).
-BROAD="adversarial or quant or simt or wgmma or (model_shapes and qwen3-30b and (-1- or -16-))"
+# few-units (K warps) and emulated-scale configurations, the wgmma kernel (sm_90a; split K and
+# MXFP4 weights included), and MXFP4 on mma.sync.
+BROAD="adversarial or quant or simt or wgmma or split_k or (model_shapes and qwen3-30b and (-1- or -16-)) \
+or (mxfp4_weights and no-bias and not model_shapes)"
 # racecheck and synccheck replay every shared-memory access (~10 s a test): one case per kernel
 # family and configuration kind, on small problems (racecheck's host memory grows with the
 # problem: a test_wgmma_kernel case needs more than 128 GB).
 NARROW="(adversarial and decreasing and True) or empty_and_adversarial or wgmma_kernel_small \
-or (model_shapes and qwen3-30b and emulated and gate_up-1-)"
+or (model_shapes and qwen3-30b and emulated and gate_up-1-) or (wgmma_split_k and 32-True-2) \
+or (mxfp4_on_the_wgmma_kernel and clamped-bias-small)"
 status=0
 for tool in ${SANITIZE_TOOLS:-memcheck racecheck synccheck}; do
     select=$NARROW
