@@ -167,8 +167,8 @@ def wgmma_spec(device: DeviceInfo, num_experts: int, active_experts: int, rows: 
     unsplit = WgmmaSpec(device.arch, n, k, k_granularity, gated, block_t=block_t, stages=1, variant=variant)
     units = active_experts * math.ceil(rows / block_t) * ceil_div(unsplit.n_out, unsplit.block_n)
     k_blocks = ceil_div(k, STAGE_K_BYTES)
-    splits = [s for s in WGMMA_SPLITS if split_k and block_t <= WGMMA_SPLIT_MAX_TOKEN_TILE and k_blocks % s == 0
-              and units * s <= device.num_sms]
+    splittable = split_k and block_t <= WGMMA_SPLIT_MAX_TOKEN_TILE
+    splits = [s for s in WGMMA_SPLITS if splittable and k_blocks % s == 0 and units * s <= device.num_sms]
     for spec in [dataclasses.replace(unsplit, splits=s) for s in splits] + [unsplit]:
         budget = device.shared_memory_limit - _PER_BLOCK_RESERVE - (spec.dynamic_shared_bytes(num_experts)
                                                                      - spec.pipeline_bytes())
