@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from problems import indptr, routed_rows  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from deepgemm_peer import deepgemm_calls, unsupported  # noqa: E402
 from host_cost import decode_call, host_cost  # noqa: E402
 
 from mxfp8_moe import k_align, m_padded, moe_gemm_mxfp8_nt_groupwise, quantize_activations, quantize_weights  # noqa: E402
@@ -45,6 +46,7 @@ MODELS = {  # name: (experts, hidden, moe_intermediate, top_k)
 ROUTINGS = 6
 REPLAYS = 20
 MEASUREMENT_ROUNDS = 2
+PEERS = ("torch_", "deepgemm_")  # other libraries' columns: one that cannot run a cell is reported, not fatal
 
 
 def copy_bandwidth() -> float:
@@ -95,7 +97,7 @@ def graph_time(calls) -> float:
 def time_in_rounds(impls: dict[str, list]) -> dict[str, float | None]:
     """Seconds per call of each implementation (a list of per-routing closures): the best of
     MEASUREMENT_ROUNDS graph timings, taken in alternating order, because the first graph timed
-    in a cell runs measurably slower. A torch peer that cannot run the cell gets None."""
+    in a cell runs measurably slower. A peer that cannot run the cell gets None."""
     times: dict[str, float | None] = {}
     order = list(impls)
     for round_index in range(MEASUREMENT_ROUNDS):
@@ -105,7 +107,7 @@ def time_in_rounds(impls: dict[str, list]) -> dict[str, float | None]:
             try:
                 seconds = graph_time(impls[name])
             except Exception as error:  # noqa: BLE001 - a peer that cannot run this cell is reported, not fatal
-                if not name.startswith("torch_"):
+                if not name.startswith(PEERS):
                     raise
                 times[name] = None
                 print(f"  {name} failed: {str(error).splitlines()[0][:120]}", flush=True)
@@ -195,7 +197,15 @@ def bench_cell(model, gemm, tokens, k_granularity, bandwidth, peak, peers):
 
         impls["torch_fp8_rowwise_us"] = [torch_fp8(r) for r in routings]
         impls["torch_bf16_grouped_us"] = [torch_bf16_grouped(b_bf16, r) for r in routings]
-    row.update({name: seconds * 1e6 for name, seconds in time_in_rounds(impls).items()})
+        why_not = unsupported(n, k)
+        if why_not is None:
+            try:  # its JIT compile and its check against the dequantized product run here
+                impls["deepgemm_us"] = deepgemm_calls(w, [rows for rows, *_ in routings])
+            except Exception as error:  # noqa: BLE001 - reported, as a peer's failure in time_in_rounds
+                why_not = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+        if why_not is not None:
+            print(f"  no DeepGEMM column: {why_not}", flush=True)
+    row.update({name: seconds * 1e6 for name, seconds in time_in_rounds(impls).items() if seconds is not None})
     row["tflops"] = flops / row["mxfp8_moe_us"] / 1e6
     return row
 
@@ -231,8 +241,8 @@ def plot(result: dict, path: Path) -> None:
 def markdown(rows) -> str:
     """Percentages are of the roofline: the HBM floor, or FLOPs over the FP8 peak where larger."""
     head = ("| model | GEMM (N x K) | T | kg | active | floor us | roofline us | mxfp8_moe us (% roofline) | TFLOPS "
-            "| mma.sync us | wgmma us | torch FP8 rowwise us (% roofline) | torch bf16 us | speedup vs torch FP8 |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+            "| mma.sync us | wgmma us | torch FP8 rowwise us (% roofline) | torch bf16 us | DeepGEMM us (% roofline) "
+            "| speedup vs torch FP8 |\n" + "|---" * 15 + "|\n")
     lines = []
     for r in rows:
         fp8 = r.get("torch_fp8_rowwise_us")
@@ -243,7 +253,7 @@ def markdown(rows) -> str:
         lines.append(f"| {r['model']} | {r['gemm']} {r['n']}x{r['k']} | {r['tokens']} | {r['k_granularity']} "
                      f"| {r['active']:.0f} | {r['floor_us']:.1f} | {roofline:.1f} | {pct(r['mxfp8_moe_us'])} "
                      f"| {r.get('tflops', 0):.0f} | {us(r.get('mma_sync_us'))} | {us(r.get('wgmma_us'))} | {pct(fp8)} "
-                     f"| {us(r.get('torch_bf16_grouped_us'))} | {speedup} |")
+                     f"| {us(r.get('torch_bf16_grouped_us'))} | {pct(r.get('deepgemm_us'))} | {speedup} |")
     return head + "\n".join(lines) + "\n"
 
 
@@ -277,7 +287,7 @@ def main() -> None:
                           f"mxfp8_moe {row['mxfp8_moe_us']:.1f} us ({row['kernel']}), "
                           f"mma.sync {row.get('mma_sync_us')}, wgmma {row.get('wgmma_us')}, "
                           f"wgmma split K {row.get('wgmma_split_k_us')}, "
-                          f"torch fp8 {row.get('torch_fp8_rowwise_us')}", flush=True)
+                          f"torch fp8 {row.get('torch_fp8_rowwise_us')}, DeepGEMM {row.get('deepgemm_us')}", flush=True)
     result = {"device": torch.cuda.get_device_name(), "copy_bandwidth": bandwidth, "fp8_peak_flops": peak,
               "host_cost_s": host, "rows": rows}
     args.out.write_text(json.dumps(result, indent=1))
