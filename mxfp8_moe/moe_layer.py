@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .ops import grouped_gemm, quantize_activations_op
+from .ops import grouped_gemm, quantize_activations_op, route_topk_op
 from .quantize import quantize_weights
 
 
@@ -48,19 +48,9 @@ class Routing(NamedTuple):
 
 
 def route(router_logits: torch.Tensor, top_k: int, *, renormalize: bool = True) -> Routing:
-    """Softmax top-k routing and the permutation of token copies into expert order."""
-    num_experts = router_logits.shape[-1]
-    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
-    weights, experts = probs.topk(top_k, dim=-1)
-    if renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    # A stable sort keeps each expert's rows in token order. The offsets come from a search of the
-    # sorted ids rather than bincount(minlength=E).cumsum: bincount's length is max(max(id) + 1, E),
-    # data-dependent to a tracer (a graph break, or an unbacked size), where this one is E + 1.
-    sorted_experts, order = experts.flatten().sort(stable=True)
-    boundaries = torch.arange(num_experts + 1, device=router_logits.device, dtype=sorted_experts.dtype)
-    m_indptr = torch.searchsorted(sorted_experts, boundaries, out_int32=True)
-    return Routing(order // top_k, weights.flatten()[order], m_indptr)
+    """Softmax top-k routing and the permutation of token copies into expert order (one launch on a
+    GPU for decode-sized batches: mxfp8_moe/routing.py)."""
+    return Routing(*route_topk_op(router_logits, top_k, renormalize))
 
 
 def combine(rows: torch.Tensor, routing: Routing, num_tokens: int) -> torch.Tensor:

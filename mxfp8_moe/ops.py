@@ -11,6 +11,8 @@ stream, so CUDA graphs capture it.
         Tensor m_indptr, int k_granularity, bool is_gated) -> Tensor
     torch.ops.mxfp8_moe.grouped_gemm_mxfp4(Tensor a, Tensor b, Tensor a_scale, Tensor b_scale,
         Tensor m_indptr, Tensor? bias, bool is_gated, str activation, float alpha, float limit) -> Tensor
+    torch.ops.mxfp8_moe.route_topk(Tensor router_logits, int top_k, bool renormalize)
+        -> (Tensor, Tensor, Tensor)
 
 Schemas are spelled out rather than inferred from type hints, so they read the same on every
 torch >= 2.4.
@@ -22,6 +24,7 @@ from .api import moe_gemm_mxfp8_mxfp4_nt_groupwise, moe_gemm_mxfp8_nt_groupwise
 from .epilogue import GPT_OSS_ALPHA, GPT_OSS_LIMIT
 from .layout import k_align, m_padded
 from .quantize import quantize_activations
+from .routing import route_topk
 
 
 @torch.library.custom_op(
@@ -84,6 +87,23 @@ def _(a, b, a_scale, b_scale, m_indptr, bias, is_gated, activation, alpha, limit
     return _gemm_output(a, b, is_gated)
 
 
+@torch.library.custom_op(
+    "mxfp8_moe::route_topk",
+    mutates_args=(),
+    schema="(Tensor router_logits, int top_k, bool renormalize) -> (Tensor, Tensor, Tensor)",
+)
+def _route_topk(router_logits: torch.Tensor, top_k: int,
+                renormalize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return route_topk(router_logits, top_k, renormalize)
+
+
+@_route_topk.register_fake
+def _(router_logits, top_k, renormalize):
+    rows = router_logits.shape[0] * top_k
+    return (router_logits.new_empty((rows,), dtype=torch.int64), router_logits.new_empty((rows,), dtype=torch.float32),
+            router_logits.new_empty((router_logits.shape[1] + 1,), dtype=torch.int32))
+
+
 def quantize_activations_op(
     x: torch.Tensor, m_indptr: torch.Tensor, k_granularity: int = 128
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,3 +140,9 @@ def grouped_gemm_mxfp4(
     a custom op."""
     return torch.ops.mxfp8_moe.grouped_gemm_mxfp4.default(a, b, a_scale, b_scale, m_indptr, bias, is_gated, activation,
                                                           alpha, limit)
+
+
+def route_topk_op(router_logits: torch.Tensor, top_k: int,
+                  renormalize: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`mxfp8_moe.routing.route_topk` as a custom op: (token, weight, m_indptr)."""
+    return torch.ops.mxfp8_moe.route_topk.default(router_logits, top_k, renormalize)

@@ -1,0 +1,148 @@
+"""Softmax top-k routing and the permutation of token copies into expert order.
+
+    probs = softmax(router_logits); weights, experts = top_k(probs), renormalized (or not)
+    rows in expert order, each expert's rows in token order; m_indptr the CSR offsets
+
+Two implementations with one result: on a GPU, for up to MAX_ROWS rows (T * top_k: decode and
+small prefill batches), one launch of kernels/route_topk.cuh; otherwise a few torch ops. Both run
+without a host sync. They agree exactly on experts, rows and offsets and to float rounding on
+weights (exp and the order of the sums differ); ties between equal logits go to the lower expert
+index in the kernel, where torch.topk leaves the order of ties unspecified.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import threading
+
+import torch
+
+from .gemm.device import current_stream, device_info
+from .jit.build import build
+from .jit.runtime import LoadedKernel, arch_name
+
+ENTRY = "mxfp8_moe_route_topk"
+THREADS = 512
+MAX_ROWS = 4096  # T * top_k per launch: the chosen experts and weights stay in 32 KB of shared memory
+MAX_EXPERTS = 1024  # 32 logits a lane
+MAX_TOP_K = 32  # one lane writes each choice
+
+
+class RouteParams(ctypes.Structure):
+    """Mirror of mxfp8_moe::RouteParams."""
+
+    _fields_ = [
+        ("logits", ctypes.c_void_p),
+        ("token", ctypes.c_void_p),
+        ("weight", ctypes.c_void_p),
+        ("m_indptr", ctypes.c_void_p),
+        ("num_tokens", ctypes.c_int32),
+    ]
+
+
+@dataclasses.dataclass(frozen=True)
+class RouteSpec:
+    """One specialization of the routing kernel (the interface of gemm.spec.KernelSpec: arch,
+    label, source)."""
+
+    arch: str
+    num_experts: int
+    top_k: int
+    bf16_logits: bool
+    renormalize: bool
+
+    @property
+    def label(self) -> str:
+        dtype = "bf16" if self.bf16_logits else "f32"
+        return f"route_topk_e{self.num_experts}_k{self.top_k}_{dtype}{'_renorm' if self.renormalize else ''}"
+
+    def source(self) -> str:
+        flags = f"{str(self.bf16_logits).lower()}, {str(self.renormalize).lower()}"
+        return (f'#include "route_topk.cuh"\n'
+                f'extern "C" __global__ void __launch_bounds__({THREADS}, 1) '
+                f"{ENTRY}(const __grid_constant__ mxfp8_moe::RouteParams params) {{\n"
+                f"    mxfp8_moe::route_topk<{self.num_experts}, {self.top_k}, {flags}, {MAX_ROWS}, {THREADS}>(params);\n"
+                f"}}\n")
+
+
+def kernel_takes(logits: torch.Tensor, top_k: int) -> bool:
+    """Whether the one-launch kernel routes these logits: a contiguous (T, E) float32 or bf16 CUDA
+    tensor of at most MAX_ROWS rows after top-k, E <= MAX_EXPERTS, top_k <= MAX_TOP_K."""
+    num_tokens, num_experts = logits.shape
+    return (logits.is_cuda and logits.dtype in (torch.float32, torch.bfloat16) and logits.is_contiguous()
+            and num_experts <= MAX_EXPERTS and top_k <= MAX_TOP_K and num_tokens * top_k <= MAX_ROWS
+            and device_info(logits.device.index).capability >= (7, 5))
+
+
+class _Router:
+    """One compiled specialization on one device, with its argument block."""
+
+    def __init__(self, spec: RouteSpec, device_index: int):
+        cubin, _ = build(spec.source(), arch=spec.arch, label=spec.label)
+        self.kernel = LoadedKernel(cubin, ENTRY, device_index, THREADS)
+        self.params = RouteParams()
+        self.pointers = (ctypes.c_void_p * 1)(ctypes.addressof(self.params))
+        self.lock = threading.Lock()
+
+    def __call__(self, logits, token, weight, m_indptr, stream: int) -> None:
+        with self.lock:
+            p = self.params
+            p.logits, p.token, p.weight, p.m_indptr = (logits.data_ptr(), token.data_ptr(), weight.data_ptr(),
+                                                       m_indptr.data_ptr())
+            p.num_tokens = logits.shape[0]
+            self.kernel.launch((1, 1, 1), 0, stream, ctypes.addressof(self.pointers))
+
+
+_routers: dict[tuple, _Router] = {}
+_lock = threading.Lock()
+
+
+def route_kernel(logits: torch.Tensor, top_k: int, renormalize: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(token, weight, m_indptr) by the one-launch kernel; the caller checked kernel_takes()."""
+    num_tokens, num_experts = logits.shape
+    device_index = logits.device.index
+    spec = RouteSpec(arch_name(device_info(device_index).capability), num_experts, top_k,
+                     logits.dtype == torch.bfloat16, renormalize)
+    key = (device_index, spec)
+    router = _routers.get(key)
+    if router is None:
+        with _lock:
+            router = _routers.get(key) or _routers.setdefault(key, _Router(spec, device_index))
+    token = torch.empty(num_tokens * top_k, dtype=torch.int64, device=logits.device)
+    weight = torch.empty(num_tokens * top_k, dtype=torch.float32, device=logits.device)
+    m_indptr = torch.empty(num_experts + 1, dtype=torch.int32, device=logits.device)
+    if num_tokens == 0:
+        return token, weight, m_indptr.zero_()
+    router(logits, token, weight, m_indptr, current_stream(device_index))
+    return token, weight, m_indptr
+
+
+def route_torch(logits: torch.Tensor, top_k: int, renormalize: bool
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(token, weight, m_indptr) by torch ops, on any device and batch size."""
+    num_experts = logits.shape[-1]
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    weights, experts = probs.topk(top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    # A stable sort keeps each expert's rows in token order. The offsets come from a search of the
+    # sorted ids rather than bincount(minlength=E).cumsum: bincount's length is max(max(id) + 1, E),
+    # data-dependent to a tracer (a graph break, or an unbacked size), where this one is E + 1.
+    sorted_experts, order = experts.flatten().sort(stable=True)
+    boundaries = torch.arange(num_experts + 1, device=logits.device, dtype=sorted_experts.dtype)
+    m_indptr = torch.searchsorted(sorted_experts, boundaries, out_int32=True)
+    return order // top_k, weights.flatten()[order], m_indptr
+
+
+def route_topk(logits: torch.Tensor, top_k: int, renormalize: bool = True
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(token, weight, m_indptr) for (T, E) router logits: (T * top_k,) int64 source tokens and
+    float32 weights of the expert-ordered rows, and (E + 1,) int32 offsets."""
+    if logits.dim() != 2 or not 1 <= top_k <= logits.shape[1]:
+        raise ValueError(f"router_logits must be (T, E) with 1 <= top_k <= E, got {tuple(logits.shape)} "
+                         f"and top_k {top_k}")
+    if kernel_takes(logits, top_k):
+        return route_kernel(logits, top_k, renormalize)
+    return route_torch(logits, top_k, renormalize)
