@@ -241,8 +241,8 @@ def plot(result: dict, path: Path) -> None:
 def markdown(rows) -> str:
     """Percentages are of the roofline: the HBM floor, or FLOPs over the FP8 peak where larger."""
     head = ("| model | GEMM (N x K) | T | kg | active | floor us | roofline us | mxfp8_moe us (% roofline) | TFLOPS "
-            "| mma.sync us | wgmma us | torch FP8 rowwise us (% roofline) | torch bf16 us | DeepGEMM us (% roofline) "
-            "| speedup vs torch FP8 |\n" + "|---" * 15 + "|\n")
+            "| mma.sync us | wgmma us | wgmma split K us | torch FP8 rowwise us (% roofline) | torch bf16 us "
+            "| DeepGEMM us (% roofline) | speedup vs torch FP8 |\n" + "|---" * 16 + "|\n")
     lines = []
     for r in rows:
         fp8 = r.get("torch_fp8_rowwise_us")
@@ -252,7 +252,8 @@ def markdown(rows) -> str:
         speedup = f"{fp8 / r['mxfp8_moe_us']:.2f}x" if fp8 else "-"
         lines.append(f"| {r['model']} | {r['gemm']} {r['n']}x{r['k']} | {r['tokens']} | {r['k_granularity']} "
                      f"| {r['active']:.0f} | {r['floor_us']:.1f} | {roofline:.1f} | {pct(r['mxfp8_moe_us'])} "
-                     f"| {r.get('tflops', 0):.0f} | {us(r.get('mma_sync_us'))} | {us(r.get('wgmma_us'))} | {pct(fp8)} "
+                     f"| {r.get('tflops', 0):.0f} | {us(r.get('mma_sync_us'))} | {us(r.get('wgmma_us'))} "
+                     f"| {us(r.get('wgmma_split_k_us'))} | {pct(fp8)} "
                      f"| {us(r.get('torch_bf16_grouped_us'))} | {pct(r.get('deepgemm_us'))} | {speedup} |")
     return head + "\n".join(lines) + "\n"
 
