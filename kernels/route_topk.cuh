@@ -8,8 +8,9 @@
 //      count per expert (integer atomics: the counts do not depend on their order);
 //   2. an exclusive scan of the counts -> m_indptr;
 //   3. a thread per expert walks the chosen (token, slot) pairs in order and writes its rows, so
-//      each expert's rows come in token order, as a stable sort would give (and as
-//      mxfp8_moe/moe_layer.py's torch path gives): the result is deterministic.
+//      each expert's rows come in token order, as a stable sort would give (and as the torch path
+//      of mxfp8_moe/routing.py gives): the result is deterministic. It also records where each
+//      pair went (slot_row), which the combine reads to gather a token's rows without atomics.
 // Ties between equal logits go to the lower expert index; NaN counts as the largest value, as in
 // torch.topk, so the chosen experts are always in [0, E).
 #pragma once
@@ -23,6 +24,7 @@ struct RouteParams {
     i64* token;          // (T * TOP_K,) the token of each expert-ordered row
     float* weight;       // (T * TOP_K,) its routing weight
     i32* m_indptr;       // (E + 1,)
+    i32* slot_row;       // (T * TOP_K,) the row that (token t, slot j) became, at t * TOP_K + j
     i32 num_tokens;      // T, with T * TOP_K <= MAX_ROWS (checked by the host)
 };
 
@@ -154,6 +156,7 @@ __device__ __forceinline__ void route_topk(const RouteParams& p) {
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 if (ids[i] == e) {
+                    p.slot_row[r + i] = position;
                     p.token[position] = (r + i) / TOP_K;
                     p.weight[position] = chosen_weight[r + i];
                     ++position;

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .ops import grouped_gemm, quantize_activations_op, route_topk_op
+from .ops import combine_op, grouped_gemm, quantize_activations_op, route_topk_op
 from .quantize import quantize_weights
 
 
@@ -45,6 +45,7 @@ class Routing(NamedTuple):
     token: torch.Tensor  # (T * top_k,) int64: the token each row copies
     weight: torch.Tensor  # (T * top_k,) float32: its routing weight
     m_indptr: torch.Tensor  # (E + 1,) int32: rows [m_indptr[e], m_indptr[e + 1]) go to expert e
+    slot_row: torch.Tensor  # (T * top_k,) int32: the row of token t's slot j, at t * top_k + j
 
 
 def route(router_logits: torch.Tensor, top_k: int, *, renormalize: bool = True) -> Routing:
@@ -54,10 +55,9 @@ def route(router_logits: torch.Tensor, top_k: int, *, renormalize: bool = True) 
 
 
 def combine(rows: torch.Tensor, routing: Routing, num_tokens: int) -> torch.Tensor:
-    """Weight the (T * top_k, H) expert-ordered rows and add each token's top_k rows, in float32."""
-    weighted = rows.float() * routing.weight.unsqueeze(1)
-    out = rows.new_zeros((num_tokens, rows.shape[1]), dtype=torch.float32)
-    return out.index_add_(0, routing.token, weighted).to(torch.bfloat16)
+    """Weight the (T * top_k, H) expert-ordered rows and add each token's top_k rows, in float32 and
+    in slot order (deterministic; mxfp8_moe/combine.py)."""
+    return combine_op(rows, routing.weight, routing.slot_row, num_tokens)
 
 
 def moe_forward(

@@ -12,7 +12,8 @@ stream, so CUDA graphs capture it.
     torch.ops.mxfp8_moe.grouped_gemm_mxfp4(Tensor a, Tensor b, Tensor a_scale, Tensor b_scale,
         Tensor m_indptr, Tensor? bias, bool is_gated, str activation, float alpha, float limit) -> Tensor
     torch.ops.mxfp8_moe.route_topk(Tensor router_logits, int top_k, bool renormalize)
-        -> (Tensor, Tensor, Tensor)
+        -> (Tensor, Tensor, Tensor, Tensor)
+    torch.ops.mxfp8_moe.combine(Tensor rows, Tensor weight, Tensor slot_row, int num_tokens) -> Tensor
 
 Schemas are spelled out rather than inferred from type hints, so they read the same on every
 torch >= 2.4.
@@ -24,6 +25,7 @@ from .api import moe_gemm_mxfp8_mxfp4_nt_groupwise, moe_gemm_mxfp8_nt_groupwise
 from .epilogue import GPT_OSS_ALPHA, GPT_OSS_LIMIT
 from .layout import k_align, m_padded
 from .quantize import quantize_activations
+from .combine import combine_rows
 from .routing import route_topk
 
 
@@ -90,10 +92,10 @@ def _(a, b, a_scale, b_scale, m_indptr, bias, is_gated, activation, alpha, limit
 @torch.library.custom_op(
     "mxfp8_moe::route_topk",
     mutates_args=(),
-    schema="(Tensor router_logits, int top_k, bool renormalize) -> (Tensor, Tensor, Tensor)",
+    schema="(Tensor router_logits, int top_k, bool renormalize) -> (Tensor, Tensor, Tensor, Tensor)",
 )
 def _route_topk(router_logits: torch.Tensor, top_k: int,
-                renormalize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                renormalize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return route_topk(router_logits, top_k, renormalize)
 
 
@@ -101,7 +103,22 @@ def _route_topk(router_logits: torch.Tensor, top_k: int,
 def _(router_logits, top_k, renormalize):
     rows = router_logits.shape[0] * top_k
     return (router_logits.new_empty((rows,), dtype=torch.int64), router_logits.new_empty((rows,), dtype=torch.float32),
-            router_logits.new_empty((router_logits.shape[1] + 1,), dtype=torch.int32))
+            router_logits.new_empty((router_logits.shape[1] + 1,), dtype=torch.int32),
+            router_logits.new_empty((rows,), dtype=torch.int32))
+
+
+@torch.library.custom_op(
+    "mxfp8_moe::combine",
+    mutates_args=(),
+    schema="(Tensor rows, Tensor weight, Tensor slot_row, int num_tokens) -> Tensor",
+)
+def _combine(rows: torch.Tensor, weight: torch.Tensor, slot_row: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    return combine_rows(rows, weight, slot_row, num_tokens)
+
+
+@_combine.register_fake
+def _(rows, weight, slot_row, num_tokens):
+    return rows.new_empty((num_tokens, rows.shape[1]), dtype=torch.bfloat16)
 
 
 def quantize_activations_op(
@@ -142,7 +159,12 @@ def grouped_gemm_mxfp4(
                                                           alpha, limit)
 
 
-def route_topk_op(router_logits: torch.Tensor, top_k: int,
-                  renormalize: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`mxfp8_moe.routing.route_topk` as a custom op: (token, weight, m_indptr)."""
+def route_topk_op(router_logits: torch.Tensor, top_k: int, renormalize: bool = True
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`mxfp8_moe.routing.route_topk` as a custom op: (token, weight, m_indptr, slot_row)."""
     return torch.ops.mxfp8_moe.route_topk.default(router_logits, top_k, renormalize)
+
+
+def combine_op(rows: torch.Tensor, weight: torch.Tensor, slot_row: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """`mxfp8_moe.combine.combine_rows` as a custom op: (num_tokens, H) bf16."""
+    return torch.ops.mxfp8_moe.combine.default(rows, weight, slot_row, num_tokens)

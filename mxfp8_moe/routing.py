@@ -1,7 +1,8 @@
 """Softmax top-k routing and the permutation of token copies into expert order.
 
     probs = softmax(router_logits); weights, experts = top_k(probs), renormalized (or not)
-    rows in expert order, each expert's rows in token order; m_indptr the CSR offsets
+    rows in expert order, each expert's rows in token order; m_indptr the CSR offsets;
+    slot_row: where each (token, slot) pair went, the inverse permutation the combine gathers by
 
 Two implementations with one result: on a GPU, for up to MAX_ROWS rows (T * top_k: decode and
 small prefill batches), one launch of kernels/route_topk.cuh; otherwise a few torch ops. Both run
@@ -37,6 +38,7 @@ class RouteParams(ctypes.Structure):
         ("token", ctypes.c_void_p),
         ("weight", ctypes.c_void_p),
         ("m_indptr", ctypes.c_void_p),
+        ("slot_row", ctypes.c_void_p),
         ("num_tokens", ctypes.c_int32),
     ]
 
@@ -85,11 +87,11 @@ class _Router:
         self.pointers = (ctypes.c_void_p * 1)(ctypes.addressof(self.params))
         self.lock = threading.Lock()
 
-    def __call__(self, logits, token, weight, m_indptr, stream: int) -> None:
+    def __call__(self, logits, token, weight, m_indptr, slot_row, stream: int) -> None:
         with self.lock:
             p = self.params
-            p.logits, p.token, p.weight, p.m_indptr = (logits.data_ptr(), token.data_ptr(), weight.data_ptr(),
-                                                       m_indptr.data_ptr())
+            p.logits, p.token, p.weight = logits.data_ptr(), token.data_ptr(), weight.data_ptr()
+            p.m_indptr, p.slot_row = m_indptr.data_ptr(), slot_row.data_ptr()
             p.num_tokens = logits.shape[0]
             self.kernel.launch((1, 1, 1), 0, stream, ctypes.addressof(self.pointers))
 
@@ -99,8 +101,8 @@ _lock = threading.Lock()
 
 
 def route_kernel(logits: torch.Tensor, top_k: int, renormalize: bool
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(token, weight, m_indptr) by the one-launch kernel; the caller checked kernel_takes()."""
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(token, weight, m_indptr, slot_row) by the one-launch kernel; the caller checked kernel_takes()."""
     num_tokens, num_experts = logits.shape
     device_index = logits.device.index
     spec = RouteSpec(arch_name(device_info(device_index).capability), num_experts, top_k,
@@ -113,15 +115,16 @@ def route_kernel(logits: torch.Tensor, top_k: int, renormalize: bool
     token = torch.empty(num_tokens * top_k, dtype=torch.int64, device=logits.device)
     weight = torch.empty(num_tokens * top_k, dtype=torch.float32, device=logits.device)
     m_indptr = torch.empty(num_experts + 1, dtype=torch.int32, device=logits.device)
+    slot_row = torch.empty(num_tokens * top_k, dtype=torch.int32, device=logits.device)
     if num_tokens == 0:
-        return token, weight, m_indptr.zero_()
-    router(logits, token, weight, m_indptr, current_stream(device_index))
-    return token, weight, m_indptr
+        return token, weight, m_indptr.zero_(), slot_row
+    router(logits, token, weight, m_indptr, slot_row, current_stream(device_index))
+    return token, weight, m_indptr, slot_row
 
 
 def route_torch(logits: torch.Tensor, top_k: int, renormalize: bool
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(token, weight, m_indptr) by torch ops, on any device and batch size."""
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(token, weight, m_indptr, slot_row) by torch ops, on any device and batch size."""
     num_experts = logits.shape[-1]
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
     weights, experts = probs.topk(top_k, dim=-1)
@@ -133,13 +136,16 @@ def route_torch(logits: torch.Tensor, top_k: int, renormalize: bool
     sorted_experts, order = experts.flatten().sort(stable=True)
     boundaries = torch.arange(num_experts + 1, device=logits.device, dtype=sorted_experts.dtype)
     m_indptr = torch.searchsorted(sorted_experts, boundaries, out_int32=True)
-    return order // top_k, weights.flatten()[order], m_indptr
+    positions = torch.arange(order.numel(), device=logits.device, dtype=torch.int32)
+    slot_row = torch.empty_like(positions).scatter_(0, order, positions)
+    return order // top_k, weights.flatten()[order], m_indptr, slot_row
 
 
 def route_topk(logits: torch.Tensor, top_k: int, renormalize: bool = True
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(token, weight, m_indptr) for (T, E) router logits: (T * top_k,) int64 source tokens and
-    float32 weights of the expert-ordered rows, and (E + 1,) int32 offsets."""
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(token, weight, m_indptr, slot_row) for (T, E) router logits: (T * top_k,) int64 source
+    tokens and float32 weights of the expert-ordered rows, (E + 1,) int32 offsets, and (T * top_k,)
+    int32 rows of the (token, slot) pairs, slot j of token t at t * top_k + j."""
     if logits.dim() != 2 or not 1 <= top_k <= logits.shape[1]:
         raise ValueError(f"router_logits must be (T, E) with 1 <= top_k <= E, got {tuple(logits.shape)} "
                          f"and top_k {top_k}")

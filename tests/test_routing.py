@@ -18,10 +18,11 @@ from routing_reference import reference_route
 @pytest.mark.parametrize("tokens,experts,top_k", [(1, 8, 2), (7, 32, 1), (33, 128, 8), (5, 256, 8)])
 def test_torch_path_matches_the_reference(tokens, experts, top_k, renormalize):
     logits = torch.randn(tokens, experts)
-    token, weight, m_indptr = route_topk(logits, top_k, renormalize)
-    ref_token, ref_weight, ref_indptr = reference_route(logits, top_k, renormalize)
+    token, weight, m_indptr, slot_row = route_topk(logits, top_k, renormalize)
+    ref_token, ref_weight, ref_indptr, ref_slot_row = reference_route(logits, top_k, renormalize)
     assert torch.equal(m_indptr.long(), ref_indptr) and m_indptr.dtype == torch.int32
     assert torch.equal(token, ref_token)
+    assert torch.equal(slot_row.long(), ref_slot_row) and slot_row.dtype == torch.int32
     torch.testing.assert_close(weight.double(), ref_weight, rtol=1e-6, atol=0)
 
 

@@ -19,20 +19,22 @@ pytestmark = pytest.mark.gpu
 def test_kernel_matches_the_reference(tokens, experts, top_k, dtype, renormalize):
     logits = (torch.randn(tokens, experts, device="cuda") * 3).to(dtype)
     assert kernel_takes(logits, top_k)
-    token, weight, m_indptr = route_kernel(logits, top_k, renormalize)
-    ref_token, ref_weight, ref_indptr = reference_route(logits, top_k, renormalize)
+    token, weight, m_indptr, slot_row = route_kernel(logits, top_k, renormalize)
+    ref_token, ref_weight, ref_indptr, ref_slot_row = reference_route(logits, top_k, renormalize)
     assert torch.equal(m_indptr.cpu().long(), ref_indptr)
     assert torch.equal(token.cpu(), ref_token)
+    assert torch.equal(slot_row.cpu().long(), ref_slot_row)
     torch.testing.assert_close(weight.cpu().double(), ref_weight, rtol=2e-6, atol=1e-7)
     # The torch path gives the same rows (no ties in continuous random logits).
-    torch_token, torch_weight, torch_indptr = route_torch(logits, top_k, renormalize)
+    torch_token, _, torch_indptr, torch_slot_row = route_torch(logits, top_k, renormalize)
     assert torch.equal(token, torch_token) and torch.equal(m_indptr, torch_indptr)
+    assert torch.equal(slot_row, torch_slot_row)
 
 
 def test_ties_go_to_the_lower_expert():
     logits = torch.randint(0, 3, (50, 64), device="cuda").float()  # many equal logits in every row
-    token, weight, m_indptr = route_kernel(logits, 6, True)
-    ref_token, ref_weight, ref_indptr = reference_route(logits, 6, True)
+    token, weight, m_indptr, _ = route_kernel(logits, 6, True)
+    ref_token, ref_weight, ref_indptr, _ = reference_route(logits, 6, True)
     assert torch.equal(m_indptr.cpu().long(), ref_indptr) and torch.equal(token.cpu(), ref_token)
     torch.testing.assert_close(weight.cpu().double(), ref_weight, rtol=2e-6, atol=1e-7)
 
@@ -40,10 +42,10 @@ def test_ties_go_to_the_lower_expert():
 def test_every_token_on_one_expert_and_empty_batches():
     logits = torch.full((300, 16), -5.0, device="cuda")
     logits[:, 11] = 5.0
-    token, _, m_indptr = route_kernel(logits, 1, True)
+    token, _, m_indptr, _ = route_kernel(logits, 1, True)
     assert m_indptr.tolist() == [0] * 12 + [300] * 5
     assert torch.equal(token, torch.arange(300, device="cuda"))
-    token, weight, m_indptr = route_kernel(logits[:0], 1, True)
+    token, weight, m_indptr, _ = route_kernel(logits[:0], 1, True)
     assert token.numel() == weight.numel() == 0 and m_indptr.tolist() == [0] * 17
 
 
@@ -52,9 +54,9 @@ def test_captured_in_a_cuda_graph():
     route_kernel(logits, 8, True)  # compile and load outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        token, weight, m_indptr = route_kernel(logits, 8, True)
+        token, weight, m_indptr, _ = route_kernel(logits, 8, True)
     for _ in range(3):
         logits.copy_(torch.randn(8, 128, device="cuda"))
         graph.replay()
-        ref_token, ref_weight, ref_indptr = reference_route(logits, 8, True)
+        ref_token, _, ref_indptr, _ = reference_route(logits, 8, True)
         assert torch.equal(token.cpu(), ref_token) and torch.equal(m_indptr.cpu().long(), ref_indptr)
