@@ -13,13 +13,15 @@ namespace mxfp8_moe {
 
 // Mirrored by mxfp8_moe/activation_quant.py.
 struct QuantizeParams {
-    const u16* x;         // (cum_m, K) bfloat16, row-major
+    const u16* x;         // (x_rows, K) bfloat16, row-major
     const i32* m_indptr;  // (E + 1,) untrusted
     u8* a;                // (cum_m, K) e4m3, row-major
     u8* a_scale;          // storage of the (k_align, m_padded) int32 words, zero-initialised
     i32 cum_m;
     i32 num_experts;
     i32 m_padded;
+    const i64* source;    // (cum_m,) the x row of each output row (untrusted), or null: row i is x[i]
+    i32 x_rows;
 };
 
 struct alignas(16) bf16x8 {
@@ -82,7 +84,11 @@ __device__ __forceinline__ void quantize_activations(const QuantizeParams& p) {
          item += static_cast<i64>(gridDim.x) * WARPS) {
         const int row = static_cast<int>(item / kSegments);
         const int first_chunk = static_cast<int>(item % kSegments) * kSegmentChunks;
-        const bf16x8* x_row = reinterpret_cast<const bf16x8*>(p.x + static_cast<i64>(row) * K);
+        // A gathered row from outside x reads nothing and quantizes to NaN, so it shows.
+        const i64 source = p.source == nullptr ? row : p.source[row];
+        const bool inside = 0 <= source && source < p.x_rows;
+        const bf16x8* x_row = reinterpret_cast<const bf16x8*>(p.x + (inside ? source : 0) * K);
+        const u32 fill = inside ? 0u : 0x7FC07FC0u;
         e4m3x8* a_row = reinterpret_cast<e4m3x8*>(p.a + static_cast<i64>(row) * K);
         const int scale_row = token_scale_row(p, row);
 
@@ -90,7 +96,7 @@ __device__ __forceinline__ void quantize_activations(const QuantizeParams& p) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             const int c = first_chunk + i * 32 + lane;
-            chunks[i] = c < kChunks ? x_row[c] : bf16x8{{0u, 0u, 0u, 0u}};
+            chunks[i] = c < kChunks && inside ? x_row[c] : bf16x8{{fill, fill, fill, fill}};
         }
 #pragma unroll
         for (int i = 0; i < 4; ++i) {

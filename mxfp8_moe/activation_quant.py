@@ -34,6 +34,8 @@ class QuantizeParams(ctypes.Structure):
         ("cum_m", ctypes.c_int32),
         ("num_experts", ctypes.c_int32),
         ("m_padded", ctypes.c_int32),
+        ("source", ctypes.c_void_p),
+        ("x_rows", ctypes.c_int32),
     ]
 
 
@@ -75,13 +77,14 @@ class _Quantizer:
         self.lock = threading.Lock()
         self.segments = ceil_div(k, 1024)  # warps per row (kSegments)
 
-    def __call__(self, x, m_indptr, a, a_scale_storage, stream: int) -> None:
-        cum_m = x.shape[0]
+    def __call__(self, x, m_indptr, a, a_scale_storage, source, stream: int) -> None:
+        cum_m = a.shape[0]
         blocks = min(ceil_div(cum_m * self.segments, WARPS), self.kernel.resident_blocks(0))
         with self.lock:
             p = self.params
             p.x, p.m_indptr, p.a, p.a_scale = x.data_ptr(), m_indptr.data_ptr(), a.data_ptr(), a_scale_storage.data_ptr()
             p.cum_m, p.num_experts, p.m_padded = cum_m, m_indptr.shape[0] - 1, a_scale_storage.shape[1]
+            p.source, p.x_rows = (0 if source is None else source.data_ptr()), x.shape[0]
             self.kernel.launch((blocks, 1, 1), 0, stream, ctypes.addressof(self.pointers))
 
 
@@ -89,9 +92,12 @@ _quantizers: dict[tuple[int, int, int], _Quantizer] = {}
 _lock = threading.Lock()
 
 
-def quantize_activations_cuda(x: torch.Tensor, m_indptr: torch.Tensor, k_granularity: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused quantization of (cum_m, k) bf16 CUDA tokens; see mxfp8_moe.quantize_activations."""
-    cum_m, k = x.shape
+def quantize_activations_cuda(x: torch.Tensor, m_indptr: torch.Tensor, k_granularity: int,
+                              rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused quantization of bf16 CUDA tokens, x itself or the rows x[rows] (int64, contiguous)
+    gathered on the way; see mxfp8_moe.quantize_activations."""
+    k = x.shape[1]
+    cum_m = x.shape[0] if rows is None else rows.shape[0]
     num_experts = m_indptr.shape[0] - 1
     device_index = x.device.index  # always set for a CUDA tensor
     key = (device_index, k, k_granularity)
@@ -103,5 +109,5 @@ def quantize_activations_cuda(x: torch.Tensor, m_indptr: torch.Tensor, k_granula
     # Zeros: padding rows and unused trailing bytes of the last word stay 0.
     storage = torch.zeros(k_align(k, k_granularity), m_padded(cum_m, num_experts), dtype=torch.int32, device=x.device)
     if cum_m:
-        quantizer(x, m_indptr, a, storage, current_stream(device_index))
+        quantizer(x, m_indptr, a, storage, rows, current_stream(device_index))
     return a, tag_k_granularity(storage.t(), k_granularity)

@@ -45,8 +45,7 @@ def gpt_oss_moe_forward(hidden: torch.Tensor, router_logits: torch.Tensor, gate_
                         top_k: int, *, alpha: float = GPT_OSS_ALPHA, limit: float = GPT_OSS_LIMIT) -> torch.Tensor:
     """The block: (T, H) bf16 hidden states and (T, E) router logits -> (T, H) bf16."""
     routing = route(router_logits, top_k)
-    x = hidden[routing.token]
-    a, a_scale = quantize_activations_op(x, routing.m_indptr, K_GRANULARITY)
+    a, a_scale = quantize_activations_op(hidden, routing.m_indptr, K_GRANULARITY, routing.token)
     h = grouped_gemm_mxfp4(a, gate_up.b, a_scale, gate_up.b_scale, routing.m_indptr, gate_up.bias, True,
                            "clamped_swiglu", alpha, limit)
     a, a_scale = quantize_activations_op(h, routing.m_indptr, K_GRANULARITY)

@@ -79,8 +79,7 @@ def moe_forward(
                          f"{w2.k_granularity}")
     k_granularity = w13.k_granularity
     routing = route(router_logits, top_k, renormalize=renormalize)
-    x = hidden[routing.token]
-    a, a_scale = quantize_activations_op(x, routing.m_indptr, k_granularity)
+    a, a_scale = quantize_activations_op(hidden, routing.m_indptr, k_granularity, routing.token)
     h = grouped_gemm(a, w13.b, a_scale, w13.b_scale, routing.m_indptr, k_granularity, is_gated=True)
     a, a_scale = quantize_activations_op(h, routing.m_indptr, k_granularity)
     y = grouped_gemm(a, w2.b, a_scale, w2.b_scale, routing.m_indptr, k_granularity)

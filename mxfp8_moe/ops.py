@@ -5,8 +5,8 @@ from their fake implementations (shapes, dtypes and strides computed from input 
 compiled MoE layer has no graph break around them, and their CUDA work lands on torch's current
 stream, so CUDA graphs capture it.
 
-    torch.ops.mxfp8_moe.quantize_activations(Tensor x, Tensor m_indptr, int k_granularity)
-        -> (Tensor, Tensor)
+    torch.ops.mxfp8_moe.quantize_activations(Tensor x, Tensor m_indptr, int k_granularity,
+        Tensor? rows=None) -> (Tensor, Tensor)
     torch.ops.mxfp8_moe.grouped_gemm(Tensor a, Tensor b, Tensor a_scale, Tensor b_scale,
         Tensor m_indptr, int k_granularity, bool is_gated) -> Tensor
     torch.ops.mxfp8_moe.grouped_gemm_mxfp4(Tensor a, Tensor b, Tensor a_scale, Tensor b_scale,
@@ -32,16 +32,16 @@ from .routing import route_topk
 @torch.library.custom_op(
     "mxfp8_moe::quantize_activations",
     mutates_args=(),
-    schema="(Tensor x, Tensor m_indptr, int k_granularity) -> (Tensor, Tensor)",
+    schema="(Tensor x, Tensor m_indptr, int k_granularity, Tensor? rows=None) -> (Tensor, Tensor)",
 )
-def _quantize_activations(x: torch.Tensor, m_indptr: torch.Tensor,
-                          k_granularity: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return quantize_activations(x, m_indptr, k_granularity)
+def _quantize_activations(x: torch.Tensor, m_indptr: torch.Tensor, k_granularity: int,
+                          rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return quantize_activations(x, m_indptr, k_granularity, rows=rows)
 
 
 @_quantize_activations.register_fake
-def _(x, m_indptr, k_granularity):
-    cum_m, k = x.shape
+def _(x, m_indptr, k_granularity, rows=None):
+    cum_m, k = x.shape if rows is None else (rows.shape[0], x.shape[1])
     a = x.new_empty((cum_m, k), dtype=torch.float8_e4m3fn)
     # The real a_scale is the MN-major transpose view of a contiguous (k_align, m_padded) tensor;
     # Inductor lays out its buffers from these strides, so they must be the real ones.
@@ -122,10 +122,11 @@ def _(rows, weight, slot_row, num_tokens):
 
 
 def quantize_activations_op(
-    x: torch.Tensor, m_indptr: torch.Tensor, k_granularity: int = 128
+    x: torch.Tensor, m_indptr: torch.Tensor, k_granularity: int = 128, rows: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`mxfp8_moe.quantize_activations` as a custom op: (cum_m, k) e4m3 data, MN-major a_scale."""
-    return torch.ops.mxfp8_moe.quantize_activations.default(x, m_indptr, k_granularity)
+    """`mxfp8_moe.quantize_activations` as a custom op: (cum_m, k) e4m3 data, MN-major a_scale;
+    with `rows`, of x[rows], gathered on the way."""
+    return torch.ops.mxfp8_moe.quantize_activations.default(x, m_indptr, k_granularity, rows)
 
 
 def grouped_gemm(

@@ -89,9 +89,10 @@ def check_fp8(name: str, t: torch.Tensor, ndim: int) -> None:
 
 
 def quantize_activations(
-    x: torch.Tensor, m_indptr: torch.Tensor, k_granularity: int = 128, *, backend: str = "auto"
+    x: torch.Tensor, m_indptr: torch.Tensor, k_granularity: int = 128, *, backend: str = "auto",
+    rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize packed activations per (row, K block).
+    """Quantize packed activations per (row, K block), optionally gathering them from x first.
 
     backend "auto" runs the fused CUDA kernel (mxfp8_moe.activation_quant; same bits for finite
     inputs, one pass, no host sync) for contiguous bf16 CUDA tokens on sm_89 and later, and plain
@@ -103,6 +104,9 @@ def quantize_activations(
         m_indptr: (E + 1,) int32 CSR offsets of the experts' rows in x (moved to x's device, not
             read on the host).
         k_granularity: 32 or 128 elements of K per scale.
+        rows: optional (cum_m,) int64 row indices: quantize x[rows] (an MoE block's token copies in
+            expert order) without materializing it; the fused kernel reads each row where it lies,
+            and a row index outside x quantizes to NaN there rather than reading outside.
 
     Returns:
         a: (cum_m, k) float8_e4m3fn, contiguous.
@@ -113,14 +117,20 @@ def quantize_activations(
     _check_float("x", x, 2)
     num_experts = check_m_indptr(m_indptr)
     check_arg(backend in ("auto", "torch"), "backend", '"auto" or "torch"', repr(backend))
-    cum_m, k = x.shape
+    if rows is not None:
+        check_arg(rows.dim() == 1 and rows.dtype == torch.int64 and rows.device == x.device, "rows",
+                  f"a 1-D torch.int64 tensor on {x.device}", f"{rows.dim()}-D {rows.dtype} on {rows.device}")
+    cum_m, k = x.shape if rows is None else (rows.shape[0], x.shape[1])
     if m_indptr.device.type == "cpu":  # free to read: no device sync
-        check_offsets(m_indptr.tolist(), cum_m, rows="x.size(0)")
+        check_offsets(m_indptr.tolist(), cum_m, rows="x.size(0)" if rows is None else "rows.size(0)")
     if backend == "auto" and m_indptr.device == x.device:
         from . import activation_quant  # the GPU path imports the JIT runtime: only when needed
 
         if activation_quant.supported(x):
-            return activation_quant.quantize_activations_cuda(x, m_indptr.contiguous(), k_granularity)
+            return activation_quant.quantize_activations_cuda(x, m_indptr.contiguous(), k_granularity,
+                                                              None if rows is None else rows.contiguous())
+    if rows is not None:
+        x = x[rows]
 
     blocks = k_blocks(x, k_granularity)
     exponents = scale_exponents(blocks.abs().amax(-1))

@@ -33,6 +33,24 @@ def test_same_bits_as_torch(k, k_granularity):
     assert torch.equal(a_scale, a_scale_ref)  # padding rows included: zero in both
 
 
+@pytest.mark.parametrize("k_granularity", [32, 128])
+def test_gathered_rows_same_bits_as_torch(k_granularity):
+    x = tokens(40, 2880)
+    rows = torch.randint(0, 40, (97,), device="cuda")
+    m_indptr = indptr([30, 0, 60, 7], "cuda")
+    a, a_scale = quantize_activations_cuda(x, m_indptr, k_granularity, rows)
+    a_ref, a_scale_ref = quantize_activations(x[rows], m_indptr, k_granularity, backend="torch")
+    assert torch.equal(a.view(torch.uint8), a_ref.view(torch.uint8)) and torch.equal(a_scale, a_scale_ref)
+
+
+def test_a_gathered_row_outside_x_quantizes_to_nan():
+    x = tokens(8, 256)
+    rows = torch.tensor([3, 8, -1, 0], device="cuda")
+    a, _ = quantize_activations_cuda(x, indptr([4], "cuda"), 32, rows)
+    nan = a.float().isnan().all(dim=1).tolist()
+    assert nan == [False, True, True, False]
+
+
 def test_auto_backend_uses_the_fused_kernel(monkeypatch):
     from mxfp8_moe import activation_quant
 

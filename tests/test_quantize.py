@@ -196,3 +196,19 @@ def test_scales_carry_their_k_granularity(k_gran):
     assert k_granularity_of(to_k_major(a_scale)) == k_granularity_of(to_mn_major_a_scale(to_k_major(a_scale))) == k_gran
     assert k_granularity_of(to_k_major(b_scale)) == k_gran
     assert k_granularity_of(a_scale.clone()) is None
+
+
+@pytest.mark.parametrize("k_gran", [32, 128])
+def test_gathered_rows_quantize_as_the_gathered_tensor(k_gran):
+    x = torch.randn(9, 256, dtype=torch.bfloat16)
+    rows = torch.tensor([4, 0, 0, 8, 2, 7, 4], dtype=torch.int64)
+    m_indptr = torch.tensor([0, 3, 3, 7], dtype=torch.int32)
+    a, a_scale = quantize_activations(x, m_indptr, k_gran, rows=rows)
+    a_ref, a_scale_ref = quantize_activations(x[rows], m_indptr, k_gran)
+    assert torch.equal(a.view(torch.uint8), a_ref.view(torch.uint8)) and torch.equal(a_scale, a_scale_ref)
+
+
+def test_gathered_rows_must_be_int64():
+    with pytest.raises(ValueError, match="rows must be a 1-D torch.int64"):
+        quantize_activations(torch.randn(4, 64), torch.tensor([0, 4], dtype=torch.int32), 32,
+                             rows=torch.zeros(4, dtype=torch.int32))

@@ -93,14 +93,14 @@ def torch_bf16_block(layer: Layer, x: torch.Tensor, logits: torch.Tensor) -> tor
 def stage_calls(layer: Layer, x: torch.Tensor, logits: torch.Tensor) -> dict[str, Callable[[], object]]:
     """The chain's launches one by one, each a closure over the outputs of the one before (run once here)."""
     routing = route(logits, layer.top_k)
-    a, a_scale = quantize_activations_op(x[routing.token], routing.m_indptr, layer.k_granularity)
+    a, a_scale = quantize_activations_op(x, routing.m_indptr, layer.k_granularity, routing.token)
     h = layer.gate_up(a, a_scale, routing.m_indptr)
     ah, ah_scale = quantize_activations_op(h, routing.m_indptr, layer.k_granularity)
     y = layer.down(ah, ah_scale, routing.m_indptr)
     kg, m = layer.k_granularity, routing.m_indptr
     return {
         "route": lambda: route(logits, layer.top_k),
-        "quantize_x": lambda: quantize_activations_op(x[routing.token], m, kg),
+        "quantize_x": lambda: quantize_activations_op(x, m, kg, routing.token),
         "gate_up": lambda: layer.gate_up(a, a_scale, m),
         "quantize_h": lambda: quantize_activations_op(h, m, kg),
         "down": lambda: layer.down(ah, ah_scale, m),
