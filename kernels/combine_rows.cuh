@@ -6,6 +6,7 @@
 // it makes the token's output NaN, so a bad routing shows instead of summing garbage.
 #pragma once
 #include "common.cuh"
+#include "ptx/grid_dependency.cuh"
 
 namespace mxfp8_moe {
 
@@ -28,6 +29,8 @@ template <int H, int TOP_K>
 __device__ __forceinline__ void combine_rows(const CombineParams& p) {
     static_assert(H % 8 == 0, "16-byte column chunks");
     constexpr int kChunks = H / 8;
+    ptx::wait_for_prior_grids();  // launched to overlap the down GEMM's end, whose rows it reads
+    ptx::allow_next_grid();
     const i64 item = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x;
     if (item >= static_cast<i64>(p.num_tokens) * kChunks) return;
     const int token = static_cast<int>(item / kChunks), chunk = static_cast<int>(item % kChunks);

@@ -8,6 +8,7 @@
 // lanes with shuffles. Requires sm_89+ (cvt to e4m3).
 #pragma once
 #include "common.cuh"
+#include "ptx/grid_dependency.cuh"
 
 namespace mxfp8_moe {
 
@@ -78,6 +79,10 @@ __device__ __forceinline__ void quantize_activations(const QuantizeParams& p) {
     constexpr int kLanesPerBlock = K_GRAN / 8; // 4 or 16: a block never straddles a 32-chunk step
     static_assert(K % 16 == 0, "K must be a multiple of 16");
 
+    // The launch may overlap the previous kernel's end (the GEMM or the routing before it): wait
+    // for it before the first global access, then let the next kernel launch the same way.
+    ptx::wait_for_prior_grids();
+    ptx::allow_next_grid();
     const int lane = threadIdx.x % 32;
     const i64 total = static_cast<i64>(p.cum_m) * kSegments;
     for (i64 item = static_cast<i64>(blockIdx.x) * WARPS + threadIdx.x / 32; item < total;

@@ -15,6 +15,7 @@
 // torch.topk, so the chosen experts are always in [0, E).
 #pragma once
 #include "common.cuh"
+#include "ptx/grid_dependency.cuh"
 
 namespace mxfp8_moe {
 
@@ -48,6 +49,10 @@ __device__ __forceinline__ void route_topk(const RouteParams& p) {
     __shared__ i32 expert_count[E];
     __shared__ i32 expert_start[E];
 
+    // Launched to overlap the previous kernel's end: wait for it (it wrote the logits), then let
+    // the quantizer that reads this kernel's rows launch the same way.
+    ptx::wait_for_prior_grids();
+    ptx::allow_next_grid();
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int rows = p.num_tokens * TOP_K;
     for (int e = threadIdx.x; e < E; e += THREADS) expert_count[e] = 0;

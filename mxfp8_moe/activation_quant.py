@@ -71,7 +71,9 @@ class _Quantizer:
     def __init__(self, k: int, k_granularity: int, device_index: int):
         spec = QuantizerSpec(arch_name(device_info(device_index).capability), k, k_granularity)
         cubin, _ = build(spec.source(), arch=spec.arch, label=spec.label)
-        self.kernel = LoadedKernel(cubin, ENTRY, device_index, WARPS * 32)
+        # Programmatic launch (sm_90+): the kernel waits for the previous grid itself.
+        self.kernel = LoadedKernel(cubin, ENTRY, device_index, WARPS * 32,
+                                   programmatic=device_info(device_index).capability >= (9, 0))
         self.params = QuantizeParams()
         self.pointers = (ctypes.c_void_p * 1)(ctypes.addressof(self.params))
         self.lock = threading.Lock()

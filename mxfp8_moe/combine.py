@@ -67,7 +67,9 @@ def kernel_takes(rows: torch.Tensor, weight: torch.Tensor, slot_row: torch.Tenso
 class _Combiner:
     def __init__(self, spec: CombineSpec, device_index: int):
         cubin, _ = build(spec.source(), arch=spec.arch, label=spec.label)
-        self.kernel = LoadedKernel(cubin, ENTRY, device_index, THREADS)
+        # Programmatic launch (sm_90+): the kernel waits for the previous grid itself.
+        self.kernel = LoadedKernel(cubin, ENTRY, device_index, THREADS,
+                                   programmatic=device_info(device_index).capability >= (9, 0))
         self.chunks = spec.hidden // 8
         self.params = CombineParams()
         self.pointers = (ctypes.c_void_p * 1)(ctypes.addressof(self.params))

@@ -82,7 +82,9 @@ class _Router:
 
     def __init__(self, spec: RouteSpec, device_index: int):
         cubin, _ = build(spec.source(), arch=spec.arch, label=spec.label)
-        self.kernel = LoadedKernel(cubin, ENTRY, device_index, THREADS)
+        # Programmatic launch (sm_90+): the kernel waits for the previous grid itself.
+        self.kernel = LoadedKernel(cubin, ENTRY, device_index, THREADS,
+                                   programmatic=device_info(device_index).capability >= (9, 0))
         self.params = RouteParams()
         self.pointers = (ctypes.c_void_p * 1)(ctypes.addressof(self.params))
         self.lock = threading.Lock()
