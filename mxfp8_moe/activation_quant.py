@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import threading
 
 import torch
 
 from .arith import ceil_div
 from .gemm.device import current_stream, device_info
-from .jit.build import build
-from .jit.runtime import LoadedKernel, arch_name
+from .jit.runtime import arch_name
+from .jit.struct_kernel import KernelMemo, StructKernel
 from .layout import k_align, m_padded, tag_k_granularity
 
 ENTRY = "mxfp8_moe_quantize_activations"
@@ -65,33 +64,7 @@ def supported(x: torch.Tensor) -> bool:
             and x.data_ptr() % 16 == 0 and device_info(x.device.index).capability >= (8, 9))
 
 
-class _Quantizer:
-    """One compiled specialization (K, granularity) on one device, with its argument block."""
-
-    def __init__(self, k: int, k_granularity: int, device_index: int):
-        spec = QuantizerSpec(arch_name(device_info(device_index).capability), k, k_granularity)
-        cubin, _ = build(spec.source(), arch=spec.arch, label=spec.label)
-        # Programmatic launch (sm_90+): the kernel waits for the previous grid itself.
-        self.kernel = LoadedKernel(cubin, ENTRY, device_index, WARPS * 32,
-                                   programmatic=device_info(device_index).capability >= (9, 0))
-        self.params = QuantizeParams()
-        self.pointers = (ctypes.c_void_p * 1)(ctypes.addressof(self.params))
-        self.lock = threading.Lock()
-        self.segments = ceil_div(k, 1024)  # warps per row (kSegments)
-
-    def __call__(self, x, m_indptr, a, a_scale_storage, source, stream: int) -> None:
-        cum_m = a.shape[0]
-        blocks = min(ceil_div(cum_m * self.segments, WARPS), self.kernel.resident_blocks(0))
-        with self.lock:
-            p = self.params
-            p.x, p.m_indptr, p.a, p.a_scale = x.data_ptr(), m_indptr.data_ptr(), a.data_ptr(), a_scale_storage.data_ptr()
-            p.cum_m, p.num_experts, p.m_padded = cum_m, m_indptr.shape[0] - 1, a_scale_storage.shape[1]
-            p.source, p.x_rows = (0 if source is None else source.data_ptr()), x.shape[0]
-            self.kernel.launch((blocks, 1, 1), 0, stream, ctypes.addressof(self.pointers))
-
-
-_quantizers: dict[tuple[int, int, int], _Quantizer] = {}
-_lock = threading.Lock()
+_quantizers = KernelMemo()
 
 
 def quantize_activations_cuda(x: torch.Tensor, m_indptr: torch.Tensor, k_granularity: int,
@@ -102,14 +75,20 @@ def quantize_activations_cuda(x: torch.Tensor, m_indptr: torch.Tensor, k_granula
     cum_m = x.shape[0] if rows is None else rows.shape[0]
     num_experts = m_indptr.shape[0] - 1
     device_index = x.device.index  # always set for a CUDA tensor
-    key = (device_index, k, k_granularity)
-    quantizer = _quantizers.get(key)
-    if quantizer is None:
-        with _lock:
-            quantizer = _quantizers.get(key) or _quantizers.setdefault(key, _Quantizer(k, k_granularity, device_index))
+    capability = device_info(device_index).capability
+    spec = QuantizerSpec(arch_name(capability), k, k_granularity)
+    # Programmatic launch (sm_90+): the kernel waits for the grid before it itself.
+    quantizer = _quantizers.get((device_index, spec), lambda: StructKernel(
+        spec.source(), arch=spec.arch, label=spec.label, entry=ENTRY, params=QuantizeParams, threads=WARPS * 32,
+        device_index=device_index, programmatic=capability >= (9, 0)))
     a = torch.empty(cum_m, k, dtype=torch.float8_e4m3fn, device=x.device)
     # Zeros: padding rows and unused trailing bytes of the last word stay 0.
     storage = torch.zeros(k_align(k, k_granularity), m_padded(cum_m, num_experts), dtype=torch.int32, device=x.device)
     if cum_m:
-        quantizer(x, m_indptr, a, storage, rows, current_stream(device_index))
+        # A warp quantizes a 1024-element segment of a row; the grid is at most what fits at once.
+        warps = cum_m * ceil_div(k, 1024)
+        blocks = min(ceil_div(warps, WARPS), quantizer.kernel.resident_blocks(0))
+        quantizer.launch((blocks, 1, 1), current_stream(device_index), x=x.data_ptr(), m_indptr=m_indptr.data_ptr(),
+                         a=a.data_ptr(), a_scale=storage.data_ptr(), cum_m=cum_m, num_experts=num_experts,
+                         m_padded=storage.shape[1], source=0 if rows is None else rows.data_ptr(), x_rows=x.shape[0])
     return a, tag_k_granularity(storage.t(), k_granularity)

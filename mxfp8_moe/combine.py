@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import threading
 
 import torch
 
 from .arith import ceil_div
 from .gemm.device import current_stream, device_info
-from .jit.build import build
-from .jit.runtime import LoadedKernel, arch_name
+from .jit.runtime import arch_name
+from .jit.struct_kernel import KernelMemo, StructKernel
 
 ENTRY = "mxfp8_moe_combine_rows"
 THREADS = 256
@@ -64,28 +63,7 @@ def kernel_takes(rows: torch.Tensor, weight: torch.Tensor, slot_row: torch.Tenso
             and device_info(rows.device.index).capability >= (7, 5))
 
 
-class _Combiner:
-    def __init__(self, spec: CombineSpec, device_index: int):
-        cubin, _ = build(spec.source(), arch=spec.arch, label=spec.label)
-        # Programmatic launch (sm_90+): the kernel waits for the previous grid itself.
-        self.kernel = LoadedKernel(cubin, ENTRY, device_index, THREADS,
-                                   programmatic=device_info(device_index).capability >= (9, 0))
-        self.chunks = spec.hidden // 8
-        self.params = CombineParams()
-        self.pointers = (ctypes.c_void_p * 1)(ctypes.addressof(self.params))
-        self.lock = threading.Lock()
-
-    def __call__(self, rows, weight, slot_row, out, stream: int) -> None:
-        with self.lock:
-            p = self.params
-            p.rows, p.weight, p.slot_row, p.out = rows.data_ptr(), weight.data_ptr(), slot_row.data_ptr(), out.data_ptr()
-            p.num_tokens, p.num_rows = out.shape[0], rows.shape[0]
-            self.kernel.launch((ceil_div(out.shape[0] * self.chunks, THREADS), 1, 1), 0, stream,
-                               ctypes.addressof(self.pointers))
-
-
-_combiners: dict[tuple, _Combiner] = {}
-_lock = threading.Lock()
+_combiners = KernelMemo()
 
 
 def combine_rows(rows: torch.Tensor, weight: torch.Tensor, slot_row: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -106,11 +84,13 @@ def combine_rows(rows: torch.Tensor, weight: torch.Tensor, slot_row: torch.Tenso
         weighted = rows[picked].float() * weight[picked].unsqueeze(1)
         return weighted.view(num_tokens, top_k, hidden).sum(dim=1).to(torch.bfloat16)
     device_index = rows.device.index
-    spec = CombineSpec(arch_name(device_info(device_index).capability), hidden, top_k)
-    key = (device_index, spec)
-    combiner = _combiners.get(key)
-    if combiner is None:
-        with _lock:
-            combiner = _combiners.get(key) or _combiners.setdefault(key, _Combiner(spec, device_index))
-    combiner(rows, weight, slot_row, out, current_stream(device_index))
+    capability = device_info(device_index).capability
+    spec = CombineSpec(arch_name(capability), hidden, top_k)
+    # Programmatic launch (sm_90+): the kernel waits for the grid before it itself.
+    combiner = _combiners.get((device_index, spec), lambda: StructKernel(
+        spec.source(), arch=spec.arch, label=spec.label, entry=ENTRY, params=CombineParams, threads=THREADS,
+        device_index=device_index, programmatic=capability >= (9, 0)))
+    combiner.launch((ceil_div(num_tokens * hidden // 8, THREADS), 1, 1), current_stream(device_index),
+                    rows=rows.data_ptr(), weight=weight.data_ptr(), slot_row=slot_row.data_ptr(), out=out.data_ptr(),
+                    num_tokens=num_tokens, num_rows=rows.shape[0])
     return out

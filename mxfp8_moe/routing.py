@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import threading
 
 import torch
 
 from .gemm.device import current_stream, device_info
-from .jit.build import build
-from .jit.runtime import LoadedKernel, arch_name
+from .jit.runtime import arch_name
+from .jit.struct_kernel import KernelMemo, StructKernel
 
 ENTRY = "mxfp8_moe_route_topk"
 THREADS = 512
@@ -77,29 +76,7 @@ def kernel_takes(logits: torch.Tensor, top_k: int) -> bool:
             and device_info(logits.device.index).capability >= (7, 5))
 
 
-class _Router:
-    """One compiled specialization on one device, with its argument block."""
-
-    def __init__(self, spec: RouteSpec, device_index: int):
-        cubin, _ = build(spec.source(), arch=spec.arch, label=spec.label)
-        # Programmatic launch (sm_90+): the kernel waits for the previous grid itself.
-        self.kernel = LoadedKernel(cubin, ENTRY, device_index, THREADS,
-                                   programmatic=device_info(device_index).capability >= (9, 0))
-        self.params = RouteParams()
-        self.pointers = (ctypes.c_void_p * 1)(ctypes.addressof(self.params))
-        self.lock = threading.Lock()
-
-    def __call__(self, logits, token, weight, m_indptr, slot_row, stream: int) -> None:
-        with self.lock:
-            p = self.params
-            p.logits, p.token, p.weight = logits.data_ptr(), token.data_ptr(), weight.data_ptr()
-            p.m_indptr, p.slot_row = m_indptr.data_ptr(), slot_row.data_ptr()
-            p.num_tokens = logits.shape[0]
-            self.kernel.launch((1, 1, 1), 0, stream, ctypes.addressof(self.pointers))
-
-
-_routers: dict[tuple, _Router] = {}
-_lock = threading.Lock()
+_routers = KernelMemo()
 
 
 def route_kernel(logits: torch.Tensor, top_k: int, renormalize: bool
@@ -107,20 +84,21 @@ def route_kernel(logits: torch.Tensor, top_k: int, renormalize: bool
     """(token, weight, m_indptr, slot_row) by the one-launch kernel; the caller checked kernel_takes()."""
     num_tokens, num_experts = logits.shape
     device_index = logits.device.index
-    spec = RouteSpec(arch_name(device_info(device_index).capability), num_experts, top_k,
-                     logits.dtype == torch.bfloat16, renormalize)
-    key = (device_index, spec)
-    router = _routers.get(key)
-    if router is None:
-        with _lock:
-            router = _routers.get(key) or _routers.setdefault(key, _Router(spec, device_index))
+    capability = device_info(device_index).capability
+    spec = RouteSpec(arch_name(capability), num_experts, top_k, logits.dtype == torch.bfloat16, renormalize)
+    # Programmatic launch (sm_90+): the kernel waits for the grid before it itself.
+    router = _routers.get((device_index, spec), lambda: StructKernel(
+        spec.source(), arch=spec.arch, label=spec.label, entry=ENTRY, params=RouteParams, threads=THREADS,
+        device_index=device_index, programmatic=capability >= (9, 0)))
     token = torch.empty(num_tokens * top_k, dtype=torch.int64, device=logits.device)
     weight = torch.empty(num_tokens * top_k, dtype=torch.float32, device=logits.device)
     m_indptr = torch.empty(num_experts + 1, dtype=torch.int32, device=logits.device)
     slot_row = torch.empty(num_tokens * top_k, dtype=torch.int32, device=logits.device)
     if num_tokens == 0:
         return token, weight, m_indptr.zero_(), slot_row
-    router(logits, token, weight, m_indptr, slot_row, current_stream(device_index))
+    router.launch((1, 1, 1), current_stream(device_index), logits=logits.data_ptr(), token=token.data_ptr(),
+                  weight=weight.data_ptr(), m_indptr=m_indptr.data_ptr(), slot_row=slot_row.data_ptr(),
+                  num_tokens=num_tokens)
     return token, weight, m_indptr, slot_row
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import sys
 import zlib
@@ -32,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from problems import GPT_OSS_PREFIX, gpt_oss_checkpoint  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_moe import MODELS, ROUTINGS, copy_bandwidth, time_in_rounds  # noqa: E402
+from bench_moe import MODELS, ROUTINGS, copy_bandwidth, time_in_rounds, write_results  # noqa: E402
 
 from mxfp8_moe.gpt_oss import GptOssMoE  # noqa: E402
 from mxfp8_moe.moe_layer import QuantizedExperts, combine, moe_forward, route  # noqa: E402
@@ -168,11 +167,8 @@ def main() -> None:
                   f"torch bf16 {row.get('torch_bf16_us')}", flush=True)
         del layer
         torch.cuda.empty_cache()
-    args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "copy_bandwidth": bandwidth,
-                                    "rows": rows}, indent=1))
-    table = markdown(rows)
-    args.out.with_suffix(".md").write_text(table)
-    print(table)
+    write_results(args.out, {"device": torch.cuda.get_device_name(), "copy_bandwidth": bandwidth, "rows": rows},
+                  markdown(rows))
 
 
 if __name__ == "__main__":

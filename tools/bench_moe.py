@@ -210,6 +210,13 @@ def bench_cell(model, gemm, tokens, k_granularity, bandwidth, peak, peers):
     return row
 
 
+def write_results(out: Path, result: dict, table: str) -> None:
+    """The run's JSON at `out`, its markdown table beside it (.md) and on stdout."""
+    out.write_text(json.dumps(result, indent=1))
+    out.with_suffix(".md").write_text(table)
+    print(table)
+
+
 def plot(result: dict, path: Path) -> None:
     """Percent of the roofline against T, one line per GEMM shape and implementation."""
     import matplotlib
@@ -291,14 +298,11 @@ def main() -> None:
                           f"torch fp8 {row.get('torch_fp8_rowwise_us')}, DeepGEMM {row.get('deepgemm_us')}", flush=True)
     result = {"device": torch.cuda.get_device_name(), "copy_bandwidth": bandwidth, "fp8_peak_flops": peak,
               "host_cost_s": host, "rows": rows}
-    args.out.write_text(json.dumps(result, indent=1))
-    table = markdown(rows)
-    args.out.with_suffix(".md").write_text(table)
+    write_results(args.out, result, markdown(rows))
     try:
         plot(result, args.out.with_suffix(".png"))
     except ImportError:
         print("matplotlib is not installed: no plot")
-    print(table)
 
 
 if __name__ == "__main__":

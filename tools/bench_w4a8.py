@@ -15,7 +15,6 @@ is the mma.sync kernel there).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import zlib
@@ -27,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from problems import indptr, routed_rows  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_moe import ROUTINGS, copy_bandwidth, time_in_rounds, torch_bf16_grouped  # noqa: E402
+from bench_moe import ROUTINGS, copy_bandwidth, time_in_rounds, torch_bf16_grouped, write_results  # noqa: E402
 
 from mxfp8_moe import (k_align, m_padded, moe_gemm_mxfp8_mxfp4_nt_groupwise, moe_gemm_mxfp8_nt_groupwise,  # noqa: E402
                        quantize_activations, quantize_weights, quantize_weights_mxfp4)
@@ -125,11 +124,8 @@ def main() -> None:
             for tokens in args.tokens:
                 rows.append(bench_cell(model, gemm, tokens, bandwidth, not args.no_peers))
                 print(rows[-1], flush=True)
-    args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "copy_bandwidth": bandwidth,
-                                    "rows": rows}, indent=1))
-    table = markdown(rows)
-    args.out.with_suffix(".md").write_text(table)
-    print(table)
+    write_results(args.out, {"device": torch.cuda.get_device_name(), "copy_bandwidth": bandwidth, "rows": rows},
+                  markdown(rows))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,51 @@
+"""A kernel whose one argument is a C struct passed by value (`__grid_constant__`), mirrored by a
+ctypes.Structure: compiled once per specialization, loaded once per device, launched with the
+struct's fields filled in.
+
+The MoE block's small kernels (routing, the activation quantizer, the combine) are all of this
+kind; the GEMM families pass tensor maps beside their struct and have their own launcher.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from typing import Callable, Hashable
+
+from .build import build
+from .runtime import LoadedKernel
+
+
+class StructKernel:
+    """One compiled specialization on one device, with its argument block. Launches from several
+    threads take turns filling the one block (the driver copies it at launch)."""
+
+    def __init__(self, source: str, *, arch: str, label: str, entry: str, params: type[ctypes.Structure],
+                 threads: int, device_index: int, programmatic: bool = False):
+        cubin, _ = build(source, arch=arch, label=label)
+        self.kernel = LoadedKernel(cubin, entry, device_index, threads, programmatic=programmatic)
+        self._params = params()
+        self._pointers = (ctypes.c_void_p * 1)(ctypes.addressof(self._params))
+        self._lock = threading.Lock()
+
+    def launch(self, grid: tuple[int, int, int], stream: int, **fields) -> None:
+        """Set the struct's fields (pointers as ints) and launch on `stream`."""
+        with self._lock:
+            for name, value in fields.items():
+                setattr(self._params, name, value)
+            self.kernel.launch(grid, 0, stream, ctypes.addressof(self._pointers))
+
+
+class KernelMemo:
+    """Kernels by key (a spec and a device), each made once even when threads race for it."""
+
+    def __init__(self):
+        self._kernels: dict[Hashable, StructKernel] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable, make: Callable[[], StructKernel]) -> StructKernel:
+        kernel = self._kernels.get(key)
+        if kernel is None:
+            with self._lock:
+                kernel = self._kernels.get(key) or self._kernels.setdefault(key, make())
+        return kernel
