@@ -25,11 +25,15 @@ class StructKernel:
         cubin, _ = build(source, arch=arch, label=label)
         self.kernel = LoadedKernel(cubin, entry, device_index, threads, programmatic=programmatic)
         self._params = params()
+        self._fields = {name for name, _ in params._fields_}
         self._pointers = (ctypes.c_void_p * 1)(ctypes.addressof(self._params))
         self._lock = threading.Lock()
 
     def launch(self, grid: tuple[int, int, int], stream: int, **fields) -> None:
         """Set the struct's fields (pointers as ints) and launch on `stream`."""
+        unknown = fields.keys() - self._fields
+        if unknown:  # setattr would add a Python attribute and leave the C field as it was
+            raise TypeError(f"{type(self._params).__name__} has no field {sorted(unknown)}")
         with self._lock:
             for name, value in fields.items():
                 setattr(self._params, name, value)
