@@ -15,7 +15,7 @@ import torch
 from .arith import ceil_div
 from .gemm.device import current_stream, device_info
 from .jit.runtime import arch_name
-from .jit.struct_kernel import KernelMemo, StructKernel
+from .jit.struct_kernel import KernelMemo, StructKernel, entry_source
 from .layout import k_align, m_padded, tag_k_granularity
 
 ENTRY = "mxfp8_moe_quantize_activations"
@@ -52,10 +52,8 @@ class QuantizerSpec:
         return f"quantize_activations_k{self.k}_g{self.k_granularity}"
 
     def source(self) -> str:
-        return (f'#include "quantize_activations.cuh"\n'
-                f'extern "C" __global__ void __launch_bounds__({WARPS * 32}) '
-                f"{ENTRY}(const __grid_constant__ mxfp8_moe::QuantizeParams params) {{\n"
-                f"    mxfp8_moe::quantize_activations<{self.k}, {self.k_granularity}, {WARPS}>(params);\n}}\n")
+        return entry_source("quantize_activations.cuh", ENTRY, "QuantizeParams",
+                            f"quantize_activations<{self.k}, {self.k_granularity}, {WARPS}>", WARPS * 32)
 
 
 def supported(x: torch.Tensor) -> bool:

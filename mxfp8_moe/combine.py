@@ -17,7 +17,7 @@ import torch
 from .arith import ceil_div
 from .gemm.device import current_stream, device_info
 from .jit.runtime import arch_name
-from .jit.struct_kernel import KernelMemo, StructKernel
+from .jit.struct_kernel import KernelMemo, StructKernel, entry_source
 
 ENTRY = "mxfp8_moe_combine_rows"
 THREADS = 256
@@ -49,10 +49,8 @@ class CombineSpec:
         return f"combine_rows_h{self.hidden}_k{self.top_k}"
 
     def source(self) -> str:
-        return (f'#include "combine_rows.cuh"\n'
-                f'extern "C" __global__ void __launch_bounds__({THREADS}) '
-                f"{ENTRY}(const __grid_constant__ mxfp8_moe::CombineParams params) {{\n"
-                f"    mxfp8_moe::combine_rows<{self.hidden}, {self.top_k}>(params);\n}}\n")
+        return entry_source("combine_rows.cuh", ENTRY, "CombineParams", f"combine_rows<{self.hidden}, {self.top_k}>",
+                            THREADS)
 
 
 def kernel_takes(rows: torch.Tensor, weight: torch.Tensor, slot_row: torch.Tensor) -> bool:

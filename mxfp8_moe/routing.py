@@ -20,7 +20,7 @@ import torch
 
 from .gemm.device import current_stream, device_info
 from .jit.runtime import arch_name
-from .jit.struct_kernel import KernelMemo, StructKernel
+from .jit.struct_kernel import KernelMemo, StructKernel, entry_source
 
 ENTRY = "mxfp8_moe_route_topk"
 THREADS = 512
@@ -63,11 +63,8 @@ class RouteSpec:
 
     def source(self) -> str:
         flags = f"{str(self.bf16_logits).lower()}, {str(self.renormalize).lower()}"
-        return (f'#include "route_topk.cuh"\n'
-                f'extern "C" __global__ void __launch_bounds__({THREADS}, 1) '
-                f"{ENTRY}(const __grid_constant__ mxfp8_moe::RouteParams params) {{\n"
-                f"    mxfp8_moe::route_topk<{self.num_experts}, {self.top_k}, {flags}, {MAX_ROWS}, {THREADS}>(params);\n"
-                f"}}\n")
+        return entry_source("route_topk.cuh", ENTRY, "RouteParams",
+                            f"route_topk<{self.num_experts}, {self.top_k}, {flags}, {MAX_ROWS}, {THREADS}>", THREADS, 1)
 
 
 def kernel_takes(logits: torch.Tensor, top_k: int) -> bool:

@@ -16,6 +16,16 @@ from .build import build
 from .runtime import LoadedKernel
 
 
+def entry_source(header: str, entry: str, params: str, call: str, threads: int, min_blocks: int | None = None) -> str:
+    """The generated source of one specialization: `entry`, taking the struct `params` by value,
+    calls the template instantiation `call` (both in namespace mxfp8_moe) declared in `header`."""
+    bounds = f"{threads}" if min_blocks is None else f"{threads}, {min_blocks}"
+    return (f'#include "{header}"\n'
+            f'extern "C" __global__ void __launch_bounds__({bounds}) '
+            f"{entry}(const __grid_constant__ mxfp8_moe::{params} params) {{\n"
+            f"    mxfp8_moe::{call}(params);\n}}\n")
+
+
 class StructKernel:
     """One compiled specialization on one device, with its argument block. Launches from several
     threads take turns filling the one block (the driver copies it at launch)."""
