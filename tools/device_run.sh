@@ -7,7 +7,8 @@ set -o pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD:$PWD/tests PYTHONUNBUFFERED=1
 # Peers the benchmarks compare with, where carried (.peers/: sgl-deep-gemm 0.2.1 and the
-# apache-tvm-ffi 0.1.11 it links; 0.2.5's extension needs a newer torch than the machines have).
+# apache-tvm-ffi 0.1.11 it links, not yet run there; 0.2.5's prebuilt extension was built against
+# another torch: it needs c10::cuda::CUDAErrorLogCapture, which the machines' torch 2.11 lacks).
 if ls .peers/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/peers .peers/*.whl &&
         export PYTHONPATH=$PYTHONPATH:/tmp/peers
