@@ -193,3 +193,15 @@ def test_block_is_bitwise_deterministic():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(replayed, first)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("routing", ["all-on-one-expert", "one-token-each"])
+def test_adversarial_routings_cuda(routing):
+    shape = dict(SMALL, tokens=SMALL["experts"], top_k=1)
+    w13, w2, x, logits = make_block(**shape, device="cuda")
+    if routing == "all-on-one-expert":
+        logits[:, 3] += 100.0
+    else:  # token t goes to expert t
+        logits += 100.0 * torch.eye(shape["experts"], device="cuda")
+    check_against_reference(w13, w2, x, logits, shape["top_k"])
