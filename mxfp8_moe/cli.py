@@ -18,6 +18,7 @@ import torch
 
 from . import demo, envs
 from .activation_quant import QuantizerSpec
+from .combine import CombineSpec
 from .checks import K_GRANULARITIES
 from .gemm import native_guard
 from .gemm.device import DeviceInfo, device_info
@@ -31,6 +32,7 @@ from .jit.compiler import CompileError, nvrtc_library_path, nvrtc_version, suppo
 from .jit.runtime import driver_version
 from .model_config import GemmShape, MoeConfig
 from .mxfp4 import K_GRANULARITY as MXFP4_K_GRANULARITY
+from .routing import MAX_EXPERTS as ROUTE_MAX_EXPERTS, MAX_TOP_K as ROUTE_MAX_TOP_K, RouteSpec
 from .version import __version__
 
 DEFAULT_EXPERTS = 128
@@ -119,8 +121,9 @@ def _kernel_specs(device: DeviceInfo, shape: GemmShape, k_granularity: int) -> l
     return specs
 
 
-def _compile(specs: list[KernelSpec | QuantizerSpec]) -> bool:
-    """Build each spec through the cache, a line each and a summary; True if all succeeded."""
+def _compile(specs: list[KernelSpec | QuantizerSpec | RouteSpec | CombineSpec]) -> bool:
+    """Build each spec (anything with an arch, a label and a source) through the cache, a line
+    each and a summary; True if all succeeded."""
     compiled = cached = failed = 0
     start = time.perf_counter()
     for spec in specs:
@@ -147,11 +150,13 @@ def _compile(specs: list[KernelSpec | QuantizerSpec]) -> bool:
 
 # --- prewarm --------------------------------------------------------------------------------------
 
-def _requested_shapes(args) -> list[GemmShape]:
+def _requested_shapes(args) -> tuple[list[GemmShape], MoeConfig | None]:
+    """The GEMM shapes to compile for, and the model's config where one was given."""
     if args.tp is not None and not args.model_config:
         raise CliError("--tp splits a --model-config's experts across ranks; --shape takes one rank's N,K as they are")
     experts = DEFAULT_EXPERTS if args.num_experts is None else args.num_experts
     shapes = [GemmShape("gemm", n, k, args.gated, experts) for n, k in args.shape or ()]
+    config = None
     if args.model_config:
         try:
             config = MoeConfig.load(args.model_config)
@@ -162,11 +167,25 @@ def _requested_shapes(args) -> list[GemmShape]:
             raise CliError(str(error)) from None
     if not shapes:
         raise CliError("nothing to compile: give --shape N,K or --model-config PATH")
-    return [_check_shape(shape) for shape in shapes]
+    return [_check_shape(shape) for shape in shapes], config
+
+
+def _block_specs(device: DeviceInfo, config: MoeConfig) -> list[RouteSpec | CombineSpec]:
+    """The MoE block's routing (router logits in bf16 or float32) and combine kernels for a model
+    whose config names its experts per token, where the kernels take its shape."""
+    if config.top_k is None:
+        return []
+    specs: list[RouteSpec | CombineSpec] = []
+    if config.num_experts <= ROUTE_MAX_EXPERTS and config.top_k <= min(ROUTE_MAX_TOP_K, config.num_experts):
+        specs += [RouteSpec(device.arch, config.num_experts, config.top_k, bf16, config.renormalize)
+                  for bf16 in (True, False)]
+    if config.hidden_size % 8 == 0:
+        specs.append(CombineSpec(device.arch, config.hidden_size, config.top_k))
+    return specs
 
 
 def _prewarm(args) -> int:
-    shapes = _requested_shapes(args)
+    shapes, config = _requested_shapes(args)
     targets = _targets(args.arch)
     granularities = sorted({g for choice in args.k_granularity or ["128"] for g in GRANULARITY_CHOICES[choice]})
     # MXFP4 weights (gpt-oss) have one scale per 32 values, whatever --k-granularity says.
@@ -176,6 +195,8 @@ def _prewarm(args) -> int:
     if envs.scale_mode() == "auto":  # the first native call checks itself against software scaling
         specs += [spec for device in targets if device.arch in NATIVE_ARCHS
                   for mode in ("native", "software") for spec in native_guard.specs(device, mode)]
+    if config is not None:  # the block around the GEMMs: its routing and its combine
+        specs += [spec for device in targets for spec in _block_specs(device, config)]
     specs = list(dict.fromkeys(specs))
     for shape in shapes:
         print(f"  {shape}")

@@ -46,6 +46,8 @@ class MoeConfig:
     intermediate_size: int  # of one expert
     num_experts: int
     variants: tuple[Variant, Variant] = (DEFAULT_VARIANT, DEFAULT_VARIANT)  # gate_up's, down's
+    top_k: int | None = None  # experts per token (num_experts_per_tok), where the config says
+    renormalize: bool = True  # the top-k weights renormalized to sum to 1 (norm_topk_prob)
 
     @classmethod
     def from_dict(cls, config: dict, source: str = "config") -> "MoeConfig":
@@ -66,7 +68,11 @@ class MoeConfig:
         for field, value in values.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{source}: {field} must be a positive integer, got {value!r}")
-        return cls(**values, variants=_VARIANTS.get(config.get("model_type"), (DEFAULT_VARIANT, DEFAULT_VARIANT)))
+        top_k = config.get("num_experts_per_tok")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"{source}: num_experts_per_tok must be a positive integer, got {top_k!r}")
+        return cls(**values, variants=_VARIANTS.get(config.get("model_type"), (DEFAULT_VARIANT, DEFAULT_VARIANT)),
+                   top_k=top_k, renormalize=bool(config.get("norm_topk_prob", True)))
 
     @classmethod
     def load(cls, path: str | Path) -> "MoeConfig":

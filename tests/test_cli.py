@@ -105,7 +105,8 @@ def test_cache_info_memory_only(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("config, tp, expected", [
     ({"model_type": "qwen3_moe", "hidden_size": 256, "intermediate_size": 1024, "moe_intermediate_size": 128,
-      "num_experts": 8}, 1, ["gate_up N=256 K=256 gated (8 experts)", "down N=256 K=128 (8 experts)"]),
+      "num_experts": 8, "num_experts_per_tok": 2}, 1,
+     ["gate_up N=256 K=256 gated (8 experts)", "down N=256 K=128 (8 experts)"]),
     ({"model_type": "deepseek_v3", "hidden_size": 512, "intermediate_size": 4096, "moe_intermediate_size": 256,
       "n_routed_experts": 16}, 2, ["gate_up N=256 K=512 gated (16 experts)", "down N=512 K=128 (16 experts)"]),
 ], ids=["qwen", "deepseek-tp2"])
@@ -120,6 +121,10 @@ def test_prewarm_model_config(tmp_path, config, tp, expected):
     gate_up, down = (re.match(r"\w+ N=(\d+) K=(\d+)", line).groups() for line in expected)
     assert f"compiled simt_n{gate_up[0]}_k{gate_up[1]}_g128_gated_t128 for sm_120a" in result.stdout
     assert f"compiled simt_n{down[0]}_k{down[1]}_g128_t128 for sm_120a" in result.stdout
+    # The block around the GEMMs, where the config names the experts per token.
+    block = ["route_topk_e8_k2_bf16_renorm", "route_topk_e8_k2_f32_renorm", "combine_rows_h256_k2"]
+    assert all((f"compiled {label} for sm_120a" in result.stdout) == ("num_experts_per_tok" in config)
+               for label in block), result.stdout
 
 
 def test_bad_shape_exits_nonzero_with_message(tmp_path):
@@ -307,3 +312,11 @@ def test_prewarm_gpt_oss_compiles_its_w4a8_kernels(tmp_path, monkeypatch, capsys
     model = [s for s in gemms if s.n in (5760, 2880)]
     assert {(s.variant.weights, s.k_granularity) for s in model} == {("e2m1", 32)}
     assert "gate_up N=5760 K=2880 gated w4 clamped bias (32 experts)" in capsys.readouterr().out
+
+
+def test_model_config_reads_the_routing():
+    config = MoeConfig.from_dict(dict(QWEN3_30B, num_experts_per_tok=8, norm_topk_prob=False))
+    assert (config.top_k, config.renormalize) == (8, False)
+    assert (MoeConfig.from_dict(QWEN3_30B).top_k, MoeConfig.from_dict(QWEN3_30B).renormalize) == (None, True)
+    with pytest.raises(ValueError, match="num_experts_per_tok must be a positive integer, got 0"):
+        MoeConfig.from_dict(dict(QWEN3_30B, num_experts_per_tok=0))
