@@ -13,6 +13,8 @@
 //      pair went (slot_row), which the combine reads to gather a token's rows without atomics.
 // Ties between equal logits go to the lower expert index; NaN counts as the largest value, as in
 // torch.topk, so the chosen experts are always in [0, E).
+// One CTA's time grows with the rows (H100: 5 us for 8 rows, 31 us for 512, 117 us for 2048), so
+// the host runs it up to 512 rows, where it beats the torch ops (mxfp8_moe/routing.py: MAX_ROWS).
 #pragma once
 #include "common.cuh"
 #include "ptx/grid_dependency.cuh"
