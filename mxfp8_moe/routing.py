@@ -7,8 +7,9 @@
 Two implementations with one result: on a GPU, for up to MAX_ROWS rows (T * top_k: decode
 batches), one launch of kernels/route_topk.cuh; otherwise a few torch ops. Both run
 without a host sync. They agree exactly on experts, rows and offsets and to float rounding on
-weights (exp and the order of the sums differ); ties between equal logits go to the lower expert
-index in the kernel, where torch.topk leaves the order of ties unspecified.
+weights (exp and the order of the sums differ). Ties between equal logits go to the lower expert
+index in the kernel, where torch.topk leaves their order unspecified: with ties (bf16 logits have
+them often) the two may number a token's slots differently, so slot_row agrees only without.
 """
 
 from __future__ import annotations
