@@ -7,9 +7,10 @@
 Two implementations with one result: on a GPU, for up to MAX_ROWS rows (T * top_k: decode
 batches), one launch of kernels/route_topk.cuh; otherwise a few torch ops. Both run
 without a host sync. They agree exactly on experts, rows and offsets and to float rounding on
-weights (exp and the order of the sums differ). Ties between equal logits go to the lower expert
-index in the kernel, where torch.topk leaves their order unspecified: with ties (bf16 logits have
-them often) the two may number a token's slots differently, so slot_row agrees only without.
+weights (exp and the order of the sums differ), where no two of a token's logits tie. Ties go to
+the lower expert index in the kernel, where torch.topk leaves their order unspecified: with ties
+(bf16 logits have them often) the two may order a token's slots differently, or, at the k-th
+place, pick a different one of the tied experts.
 """
 
 from __future__ import annotations
