@@ -25,11 +25,11 @@ def test_kernel_matches_the_reference(tokens, experts, top_k, dtype, renormalize
     assert torch.equal(token.cpu(), ref_token)
     assert torch.equal(slot_row.cpu().long(), ref_slot_row)
     torch.testing.assert_close(weight.cpu().double(), ref_weight, rtol=2e-6, atol=1e-7)
-    # The torch path picks the same experts. Which of two equal logits is slot j and which slot
-    # j + 1 torch.topk leaves unspecified, and bf16 logits tie often: the slots agree in float32.
-    torch_token, _, torch_indptr, torch_slot_row = route_torch(logits, top_k, renormalize)
-    assert torch.equal(token, torch_token) and torch.equal(m_indptr, torch_indptr)
+    # The torch path gives the same rows where no logits tie (float32 random logits): how
+    # torch.topk orders or picks among equal logits is unspecified, and bf16 logits tie often.
     if dtype == torch.float32:
+        torch_token, _, torch_indptr, torch_slot_row = route_torch(logits, top_k, renormalize)
+        assert torch.equal(token, torch_token) and torch.equal(m_indptr, torch_indptr)
         assert torch.equal(slot_row, torch_slot_row)
 
 
