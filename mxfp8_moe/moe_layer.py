@@ -6,7 +6,7 @@
 Every step runs on the device without a host sync and without data-dependent Python control flow,
 so `moe_forward` traces under torch.compile(fullgraph=True) and captures into CUDA graphs: the
 number of expert rows, T * top_k, comes from shapes, and the routing, the quantizer, the GEMM and
-the combine are custom ops (`ops.py`), each one kernel launch on a GPU (DESIGN.md: "The MoE block
+the combine are custom ops (`ops.py`), on a GPU each its own kernel (DESIGN.md: "The MoE block
 around the GEMMs").
 
 Weight layout: w13 is (E, 2 I, H) with rows [0, I) "up" and [I, 2 I) "gate" (the GEMM's gated
