@@ -15,7 +15,7 @@ import torch
 from .arith import ceil_div
 from .gemm.device import current_stream, device_info
 from .jit.runtime import arch_name
-from .jit.struct_kernel import KernelMemo, StructKernel, entry_source
+from .jit.struct_kernel import KernelMemo, entry_source
 from .layout import k_align, m_padded, tag_k_granularity
 
 ENTRY = "mxfp8_moe_quantize_activations"
@@ -46,6 +46,9 @@ class QuantizerSpec:
     arch: str
     k: int
     k_granularity: int
+    entry = ENTRY
+    params = QuantizeParams
+    threads = WARPS * 32
 
     @property
     def label(self) -> str:
@@ -75,10 +78,7 @@ def quantize_activations_cuda(x: torch.Tensor, m_indptr: torch.Tensor, k_granula
     device_index = x.device.index  # always set for a CUDA tensor
     capability = device_info(device_index).capability
     spec = QuantizerSpec(arch_name(capability), k, k_granularity)
-    # Programmatic launch (sm_90+): the kernel waits for the grid before it itself.
-    quantizer = _quantizers.get((device_index, spec), lambda: StructKernel(
-        spec.source(), arch=spec.arch, label=spec.label, entry=ENTRY, params=QuantizeParams, threads=WARPS * 32,
-        device_index=device_index, programmatic=capability >= (9, 0)))
+    quantizer = _quantizers.kernel(spec, device_index, programmatic=capability >= (9, 0))
     a = torch.empty(cum_m, k, dtype=torch.float8_e4m3fn, device=x.device)
     # Zeros: padding rows and unused trailing bytes of the last word stay 0.
     storage = torch.zeros(k_align(k, k_granularity), m_padded(cum_m, num_experts), dtype=torch.int32, device=x.device)

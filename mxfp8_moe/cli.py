@@ -18,8 +18,8 @@ import torch
 
 from . import demo, envs
 from .activation_quant import QuantizerSpec
-from .combine import CombineSpec
 from .checks import K_GRANULARITIES
+from .combine import CombineSpec
 from .gemm import native_guard
 from .gemm.device import DeviceInfo, device_info
 from .gemm.families import SimtSpec

@@ -17,7 +17,7 @@ import torch
 from .arith import ceil_div
 from .gemm.device import current_stream, device_info
 from .jit.runtime import arch_name
-from .jit.struct_kernel import KernelMemo, StructKernel, entry_source
+from .jit.struct_kernel import KernelMemo, entry_source
 
 ENTRY = "mxfp8_moe_combine_rows"
 THREADS = 256
@@ -43,6 +43,9 @@ class CombineSpec:
     arch: str
     hidden: int
     top_k: int
+    entry = ENTRY
+    params = CombineParams
+    threads = THREADS
 
     @property
     def label(self) -> str:
@@ -84,10 +87,7 @@ def combine_rows(rows: torch.Tensor, weight: torch.Tensor, slot_row: torch.Tenso
     device_index = rows.device.index
     capability = device_info(device_index).capability
     spec = CombineSpec(arch_name(capability), hidden, top_k)
-    # Programmatic launch (sm_90+): the kernel waits for the grid before it itself.
-    combiner = _combiners.get((device_index, spec), lambda: StructKernel(
-        spec.source(), arch=spec.arch, label=spec.label, entry=ENTRY, params=CombineParams, threads=THREADS,
-        device_index=device_index, programmatic=capability >= (9, 0)))
+    combiner = _combiners.kernel(spec, device_index, programmatic=capability >= (9, 0))
     combiner.launch((ceil_div(num_tokens * hidden // 8, THREADS), 1, 1), current_stream(device_index),
                     rows=rows.data_ptr(), weight=weight.data_ptr(), slot_row=slot_row.data_ptr(), out=out.data_ptr(),
                     num_tokens=num_tokens, num_rows=rows.shape[0])

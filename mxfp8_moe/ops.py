@@ -22,10 +22,10 @@ torch >= 2.4.
 import torch
 
 from .api import moe_gemm_mxfp8_mxfp4_nt_groupwise, moe_gemm_mxfp8_nt_groupwise
+from .combine import combine_rows
 from .epilogue import GPT_OSS_ALPHA, GPT_OSS_LIMIT
 from .layout import k_align, m_padded
 from .quantize import quantize_activations
-from .combine import combine_rows
 from .routing import route_topk
 
 

@@ -22,7 +22,7 @@ import torch
 
 from .gemm.device import current_stream, device_info
 from .jit.runtime import arch_name
-from .jit.struct_kernel import KernelMemo, StructKernel, entry_source
+from .jit.struct_kernel import KernelMemo, entry_source
 
 ENTRY = "mxfp8_moe_route_topk"
 THREADS = 512
@@ -57,6 +57,9 @@ class RouteSpec:
     top_k: int
     bf16_logits: bool
     renormalize: bool
+    entry = ENTRY
+    params = RouteParams
+    threads = THREADS
 
     @property
     def label(self) -> str:
@@ -88,10 +91,7 @@ def route_kernel(logits: torch.Tensor, top_k: int, renormalize: bool
     device_index = logits.device.index
     capability = device_info(device_index).capability
     spec = RouteSpec(arch_name(capability), num_experts, top_k, logits.dtype == torch.bfloat16, renormalize)
-    # Programmatic launch (sm_90+): the kernel waits for the grid before it itself.
-    router = _routers.get((device_index, spec), lambda: StructKernel(
-        spec.source(), arch=spec.arch, label=spec.label, entry=ENTRY, params=RouteParams, threads=THREADS,
-        device_index=device_index, programmatic=capability >= (9, 0)))
+    router = _routers.kernel(spec, device_index, programmatic=capability >= (9, 0))
     token = torch.empty(num_tokens * top_k, dtype=torch.int64, device=logits.device)
     weight = torch.empty(num_tokens * top_k, dtype=torch.float32, device=logits.device)
     m_indptr = torch.empty(num_experts + 1, dtype=torch.int32, device=logits.device)

@@ -63,3 +63,11 @@ class KernelMemo:
             with self._lock:
                 kernel = self._kernels.get(key) or self._kernels.setdefault(key, make())
         return kernel
+
+    def kernel(self, spec, device_index: int, *, programmatic: bool) -> StructKernel:
+        """The kernel of `spec` on a device: a hashable spec with `arch`, `label`, `source()` and the
+        class attributes `entry`, `params` (its ctypes struct) and `threads`. `programmatic`: the
+        kernel waits for the grid before it itself (griddepcontrol, sm_90+)."""
+        return self.get((device_index, spec), lambda: StructKernel(
+            spec.source(), arch=spec.arch, label=spec.label, entry=spec.entry, params=spec.params,
+            threads=spec.threads, device_index=device_index, programmatic=programmatic))
