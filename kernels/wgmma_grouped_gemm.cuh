@@ -228,19 +228,36 @@ struct WgmmaGemm {
     // Each 16-byte chunk of a packed row (32 codes) becomes two 16-byte e4m3 chunks of the row in
     // the 128-byte swizzle wgmma reads (chunk j of row r at j ^ r % 8). A warp reads 512 adjacent
     // bytes, and a quarter-warp's stores (two rows) land on distinct banks. Codes past K were
-    // zero-filled by the copy: they widen to 0.
+    // zero-filled by the copy: they widen to 0. A preparer takes every kPreparerThreads-th chunk:
+    // as that is a multiple of 32 (four chunks a row, eight rows a swizzle period), its chunk's
+    // column and swizzle are the same each time and its addresses step by a constant; its loads
+    // are issued a batch ahead of the widening, so their latencies overlap.
     __device__ __forceinline__ void widen_weights(int s, int preparer) const {
-        const u32x4* packed = reinterpret_cast<const u32x4*>(stage(s) + kPackedOffset);
-        for (int i = preparer; i < kWeightRows * 4; i += kPreparerThreads) {
-            const int row = i / 4, chunk = 2 * (i % 4);
-            const u32x4 codes = packed[i];
-            const u32x4 first = {e2m1_to_e4m3<0>(codes.x), e2m1_to_e4m3<1>(codes.x), e2m1_to_e4m3<0>(codes.y),
-                                 e2m1_to_e4m3<1>(codes.y)};
-            const u32x4 second = {e2m1_to_e4m3<0>(codes.z), e2m1_to_e4m3<1>(codes.z), e2m1_to_e4m3<0>(codes.w),
-                                  e2m1_to_e4m3<1>(codes.w)};
-            u8* line = stage(s) + row * kBlockK;
-            *reinterpret_cast<u32x4*>(line + 16 * (chunk ^ row % 8)) = first;
-            *reinterpret_cast<u32x4*>(line + 16 * ((chunk + 1) ^ row % 8)) = second;
+        constexpr int kChunks = kWeightRows * 4;
+        constexpr int kRowStep = kPreparerThreads / 4;
+        constexpr int kPerThread = ceil_div(kChunks, kPreparerThreads);
+        constexpr int kBatch = 2;  // chunks loaded ahead: 8 registers of the producers' 40 (3 spilled)
+        static_assert(kRowStep % 8 == 0, "a preparer's chunks keep their swizzle phase");
+        const int row = preparer / 4, chunk = 2 * (preparer % 4);
+        const u32x4* packed = reinterpret_cast<const u32x4*>(stage(s) + kPackedOffset) + preparer;
+        u8* line = stage(s) + row * kBlockK;
+        const int first = 16 * (chunk ^ row % 8), second = 16 * ((chunk + 1) ^ row % 8);
+#pragma unroll
+        for (int j0 = 0; j0 < kPerThread; j0 += kBatch) {
+            u32x4 codes[kBatch];
+#pragma unroll
+            for (int j = j0; j < j0 + kBatch && j < kPerThread; ++j)
+                if (preparer + j * kPreparerThreads < kChunks) codes[j - j0] = packed[j * kPreparerThreads];
+#pragma unroll
+            for (int j = j0; j < j0 + kBatch && j < kPerThread; ++j) {
+                if (preparer + j * kPreparerThreads >= kChunks) continue;
+                const u32x4 c = codes[j - j0];
+                u8* out = line + j * kRowStep * kBlockK;
+                *reinterpret_cast<u32x4*>(out + first) =
+                    u32x4{e2m1_to_e4m3<0>(c.x), e2m1_to_e4m3<1>(c.x), e2m1_to_e4m3<0>(c.y), e2m1_to_e4m3<1>(c.y)};
+                *reinterpret_cast<u32x4*>(out + second) =
+                    u32x4{e2m1_to_e4m3<0>(c.z), e2m1_to_e4m3<1>(c.z), e2m1_to_e4m3<0>(c.w), e2m1_to_e4m3<1>(c.w)};
+            }
         }
         ptx::fence_proxy_async_shared();  // the consumers' wgmmas read these through the async proxy
     }
