@@ -25,10 +25,11 @@ from .jit.runtime import arch_name
 from .jit.struct_kernel import KernelMemo, entry_source
 
 ENTRY = "mxfp8_moe_route_topk"
-THREADS = 512
+# A warp per token: 32 warps where a lane's logits fit 64 registers (E <= 256), else 16.
+MAX_THREADS = 1024
 # T * top_k per launch. One CTA does the whole routing, so its time grows with the rows: on an H100
-# it took 5.2 us for 8 rows where torch's ops take 31 us, 31 us for 512 (torch 60) and 117 us for
-# 2048 (torch 66): above 512 rows the torch path is faster (docs/PERFORMANCE.md).
+# the first version took 5.2 us for 8 rows where torch's ops take 31 us, 31 us for 512 (torch 60)
+# and 117 us for 2048 (torch 66): above 512 rows the torch path was faster (docs/PERFORMANCE.md).
 MAX_ROWS = 512
 MAX_EXPERTS = 1024  # 32 logits a lane
 MAX_TOP_K = 32  # one lane writes each choice
@@ -59,7 +60,10 @@ class RouteSpec:
     renormalize: bool
     entry = ENTRY
     params = RouteParams
-    threads = THREADS
+
+    @property
+    def threads(self) -> int:
+        return MAX_THREADS if self.num_experts <= 256 else MAX_THREADS // 2
 
     @property
     def label(self) -> str:
@@ -69,7 +73,7 @@ class RouteSpec:
     def source(self) -> str:
         flags = f"{str(self.bf16_logits).lower()}, {str(self.renormalize).lower()}"
         return entry_source("route_topk.cuh", ENTRY, "RouteParams",
-                            f"route_topk<{self.num_experts}, {self.top_k}, {flags}, {MAX_ROWS}, {THREADS}>", THREADS, 1)
+                            f"route_topk<{self.num_experts}, {self.top_k}, {flags}, {MAX_ROWS}, {self.threads}>", self.threads, 1)
 
 
 def kernel_takes(logits: torch.Tensor, top_k: int) -> bool:
