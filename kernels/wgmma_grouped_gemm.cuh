@@ -283,28 +283,17 @@ struct WgmmaGemm {
     }
 
     // A scale group is the K range of one scale: a stage's K block (k_gran 128) or one of its k32
-    // slices. Its wgmmas sum into a partial that is promoted with the group's scales. DEPTH
-    // partials rotate, so that DEPTH - 1 groups' wgmmas are in flight while a group is promoted:
-    // narrow tiles (decode) have short wgmmas and promotions, and with two partials a group's time
-    // is one wgmma's latency. The depth is what the registers allow: 128-token tiles hold 64
-    // accumulators + 2 x 64 partials of the 232; at 64 tokens a fourth partial made ptxas spill.
+    // slices. Its wgmmas sum into a partial that is promoted with the group's scales. Two partials
+    // alternate so that a group's promotion runs while the next group's wgmmas do.
     static constexpr int kGroupsPerStage = K_GRAN == 32 ? kBlockK / 32 : 1;
     static constexpr int kGroups = kUnitKIters * kGroupsPerStage;
     static constexpr int kGroupK = kBlockK / kGroupsPerStage;
-    template <int WIDTH>
-    static constexpr int kDepth = WIDTH <= 32 ? 4 : (WIDTH <= 64 ? 3 : 2);
     // Groups per chain: a chain ends with no wgmma in flight, since ptxas serializes every wgmma
     // of the kernel when a loop carries one in flight across its back edge. The chain's last
-    // DEPTH - 1 promotions do not overlap a wgmma, so a chain is twice the depth. Six groups
-    // (K = 768 at k_gran 128, width 96 or 128) run as 3 + 3: as 4 + 2, ptxas spilled in the
-    // consumers (an allocator quirk, not a rule: 4 + 4 + 2 is clean and 4 + 3 + 3 spills; the
-    // build tests hold K = 768 and 1280).
-    template <int WIDTH>
-    static constexpr int kChain = 2 * kDepth<WIDTH>;
-    // A chain waits for a stage while holding those of the DEPTH - 1 groups before it: the copies
-    // into that stage need one more slot than it holds (the spec's min_stages).
-    static constexpr int kHeldStages = (kDepth<BLOCK_T> - 1 + kGroupsPerStage - 1) / kGroupsPerStage + 1;
-    static_assert(STAGES >= kHeldStages, "the chain holds more stages than the pipeline has");
+    // promotion does not overlap: 1 in kChain. Six groups (K = 768 at k_gran 128) run as 3 + 3:
+    // as 4 + 2, ptxas spilled in the consumers (an allocator quirk, not a rule: 4 + 4 + 2 is clean
+    // and 4 + 3 + 3 spills; the build tests hold K = 768 and 1280).
+    static constexpr int kChain = 4;
     static constexpr bool kThreeAndThree = kGroups == 6;
     // At k_gran 32 an expert's last tile multiplies only the token columns that hold its rows, in
     // steps of 32 (ptx::Wgmma has 32, 64, 96 and 128); heuristics.wgmma_token_tile assumes the same.
@@ -379,65 +368,54 @@ struct WgmmaGemm {
                 return;
             }
         }
-        float partial[WIDTH == BLOCK_T ? kDepth<WIDTH> : 2][WIDTH / 2];
+        float partial[2][WIDTH / 2];
         if constexpr (WIDTH == BLOCK_T) {
-            if constexpr (kThreeAndThree && kDepth<WIDTH> == 2) {
+            if constexpr (kThreeAndThree) {
                 chain<3, WIDTH>(acc, partial, first_stage, 0, warpgroup, thread);
                 chain<3, WIDTH>(acc, partial, first_stage, 3, warpgroup, thread);
             } else {
-                constexpr int kLength = kChain<WIDTH>;
                 int g = 0;
-                for (; g + kLength <= kGroups; g += kLength) chain<kLength, WIDTH>(acc, partial, first_stage, g, warpgroup, thread);
-                chain<kGroups % kLength, WIDTH>(acc, partial, first_stage, g, warpgroup, thread);
+                for (; g + kChain <= kGroups; g += kChain) chain<kChain, WIDTH>(acc, partial, first_stage, g, warpgroup, thread);
+                chain<kGroups % kChain, WIDTH>(acc, partial, first_stage, g, warpgroup, thread);
             }
         } else {
-            // A narrower tile (at most one per expert) runs chains of two groups on two partials:
-            // its wgmmas are short, and chains of four for every width made the code 1.7x larger
-            // (gpt-oss gate_up: 68 -> 118 KB of SASS) for no measured gain. (Chains of one made
-            // ptxas spill in the consumers.)
+            // A narrower tile (at most one per expert) runs chains of two groups: its wgmmas are
+            // short, and chains of kChain for every width made the code 1.7x larger (gpt-oss
+            // gate_up: 68 -> 118 KB of SASS) for no measured gain. (Chains of one made ptxas
+            // spill in the consumers.)
             static_assert(kGroups % 2 == 0, "k_gran 32: four groups per K block");
             for (int g = 0; g < kGroups; g += 2) chain<2, WIDTH>(acc, partial, first_stage, g, warpgroup, thread);
         }
     }
 
-    // Groups g0 .. g0 + COUNT - 1: group g sums into partial[(g - g0) % DEPTH]. The first DEPTH - 1
-    // are issued up front; each link then issues one more and promotes the oldest.
-    template <int COUNT, int WIDTH, int DEPTH>
-    __device__ __forceinline__ void chain(float (&acc)[kAccumulators], float (&partial)[DEPTH][WIDTH / 2],
+    // Groups g0 .. g0 + COUNT - 1: group g sums into partial[(g - g0) % 2].
+    template <int COUNT, int WIDTH>
+    __device__ __forceinline__ void chain(float (&acc)[kAccumulators], float (&partial)[2][WIDTH / 2],
                                           int first_stage, int g0, int warpgroup, int thread) const {
         if constexpr (COUNT > 0) {
-            issue_ahead<0, (DEPTH - 1 < COUNT ? DEPTH - 1 : COUNT), WIDTH>(partial, first_stage, g0, warpgroup);
+            issue_group<0, WIDTH>(partial, first_stage, g0, warpgroup);
             chain_link<0, COUNT, WIDTH>(acc, partial, first_stage, g0, warpgroup, thread);
         }
     }
 
-    template <int I, int END, int WIDTH, int DEPTH>
-    __device__ __forceinline__ void issue_ahead(float (&partial)[DEPTH][WIDTH / 2], int first_stage, int g0,
-                                                int warpgroup) const {
-        if constexpr (I < END) {
-            issue_group<I % DEPTH, WIDTH>(partial, first_stage, g0 + I, warpgroup);
-            issue_ahead<I + 1, END, WIDTH>(partial, first_stage, g0, warpgroup);
-        }
-    }
-
-    // Link I: issue group I + DEPTH - 1, then promote group I once its wgmmas are done (every read
-    // of a partial follows the wait that retires its wgmmas; wgmma groups retire in order).
-    template <int I, int COUNT, int WIDTH, int DEPTH>
-    __device__ __forceinline__ void chain_link(float (&acc)[kAccumulators], float (&partial)[DEPTH][WIDTH / 2],
+    // Link I: issue group I + 1, then promote group I once its wgmmas are done (every read of a
+    // partial follows the wait that retires its wgmmas).
+    template <int I, int COUNT, int WIDTH>
+    __device__ __forceinline__ void chain_link(float (&acc)[kAccumulators], float (&partial)[2][WIDTH / 2],
                                                int first_stage, int g0, int warpgroup, int thread) const {
-        if constexpr (I + DEPTH - 1 < COUNT) {
-            issue_group<(I + DEPTH - 1) % DEPTH, WIDTH>(partial, first_stage, g0 + I + DEPTH - 1, warpgroup);
-            ptx::wgmma_wait<DEPTH - 1>();
+        if constexpr (I + 1 < COUNT) {
+            issue_group<(I + 1) % 2, WIDTH>(partial, first_stage, g0 + I + 1, warpgroup);
+            ptx::wgmma_wait<1>();
         } else {
-            ptx::wgmma_wait<COUNT - 1 - I>();
+            ptx::wgmma_wait<0>();
         }
-        finish_group<I % DEPTH, WIDTH>(acc, partial, first_stage, g0 + I, warpgroup, thread);
+        finish_group<I % 2, WIDTH>(acc, partial, first_stage, g0 + I, warpgroup, thread);
         if constexpr (I + 1 < COUNT) chain_link<I + 1, COUNT, WIDTH>(acc, partial, first_stage, g0, warpgroup, thread);
     }
 
     // Group g's wgmmas into partial[P], after waiting for its stage at the stage's first group.
-    template <int P, int WIDTH, int DEPTH>
-    __device__ __forceinline__ void issue_group(float (&partial)[DEPTH][WIDTH / 2], int first_stage, int g,
+    template <int P, int WIDTH>
+    __device__ __forceinline__ void issue_group(float (&partial)[2][WIDTH / 2], int first_stage, int g,
                                                 int warpgroup) const {
         const int it = first_stage + g / kGroupsPerStage, s = it % STAGES, slice = g % kGroupsPerStage;
         if (slice == 0) {
@@ -449,7 +427,7 @@ struct WgmmaGemm {
         // k32 step ks of the stage starts 32 bytes further: +2 in the descriptor's address field.
         const u64 a = ptx::smem_descriptor_sw128(ptx::shared_address(stage(s)) + warpgroup * 64 * kBlockK) + 2 * slice;
         const u64 b = ptx::smem_descriptor_sw128(ptx::shared_address(stage(s)) + kWeightBytes) + 2 * slice;
-        ptx::wgmma_fence();  // partial[P] was last read by the promotion of group g - DEPTH
+        ptx::wgmma_fence();  // partial[P] was last read by the promotion of group g - 2
 #pragma unroll
         for (int ks = 0; ks < kGroupK / 32; ++ks) ptx::Wgmma<WIDTH>::run(partial[P], a + 2 * ks, b + 2 * ks, ks);
         ptx::wgmma_commit();
@@ -457,8 +435,8 @@ struct WgmmaGemm {
 
     // Promote group g's partial (its wgmmas are done); after the stage's last group, release the
     // stage. Every thread arrives, since an arrive releases only the arriving thread's own reads.
-    template <int P, int WIDTH, int DEPTH>
-    __device__ __forceinline__ void finish_group(float (&acc)[kAccumulators], float (&partial)[DEPTH][WIDTH / 2],
+    template <int P, int WIDTH>
+    __device__ __forceinline__ void finish_group(float (&acc)[kAccumulators], float (&partial)[2][WIDTH / 2],
                                                  int first_stage, int g, int warpgroup, int thread) const {
         const int it = first_stage + g / kGroupsPerStage, s = it % STAGES, slice = g % kGroupsPerStage;
         ptx::fence_registers(partial[P]);

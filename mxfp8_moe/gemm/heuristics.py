@@ -156,7 +156,7 @@ def choose_spec(*, device: DeviceInfo, num_experts: int, cum_m: int, n: int, k: 
 def wgmma_spec(device: DeviceInfo, num_experts: int, active_experts: int, rows: float, n: int, k: int,
                k_granularity: int, gated: bool, variant: Variant = DEFAULT_VARIANT, *,
                split_k: bool = WGMMA_SPLITS_K) -> WgmmaSpec | None:
-    """The wgmma kernel with as many pipeline stages as fit (None if min_stages do not); with `split_k`,
+    """The wgmma kernel with as many pipeline stages as fit (None if two do not); with `split_k`,
     its K split over a cluster when the expected units leave SMs idle, on decode tiles only (at
     wider ones rank 0's slots crowd out the pipeline, and a split kernel's consumers, 224
     registers, spill at 128 tokens)."""
@@ -172,7 +172,7 @@ def wgmma_spec(device: DeviceInfo, num_experts: int, active_experts: int, rows: 
         budget = device.shared_memory_limit - _PER_BLOCK_RESERVE - (spec.dynamic_shared_bytes(num_experts)
                                                                      - spec.pipeline_bytes())
         stages = min(WGMMA_MAX_STAGES, budget // spec.pipeline_bytes())
-        if stages >= spec.min_stages:
+        if stages >= 2:
             return dataclasses.replace(spec, stages=stages)
     return None
 

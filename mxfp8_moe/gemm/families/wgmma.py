@@ -8,7 +8,7 @@ import dataclasses
 
 import torch
 
-from ...arith import ceil_div, round_up
+from ...arith import round_up
 from ..spec import STAGE_K_BYTES, KernelSpec, entry_source, scheduler_shared_bytes
 from ..tensor_maps import MAP_BYTES, operand_map, output_map, packed_operand_map, scale_map
 
@@ -84,14 +84,6 @@ class WgmmaSpec(KernelSpec):
                             f"mxfp8_moe::WgmmaGemm<{self.n}, {self.k}, {self.k_granularity}, {str(self.gated).lower()}, "
                             f"{self.block_t}, {self.stages}, {self.splits}{self.variant.template_argument}>",
                             tensor_maps="mxfp8_moe::WgmmaTensorMaps", min_blocks=1, cluster=self.cluster)
-
-    @property
-    def min_stages(self) -> int:
-        """Stages a consumer chain holds while it waits for the next one (WgmmaGemm::kHeldStages):
-        its depth in scale groups (4 partials at 32 tokens, 3 at 64, else 2) over the groups per stage."""
-        depth = 4 if self.block_t <= 32 else 3 if self.block_t <= 64 else 2
-        groups_per_stage = STAGE_K_BYTES // 32 if self.k_granularity == 32 else 1
-        return ceil_div(depth - 1, groups_per_stage) + 1
 
     def stage_bytes(self) -> int:
         """Weight and token tiles, then the scale words and their floats (one set per k32 slice at
