@@ -27,10 +27,11 @@ from .jit.struct_kernel import KernelMemo, entry_source
 ENTRY = "mxfp8_moe_route_topk"
 # A warp per token: 32 warps where a lane's logits fit 64 registers (E <= 256), else 16.
 MAX_THREADS = 1024
-# T * top_k per launch. One CTA does the whole routing, so its time grows with the rows: on an H100
-# the first version took 5.2 us for 8 rows where torch's ops take 31 us, 31 us for 512 (torch 60)
-# and 117 us for 2048 (torch 66): above 512 rows the torch path was faster (docs/PERFORMANCE.md).
-MAX_ROWS = 512
+# T * top_k per launch. One CTA does the whole routing, so its time grows with the rows; on an H100
+# (E 128, top-8) it took 3.3 us for 8 rows where torch's ops take 31.5 us, 12.1 us for 512 (torch
+# 57.0), 42.6 us for 2048 (torch 66.0) and 83.5 us for 4096 (torch 72.6): beyond 2048 rows the torch
+# path is faster (docs/PERFORMANCE.md).
+MAX_ROWS = 2048
 MAX_EXPERTS = 1024  # 32 logits a lane
 MAX_TOP_K = 32  # one lane writes each choice
 
