@@ -71,12 +71,23 @@ def quantize_weights_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     k = w.shape[-1]
     check_arg(k > 0 and k % K_GRANULARITY == 0 and k % K_MULTIPLE == 0, "w.shape[-1] (K)",
               f"a positive multiple of {K_GRANULARITY}", k)
+    # A few experts at a time: the rounding's temporaries take ~40 bytes a value, more than an
+    # 80 GB card holds for a whole gpt-oss-120b layer (2.1G values).
+    step = max(1, _CHUNK_VALUES // max(1, w.shape[1] * k))
+    codes, words = zip(*(_quantize_experts(w[e:e + step]) for e in range(0, max(w.shape[0], 1), step)))
+    return torch.cat(codes), tag_k_granularity(to_mn_major_b_scale(torch.cat(words)), K_GRANULARITY)
+
+
+_CHUNK_VALUES = 1 << 26
+
+
+def _quantize_experts(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E, n, k) weights -> packed codes (E, n, k / 2) and row-major UE8M0 words (E, n, k_align)."""
     blocks = k_blocks(w, K_GRANULARITY)
     exponents = scale_exponents(blocks.abs().amax(-1), E2M1_MAX)
     scaled = blocks / ue8m0_to_float(exponents).unsqueeze(-1)
     codes = _round_to_e2m1(scaled.clamp_(-E2M1_MAX, E2M1_MAX)).flatten(-2)
-    b_scale = tag_k_granularity(to_mn_major_b_scale(pack_ue8m0(exponents)), K_GRANULARITY)
-    return pack_e2m1(codes), b_scale
+    return pack_e2m1(codes), pack_ue8m0(exponents)
 
 
 def dequantize_weights_mxfp4(b: torch.Tensor, b_scale: torch.Tensor) -> torch.Tensor:

@@ -53,6 +53,18 @@ def test_quantizer_error_and_round_trip(shape):
     assert torch.equal(dequantize_weights_mxfp4(*quantize_weights_mxfp4(values)), values)
 
 
+def test_quantizer_in_expert_chunks_gives_the_same_bits(monkeypatch):
+    # Large layers are quantized a few experts at a time (the temporaries would not fit a GPU).
+    import mxfp8_moe.mxfp4 as mxfp4
+
+    w = torch.randn(7, 48, 96) * torch.logspace(-3, 3, 7).view(7, 1, 1)
+    whole_b, whole_scale = mxfp4.quantize_weights_mxfp4(w)
+    monkeypatch.setattr(mxfp4, "_CHUNK_VALUES", 2 * 48 * 96)  # chunks of 2, 2, 2, 1 experts
+    b, scale = mxfp4.quantize_weights_mxfp4(w)
+    assert torch.equal(b, whole_b) and torch.equal(scale, whole_scale)
+    assert scale.stride() == whole_scale.stride() and k_granularity_of(scale) == 32
+
+
 def test_quantizer_refuses_k_not_a_multiple_of_32():
     with pytest.raises(ValueError, match=r"w.shape\[-1\] \(K\) must be a positive multiple of 32, got 48"):
         quantize_weights_mxfp4(torch.randn(1, 16, 48))
