@@ -40,8 +40,8 @@ WGMMA_MAX_STAGES = 5
 WGMMA_SPLITS = (4, 2)
 WGMMA_SPLIT_MAX_TOKEN_TILE = 64
 # MXFP4 weights widened to e4m3 in shared memory (issue 14): on the H100 (gpt-oss-120b, after the
-# widening's rewrite) 1.06-2.25x the mma.sync kernel at T = 1, 4 and from 256 up, 0-12 % slower at
-# T = 16 and 64 (docs/PERFORMANCE.md, "W4A8"); the GPU tests pass with it on (H100, H200).
+# widening's rewrite) 1.06-2.39x the mma.sync kernel at T = 1, 4 and from 256 up, 0.5-11 % slower
+# at T = 16 and 64 (docs/PERFORMANCE.md, "W4A8"); the GPU tests pass with it on (H100, H200).
 WGMMA_TAKES_MXFP4 = True
 # A path that passes the GPU tests (H200, session 3) but was not faster where measured: the
 # heuristic leaves it off until the benchmarks' direct columns show it faster
