@@ -67,40 +67,28 @@ def padded_batch(rows: list[int], k: int) -> tuple[torch.Tensor, torch.Tensor, t
     index = torch.tensor(index, dtype=torch.int32, device="cuda")
     x = torch.randn(index.numel(), k, device="cuda") * (index >= 0).unsqueeze(1)
     a, a_scale = quantize_rows(x)
-    return a, a_scale, index, torch.tensor(real, device="cuda")
-
-
-def kernel_layout(a_scale: torch.Tensor) -> torch.Tensor:
-    """The token scales MN-major and TMA-aligned, as the kernel reads them, so that each call need
-    not lay them out again (versions without the helper, or that refuse the result, take them as
-    they are: deepgemm_calls falls back)."""
+    # The kernel reads token scales MN-major and TMA-aligned: laid out so once here, not per call.
     to_kernel_layout = getattr(deep_gemm, "get_mn_major_tma_aligned_tensor", None)
-    return a_scale if to_kernel_layout is None else to_kernel_layout(a_scale)
+    if to_kernel_layout is not None:
+        a_scale = to_kernel_layout(a_scale)
+    return a, a_scale, index, torch.tensor(real, device="cuda")
 
 
 def deepgemm_calls(w: torch.Tensor, routings_rows: list[list[int]]) -> list[Callable[[], None]]:
     """One closure per routing computing its grouped GEMM with DeepGEMM (weights w (E, N, K)),
     after checking the first routing's result against the dequantized product."""
     b, b_scale = quantize_blocks(w)
-    calls, lay_out = [], kernel_layout
+    calls = []
     for i, rows in enumerate(routings_rows):
         a, a_scale, index, real = padded_batch(rows, w.shape[2])
         out = torch.empty(a.shape[0], w.shape[1], dtype=torch.bfloat16, device="cuda")
 
-        def gemm(scales, a=a, index=index, out=out):
-            return lambda: deep_gemm.m_grouped_fp8_gemm_nt_contiguous((a, scales), (b, b_scale), out, index)
+        def call(a=a, a_scale=a_scale, index=index, out=out):
+            deep_gemm.m_grouped_fp8_gemm_nt_contiguous((a, a_scale), (b, b_scale), out, index)
 
         if i == 0:
-            try:
-                call = gemm(lay_out(a_scale))
-                call()
-            except RuntimeError:  # this version takes the scales only as quantized
-                lay_out = lambda scale: scale
-                call = gemm(a_scale)
-                call()
+            call()
             check(a, a_scale, b, b_scale, index, real, out)
-        else:
-            call = gemm(lay_out(a_scale))
         calls.append(call)
     return calls
 
