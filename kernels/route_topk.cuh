@@ -3,7 +3,7 @@
 // For decode-sized batches the routing is a handful of small torch ops (softmax, top-k, the
 // renormalization, a sort, a search, the division for token ids), each a launch that costs more
 // than its work. Here one CTA does it all:
-//   1. a warp per token: softmax statistics over the E logits (held in registers), then TOP_K
+//   1. a warp per token: softmax statistics over the E logits (held in registers as keys), then TOP_K
 //      rounds of a warp arg-max, the experts and weights into shared memory, and a shared-memory
 //      count per expert (integer atomics: the counts do not depend on their order). A round is one
 //      lane-local scan and two warp reductions (redux.sync on sm_80+: the largest order-preserving
@@ -32,10 +32,10 @@ struct RouteParams {
     i32 num_tokens;      // T, with T * TOP_K <= MAX_ROWS (checked by the host)
 };
 
-// A logit as an unsigned key in the logits' order (NaN, of either sign, above +inf), and back
-// (a NaN key gives a NaN).
+// A logit as an unsigned key in the logits' order (NaN, of either sign, above +inf; -0 equal to
+// +0, so the two tie as equal logits do), and back (a NaN key gives a NaN).
 __device__ __forceinline__ u32 order_key(float v) {
-    const u32 bits = __float_as_uint(v);
+    const u32 bits = __float_as_uint(v == 0.0f ? 0.0f : v);
     return v != v ? 0xFFFFFFFFu : (bits & 0x80000000u ? ~bits : bits | 0x80000000u);
 }
 __device__ __forceinline__ float key_value(u32 key) {

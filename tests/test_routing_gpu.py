@@ -34,7 +34,10 @@ def test_kernel_matches_the_reference(tokens, experts, top_k, dtype, renormalize
 
 
 def test_ties_go_to_the_lower_expert():
-    logits = torch.randint(0, 3, (50, 64), device="cuda").float()  # many equal logits in every row
+    # Many equal logits in every row; the largest, 0, with both signs (-0 ties with +0).
+    logits = torch.randint(-2, 1, (50, 64), device="cuda").float()
+    signs = torch.randint(0, 2, (50, 64), device="cuda").float() * 2 - 1
+    logits = torch.where(logits == 0, logits * signs, logits)
     token, weight, m_indptr, _ = route_kernel(logits, 6, True)
     ref_token, ref_weight, ref_indptr, _ = reference_route(logits, 6, True)
     assert torch.equal(m_indptr.cpu().long(), ref_indptr) and torch.equal(token.cpu(), ref_token)
