@@ -5,9 +5,9 @@ Method as tools/bench_moe.py (rotated routings in one CUDA graph, best of two ro
 order); the HBM floor counts 4 bits per weight plus its scales. gate_up runs gpt-oss's epilogue
 (its bias and clamped SwiGLU) in both of this package's ops, on [up; gate] halves (the layout a
 loader de-interleaves the checkpoint's rows into once, and the one the Hopper wgmma kernel takes);
-down its bias. On Hopper a further column launches the wgmma kernel with MXFP4 weights (widened to
-e4m3 in shared memory) directly: the heuristic leaves it off until it has run (the op's W4A8 column
-is the mma.sync kernel there).
+down its bias. On Hopper two further columns launch each tensor-core kernel with MXFP4 weights
+directly, the data behind the heuristic's choice between them: mma.sync, and wgmma (the weights
+widened to e4m3 in shared memory; the op's choice there since session 4).
 
     python tools/bench_w4a8.py --out w4a8.json       # also w4a8.md
 """
@@ -31,7 +31,7 @@ from bench_moe import ROUTINGS, copy_bandwidth, time_in_rounds, torch_bf16_group
 from mxfp8_moe import (k_align, m_padded, moe_gemm_mxfp8_mxfp4_nt_groupwise, moe_gemm_mxfp8_nt_groupwise,  # noqa: E402
                        quantize_activations, quantize_weights, quantize_weights_mxfp4)
 from mxfp8_moe.gemm.device import current_stream, device_info  # noqa: E402
-from mxfp8_moe.gemm.heuristics import WGMMA_ARCHS, wgmma_spec  # noqa: E402
+from mxfp8_moe.gemm.heuristics import WGMMA_ARCHS, choose_spec, wgmma_spec  # noqa: E402
 from mxfp8_moe.gemm.launch import get_kernel  # noqa: E402
 from mxfp8_moe.gemm.spec import EpilogueArguments, Variant  # noqa: E402
 from mxfp8_moe.epilogue import GPT_OSS_ALPHA, GPT_OSS_LIMIT  # noqa: E402
@@ -78,13 +78,17 @@ def bench_cell(model: str, gemm: str, tokens: int, bandwidth: float, peers: bool
     device = device_info(0)
     if device.arch in WGMMA_ARCHS:
         variant = Variant("e2m1", "clamped_swiglu" if gated else "swiglu", False, True)
-        spec = wgmma_spec(device, experts, round(active), cum_m / active, n, k, 32, gated, variant)
-        kernel, arguments = get_kernel(spec, 0), EpilogueArguments(bias, GPT_OSS_ALPHA, GPT_OSS_LIMIT)
+        arguments = EpilogueArguments(bias, GPT_OSS_ALPHA, GPT_OSS_LIMIT)
+        specs = {"w4a8_mma_us": choose_spec(device=device, num_experts=experts, cum_m=int(cum_m), n=n, k=k,
+                                            k_granularity=32, gated=gated, scale_mode="auto", allow_wgmma=False,
+                                            variant=variant),
+                 "w4a8_wgmma_us": wgmma_spec(device, experts, round(active), cum_m / active, n, k, 32, gated, variant)}
 
-        def direct(r):
+        def direct(kernel, r):
             _, m_indptr, a, a_scale, out = r
             return lambda: kernel(a, mxfp4[0], a_scale, mxfp4[1], m_indptr, out, current_stream(0), arguments)
-        impls["w4a8_wgmma_us"] = [direct(r) for r in routings]
+        for name, spec in specs.items():
+            impls[name] = [direct(get_kernel(spec, 0), r) for r in routings]
     if peers:
         w_bf16 = w.to(torch.bfloat16).transpose(1, 2)
         impls["torch_bf16_grouped_us"] = [torch_bf16_grouped(w_bf16, r) for r in routings]
@@ -95,16 +99,17 @@ def bench_cell(model: str, gemm: str, tokens: int, bandwidth: float, peers: bool
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| model | GEMM | T | W4 floor us | W4A8 us (% of floor) | W4A8 wgmma us | MXFP8 op us | W4A8 speedup "
-             "| torch bf16 us |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| model | GEMM | T | W4 floor us | W4A8 us (% of floor) | W4A8 mma.sync us | W4A8 wgmma us | MXFP8 op us "
+             "| W4A8 speedup | torch bf16 us |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
 
     def us(value):
         return "-" if value is None else f"{value:.1f}"
 
     for r in rows:
         lines.append(f"| {r['model']} | {r['gemm']} {r['n']}x{r['k']} | {r['tokens']} | {r['floor_w4_us']:.1f} | "
-                     f"{r['w4a8_us']:.1f} ({100 * r['floor_w4_us'] / r['w4a8_us']:.0f}%) | {us(r.get('w4a8_wgmma_us'))} | "
+                     f"{r['w4a8_us']:.1f} ({100 * r['floor_w4_us'] / r['w4a8_us']:.0f}%) | {us(r.get('w4a8_mma_us'))} | "
+                     f"{us(r.get('w4a8_wgmma_us'))} | "
                      f"{r['mxfp8_us']:.1f} | {r['mxfp8_us'] / r['w4a8_us']:.2f}x | {us(r.get('torch_bf16_grouped_us'))} |")
     return "\n".join(lines) + "\n"
 
