@@ -74,7 +74,7 @@ def _specs() -> list[KernelSpec]:
     # down GEMM (6 K blocks, chains of 3 + 3) and 10 K blocks (4 + 4 + 2).
     for k in (768, 1280):
         specs.update(dict.fromkeys(s for s in _candidates("sm_90a", 2048, k, False, 128) if s.family == "wgmma"))
-    # K split in clusters (off in the heuristic until run on a GPU): DeepSeek-V3 EP8 at one token,
+    # K split in clusters (off in the heuristic until measured faster): DeepSeek-V3 EP8 at one token,
     # gate_up in 4 and down in 2.
     hopper = DeviceInfo.for_arch("sm_90a")
     for n, k, gated, k_granularity in ((4096, 7168, True, 128), (7168, 2048, False, 32)):
@@ -87,8 +87,8 @@ def _specs() -> list[KernelSpec]:
     specs[_largest(_candidates("sm_121a", 5760, 2880, True, 32, variant=GPT_OSS_GATE_UP))] = None
     for mode in ("software", "emulated"):
         specs[_largest(_candidates("sm_90a", 5760, 2880, True, 32, mode, variant=GPT_OSS_GATE_UP))] = None
-    # ... and every wgmma configuration gpt-oss's GEMMs would take on sm_90a (weights widened to
-    # e4m3; off in the heuristic until run on a GPU), decode to prefill.
+    # ... and every wgmma configuration gpt-oss's GEMMs take on sm_90a (weights widened to e4m3),
+    # decode to prefill.
     for variant, (n, k, gated) in ((GPT_OSS_GATE_UP_HALVES, (5760, 2880, True)), (GPT_OSS_DOWN, (2880, 2880, False))):
         for rows in (1.0, 40.0, 70.0, 1000.0):
             specs[wgmma_spec(hopper, NUM_EXPERTS, NUM_EXPERTS, rows, n, k, 32, gated, variant)] = None

@@ -169,8 +169,8 @@ def bench_cell(model, gemm, tokens, k_granularity, bandwidth, peak, peers):
 
     impls = {"mxfp8_moe_us": [ours(r) for r in routings]}
     # Both tensor-core kernels on every cell where both exist: the data behind the kernel choice;
-    # and the wgmma kernel split over K where wgmma_spec would split it (off in the heuristic
-    # until measured).
+    # and the wgmma kernel split over K where wgmma_spec would split it (off in the heuristic:
+    # not yet measured faster).
     if device.arch in WGMMA_ARCHS:
         active = min(experts, cum_m)
         wgmma = {split_k: wgmma_spec(device, experts, active, cum_m / active, n, k, k_granularity, gated,
