@@ -1,0 +1,108 @@
+"""Time one grouped-GEMM cell on the wgmma kernel launched directly, built from the kernel sources
+of your choice: the A/B probe behind the "probe" rows of docs/PERFORMANCE.md (Hopper GPU machine).
+
+The weights are drawn once and copied six times; launch i reads copy i % 6, so no launch finds
+its weights in L2 (50 MB) from the launch before. CUDA events around single launches, median of
+30, after one launch of each copy. For an A/B, time the same cell from a checkout of the base
+commit's kernels and from the working tree, on the same card, in one session:
+
+    git worktree add /tmp/base <commit>
+    python3 tools/probe_gemm.py gpt-oss-120b gate_up 64 --weights mxfp4 --kernels /tmp/base/kernels
+    python3 tools/probe_gemm.py gpt-oss-120b gate_up 64 --weights mxfp4
+    python3 tools/probe_gemm.py deepseek-v3-ep8 gate_up 1 --stages 9
+
+Both trees are compiled from this checkout's instantiation source, so the kernel templates'
+parameters must be the same in both. gpt-oss cells run gpt-oss's epilogue (bias; clamped SwiGLU on
+[up; gate] halves for gate_up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from problems import indptr, routed_rows  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_moe import MODELS  # noqa: E402
+
+from mxfp8_moe import quantize_activations, quantize_weights, quantize_weights_mxfp4  # noqa: E402
+from mxfp8_moe.epilogue import GPT_OSS_ALPHA, GPT_OSS_LIMIT  # noqa: E402
+from mxfp8_moe.gemm.device import current_stream, device_info  # noqa: E402
+from mxfp8_moe.gemm.heuristics import wgmma_spec  # noqa: E402
+from mxfp8_moe.gemm.launch import get_kernel  # noqa: E402
+from mxfp8_moe.gemm.spec import EpilogueArguments, Variant  # noqa: E402
+from mxfp8_moe.jit import build  # noqa: E402
+
+COPIES = 6
+LAUNCHES = 30
+
+
+def probe(model: str, gemm: str, tokens: int, weights: str, k_granularity: int, stages: int | None) -> str:
+    torch.manual_seed(0)
+    experts, hidden, intermediate, top_k = MODELS[model]
+    gated = gemm == "gate_up"
+    n, k = (2 * intermediate, hidden) if gated else (hidden, intermediate)
+    gpt_oss = model.startswith("gpt-oss")
+    variant = Variant("e2m1" if weights == "mxfp4" else "e4m3", "clamped_swiglu" if gpt_oss and gated else "swiglu",
+                      False, gpt_oss)
+    w = torch.randn(experts, n, k, device="cuda") * 0.05
+    b, b_scale = quantize_weights_mxfp4(w) if weights == "mxfp4" else quantize_weights(w, k_granularity)
+    del w
+    rows = routed_rows(tokens, experts, top_k)
+    m_indptr = indptr(rows, "cuda")
+    a, a_scale = quantize_activations(torch.randn(sum(rows), k, device="cuda"), m_indptr, k_granularity)
+    out = torch.empty(sum(rows), n // 2 if gated else n, dtype=torch.bfloat16, device="cuda")
+
+    device = device_info(0)
+    active = sum(r > 0 for r in rows)
+    spec = wgmma_spec(device, experts, active, sum(rows) / active, n, k, k_granularity, gated, variant)
+    if stages is not None:  # the most stages up to the request that fit
+        fits = [s for s in range(stages, 1, -1) if dataclasses.replace(spec, stages=s).dynamic_shared_bytes(experts)
+                <= device.shared_memory_limit - 1024]
+        spec = dataclasses.replace(spec, stages=fits[0])
+    kernel = get_kernel(spec, 0)
+    epilogue = (EpilogueArguments(torch.randn(experts, n, device="cuda"), GPT_OSS_ALPHA, GPT_OSS_LIMIT),) if gpt_oss else ()
+    calls = [lambda copy=b.clone(): kernel(a, copy, a_scale, b_scale, m_indptr, out, current_stream(0), *epilogue)
+             for _ in range(COPIES)]
+    for call in calls:
+        call()
+    times = []
+    for i in range(LAUNCHES):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        calls[i % COPIES]()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return f"{model} {gemm} T={tokens} {weights}: {spec.label} median {statistics.median(times):.1f} us"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", choices=list(MODELS))
+    parser.add_argument("gemm", choices=["gate_up", "down"])
+    parser.add_argument("tokens", type=int)
+    parser.add_argument("--weights", choices=["mxfp8", "mxfp4"], default="mxfp8")
+    parser.add_argument("--k-granularity", type=int, choices=[32, 128], default=None,
+                        help="default: 32 for MXFP4 weights, else 128")
+    parser.add_argument("--stages", type=int, help="pipeline stages (at most this many that fit)")
+    parser.add_argument("--kernels", type=Path, help="kernel source tree to build from (default: this checkout's)")
+    args = parser.parse_args()
+    k_granularity = args.k_granularity or (32 if args.weights == "mxfp4" else 128)
+    if args.weights == "mxfp4" and k_granularity != 32:
+        parser.error("MXFP4 weights have one scale per 32 values of K")
+    if args.kernels is not None:
+        kernels = args.kernels.resolve()
+        build.kernel_dir = lambda: kernels  # where build() resolves the instantiation's #includes
+    print(probe(args.model, args.gemm, args.tokens, args.weights, k_granularity, args.stages), flush=True)
+
+
+if __name__ == "__main__":
+    main()
