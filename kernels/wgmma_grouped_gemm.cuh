@@ -236,7 +236,7 @@ struct WgmmaGemm {
         constexpr int kChunks = kWeightRows * 4;
         constexpr int kRowStep = kPreparerThreads / 4;
         constexpr int kPerThread = ceil_div(kChunks, kPreparerThreads);
-        constexpr int kBatch = 2;  // chunks loaded ahead: 8 registers of the producers' 40 (3 spilled)
+        constexpr int kBatch = 2;  // chunks loaded ahead: 8 of the producers' 40 registers (a batch of 3 spilled)
         static_assert(kRowStep % 8 == 0, "a preparer's chunks keep their swizzle phase");
         const int row = preparer / 4, chunk = 2 * (preparer % 4);
         const u32x4* packed = reinterpret_cast<const u32x4*>(stage(s) + kPackedOffset) + preparer;
