@@ -14,7 +14,6 @@ import torch
 
 from .arith import ceil_div
 from .gemm.device import current_stream, device_info
-from .jit.runtime import arch_name
 from .jit.struct_kernel import KernelMemo, entry_source
 from .layout import k_align, m_padded, tag_k_granularity
 
@@ -76,9 +75,7 @@ def quantize_activations_cuda(x: torch.Tensor, m_indptr: torch.Tensor, k_granula
     cum_m = x.shape[0] if rows is None else rows.shape[0]
     num_experts = m_indptr.shape[0] - 1
     device_index = x.device.index  # always set for a CUDA tensor
-    capability = device_info(device_index).capability
-    spec = QuantizerSpec(arch_name(capability), k, k_granularity)
-    quantizer = _quantizers.kernel(spec, device_index, programmatic=capability >= (9, 0))
+    quantizer = _quantizers.kernel(QuantizerSpec(device_info(device_index).arch, k, k_granularity), device_index)
     a = torch.empty(cum_m, k, dtype=torch.float8_e4m3fn, device=x.device)
     # Zeros: padding rows and unused trailing bytes of the last word stay 0.
     storage = torch.zeros(k_align(k, k_granularity), m_padded(cum_m, num_experts), dtype=torch.int32, device=x.device)

@@ -16,7 +16,6 @@ import torch
 
 from .arith import ceil_div
 from .gemm.device import current_stream, device_info
-from .jit.runtime import arch_name
 from .jit.struct_kernel import KernelMemo, entry_source
 
 ENTRY = "mxfp8_moe_combine_rows"
@@ -85,9 +84,7 @@ def combine_rows(rows: torch.Tensor, weight: torch.Tensor, slot_row: torch.Tenso
         weighted = rows[picked].float() * weight[picked].unsqueeze(1)
         return weighted.view(num_tokens, top_k, hidden).sum(dim=1).to(torch.bfloat16)
     device_index = rows.device.index
-    capability = device_info(device_index).capability
-    spec = CombineSpec(arch_name(capability), hidden, top_k)
-    combiner = _combiners.kernel(spec, device_index, programmatic=capability >= (9, 0))
+    combiner = _combiners.kernel(CombineSpec(device_info(device_index).arch, hidden, top_k), device_index)
     combiner.launch((ceil_div(num_tokens * hidden // 8, THREADS), 1, 1), current_stream(device_index),
                     rows=rows.data_ptr(), weight=weight.data_ptr(), slot_row=slot_row.data_ptr(), out=out.data_ptr(),
                     num_tokens=num_tokens, num_rows=rows.shape[0])

@@ -72,7 +72,8 @@ def quantize_weights_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     check_arg(k > 0 and k % K_GRANULARITY == 0 and k % K_MULTIPLE == 0, "w.shape[-1] (K)",
               f"a positive multiple of {K_GRANULARITY}", k)
     # A few experts at a time: the rounding's temporaries take ~40 bytes a value, more than an
-    # 80 GB card holds for a whole gpt-oss-120b layer (2.1G values).
+    # 80 GB card holds for a whole gpt-oss-120b layer (2.1G values). (One chunk even with no
+    # experts, so that the empty results keep their shapes.)
     step = max(1, _CHUNK_VALUES // max(1, w.shape[1] * k))
     codes, words = zip(*(_quantize_experts(w[e:e + step]) for e in range(0, max(w.shape[0], 1), step)))
     return torch.cat(codes), tag_k_granularity(to_mn_major_b_scale(torch.cat(words)), K_GRANULARITY)

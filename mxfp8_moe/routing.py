@@ -21,7 +21,6 @@ import dataclasses
 import torch
 
 from .gemm.device import current_stream, device_info
-from .jit.runtime import arch_name
 from .jit.struct_kernel import KernelMemo, entry_source
 
 ENTRY = "mxfp8_moe_route_topk"
@@ -94,15 +93,14 @@ def route_kernel(logits: torch.Tensor, top_k: int, renormalize: bool
     """(token, weight, m_indptr, slot_row) by the one-launch kernel; the caller checked kernel_takes()."""
     num_tokens, num_experts = logits.shape
     device_index = logits.device.index
-    capability = device_info(device_index).capability
-    spec = RouteSpec(arch_name(capability), num_experts, top_k, logits.dtype == torch.bfloat16, renormalize)
-    router = _routers.kernel(spec, device_index, programmatic=capability >= (9, 0))
     token = torch.empty(num_tokens * top_k, dtype=torch.int64, device=logits.device)
     weight = torch.empty(num_tokens * top_k, dtype=torch.float32, device=logits.device)
     m_indptr = torch.empty(num_experts + 1, dtype=torch.int32, device=logits.device)
     slot_row = torch.empty(num_tokens * top_k, dtype=torch.int32, device=logits.device)
     if num_tokens == 0:
         return token, weight, m_indptr.zero_(), slot_row
+    spec = RouteSpec(device_info(device_index).arch, num_experts, top_k, logits.dtype == torch.bfloat16, renormalize)
+    router = _routers.kernel(spec, device_index)
     router.launch((1, 1, 1), current_stream(device_index), logits=logits.data_ptr(), token=token.data_ptr(),
                   weight=weight.data_ptr(), m_indptr=m_indptr.data_ptr(), slot_row=slot_row.data_ptr(),
                   num_tokens=num_tokens)

@@ -12,6 +12,7 @@ import ctypes
 import threading
 from typing import Callable, Hashable
 
+from ..gemm.device import DeviceInfo
 from .build import build
 from .runtime import LoadedKernel
 
@@ -31,8 +32,11 @@ class StructKernel:
     threads take turns filling the one block (the driver copies it at launch)."""
 
     def __init__(self, source: str, *, arch: str, label: str, entry: str, params: type[ctypes.Structure],
-                 threads: int, device_index: int, programmatic: bool = False):
+                 threads: int, device_index: int):
         cubin, _ = build(source, arch=arch, label=label)
+        # Each of these kernels waits for the grid before it (griddepcontrol, sm_90+) before its
+        # first global access, so from sm_90 on it may be launched while that grid finishes.
+        programmatic = DeviceInfo.for_arch(arch).capability >= (9, 0)
         self.kernel = LoadedKernel(cubin, entry, device_index, threads, programmatic=programmatic)
         self._params = params()
         self._fields = {name for name, _ in params._fields_}
@@ -64,10 +68,9 @@ class KernelMemo:
                 kernel = self._kernels.get(key) or self._kernels.setdefault(key, make())
         return kernel
 
-    def kernel(self, spec, device_index: int, *, programmatic: bool) -> StructKernel:
+    def kernel(self, spec, device_index: int) -> StructKernel:
         """The kernel of `spec` on a device: a hashable spec with `arch`, `label`, `source()` and the
-        class attributes `entry`, `params` (its ctypes struct) and `threads`. `programmatic`: the
-        kernel waits for the grid before it itself (griddepcontrol, sm_90+)."""
+        class attributes `entry`, `params` (its ctypes struct) and `threads`."""
         return self.get((device_index, spec), lambda: StructKernel(
             spec.source(), arch=spec.arch, label=spec.label, entry=spec.entry, params=spec.params,
-            threads=spec.threads, device_index=device_index, programmatic=programmatic))
+            threads=spec.threads, device_index=device_index))
