@@ -5,7 +5,9 @@
 // to a power of two (biased exponent clamped to [1, 254]), data = x / scale rounded to nearest even.
 // A warp owns a segment of 1024 elements of one row: each lane loads its 4 x 16-byte chunks up
 // front (memory-level parallelism), K blocks reduce their amax over 4 (k_gran 32) or 16 (k_gran 128)
-// lanes with shuffles. Requires sm_89+ (cvt to e4m3).
+// lanes with shuffles. The kernel writes every word of a_scale, zeros included (the padding rows
+// between experts, the unused bytes of a row's last word), so the host allocates it uninitialised
+// and the call is one launch. Requires sm_89+ (cvt to e4m3).
 #pragma once
 #include "common.cuh"
 #include "ptx/grid_dependency.cuh"
@@ -17,7 +19,7 @@ struct QuantizeParams {
     const u16* x;         // (x_rows, K) bfloat16, row-major
     const i32* m_indptr;  // (E + 1,) untrusted
     u8* a;                // (cum_m, K) e4m3, row-major
-    u8* a_scale;          // storage of the (k_align, m_padded) int32 words, zero-initialised
+    u8* a_scale;          // storage of the (k_align, m_padded) int32 words, uninitialised
     i32 cum_m;
     i32 num_experts;
     i32 m_padded;
@@ -59,6 +61,25 @@ __device__ __forceinline__ u32 pack_e4m3x2(float lo, float hi) {
     return packed;
 }
 
+// Expert e's first a_scale row: its first token row, with each expert before it padded to 4 rows.
+__device__ __forceinline__ int scale_row_start(const QuantizeParams& p, int e) {
+    return (clamp_int(p.m_indptr[e], 0, p.cum_m) + 3 * e) / 4 * 4;
+}
+
+// Whether a token's scales land in a_scale row `scale_row` (the inverse of token_scale_row for a
+// valid m_indptr): the row lies inside the rows of the last expert starting at or before it.
+__device__ __forceinline__ bool scale_row_owned(const QuantizeParams& p, int scale_row) {
+    if (p.num_experts <= 0) return false;
+    int lo = 0, hi = p.num_experts - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        if (scale_row_start(p, mid) <= scale_row) lo = mid; else hi = mid - 1;
+    }
+    const int rows = clamp_int(p.m_indptr[lo + 1], 0, p.cum_m) - clamp_int(p.m_indptr[lo], 0, p.cum_m);
+    const int start = scale_row_start(p, lo);
+    return start <= scale_row && scale_row < start + rows;
+}
+
 // The a_scale row of token `row`, or -1 when no expert owns it (m_indptr clamped as in the GEMM).
 __device__ __forceinline__ int token_scale_row(const QuantizeParams& p, int row) {
     int lo = 0, hi = p.num_experts - 1;
@@ -77,6 +98,8 @@ __device__ __forceinline__ void quantize_activations(const QuantizeParams& p) {
     constexpr int kSegmentChunks = 4 * 32;     // 4 chunks per lane per segment
     constexpr int kSegments = ceil_div(kChunks, kSegmentChunks);
     constexpr int kLanesPerBlock = K_GRAN / 8; // 4 or 16: a block never straddles a 32-chunk step
+    constexpr int kBlocks = ceil_div(K, K_GRAN);
+    constexpr int kWords = ceil_div(kBlocks, 4);  // a_scale words per row (k_align)
     static_assert(K % 16 == 0, "K must be a multiple of 16");
 
     // The launch may overlap the previous kernel's end (the GEMM or the routing before it): wait
@@ -84,9 +107,19 @@ __device__ __forceinline__ void quantize_activations(const QuantizeParams& p) {
     ptx::wait_for_prior_grids();
     ptx::allow_next_grid();
     const int lane = threadIdx.x % 32;
+    // Items: the rows' segments, then the a_scale rows, whose words are zeroed where no token owns
+    // the row (a token's row gets all its bytes from its own warps below).
     const i64 total = static_cast<i64>(p.cum_m) * kSegments;
-    for (i64 item = static_cast<i64>(blockIdx.x) * WARPS + threadIdx.x / 32; item < total;
+    for (i64 item = static_cast<i64>(blockIdx.x) * WARPS + threadIdx.x / 32; item < total + p.m_padded;
          item += static_cast<i64>(gridDim.x) * WARPS) {
+        if (item >= total) {
+            const int scale_row = static_cast<int>(item - total);
+            if (!scale_row_owned(p, scale_row)) {
+                u32* words = reinterpret_cast<u32*>(p.a_scale);
+                for (int w = lane; w < kWords; w += 32) words[static_cast<i64>(w) * p.m_padded + scale_row] = 0u;
+            }
+            continue;
+        }
         const int row = static_cast<int>(item / kSegments);
         const int first_chunk = static_cast<int>(item % kSegments) * kSegmentChunks;
         // A gathered row from outside x reads nothing and quantizes to NaN, so it shows.
@@ -133,8 +166,11 @@ __device__ __forceinline__ void quantize_activations(const QuantizeParams& p) {
                 a_row[c] = out;
                 if (scale_row >= 0 && c % kLanesPerBlock == 0) {
                     const int block = c / kLanesPerBlock;
-                    p.a_scale[(static_cast<i64>(block / 4) * p.m_padded + scale_row) * 4 + block % 4] =
-                        static_cast<u8>(exponent);
+                    u8* word = p.a_scale + (static_cast<i64>(block / 4) * p.m_padded + scale_row) * 4;
+                    word[block % 4] = static_cast<u8>(exponent);
+                    // The last block's lane also zeroes the bytes of its word past the last block.
+                    if (block == kBlocks - 1)
+                        for (int b = block % 4 + 1; b < 4; ++b) word[b] = 0;
                 }
             }
         }

@@ -77,11 +77,12 @@ def quantize_activations_cuda(x: torch.Tensor, m_indptr: torch.Tensor, k_granula
     device_index = x.device.index  # always set for a CUDA tensor
     quantizer = _quantizers.kernel(QuantizerSpec(device_info(device_index).arch, k, k_granularity), device_index)
     a = torch.empty(cum_m, k, dtype=torch.float8_e4m3fn, device=x.device)
-    # Zeros: padding rows and unused trailing bytes of the last word stay 0.
-    storage = torch.zeros(k_align(k, k_granularity), m_padded(cum_m, num_experts), dtype=torch.int32, device=x.device)
-    if cum_m:
-        # A warp quantizes a 1024-element segment of a row; the grid is at most what fits at once.
-        warps = cum_m * ceil_div(k, 1024)
+    # Every word is written by the kernel: its zero padding too.
+    storage = torch.empty(k_align(k, k_granularity), m_padded(cum_m, num_experts), dtype=torch.int32, device=x.device)
+    if storage.numel():
+        # A warp quantizes a 1024-element segment of a row, or zeroes an a_scale row no token owns;
+        # the grid is at most what fits at once.
+        warps = cum_m * ceil_div(k, 1024) + storage.shape[1]
         blocks = min(ceil_div(warps, WARPS), quantizer.kernel.resident_blocks(0))
         quantizer.launch((blocks, 1, 1), current_stream(device_index), x=x.data_ptr(), m_indptr=m_indptr.data_ptr(),
                          a=a.data_ptr(), a_scale=storage.data_ptr(), cum_m=cum_m, num_experts=num_experts,

@@ -34,6 +34,24 @@ def test_same_bits_as_torch(k, k_granularity):
 
 
 @pytest.mark.parametrize("k_granularity", [32, 128])
+@pytest.mark.parametrize("k", [160, 2880])
+def test_scale_padding_is_written_not_assumed(k, k_granularity):
+    # a_scale comes uninitialised from the caching allocator: blocks of its size (and of a's) are
+    # filled with ones and freed first, so padding the kernel left unwritten would show.
+    m_indptr = indptr([3, 0, 17, 1, 0, 40], "cuda")
+    x = tokens(61, k)
+    words = -(-k // (4 * k_granularity)) * ((61 + 3 * 6) // 4 * 4)
+    for _ in range(3):
+        torch.full((words,), -1, dtype=torch.int32, device="cuda")
+        torch.full((61 * k,), -1, dtype=torch.uint8, device="cuda")
+    a_scale = quantize_activations_cuda(x, m_indptr, k_granularity)[1]
+    assert torch.equal(a_scale, quantize_activations(x, m_indptr, k_granularity, backend="torch")[1])
+    # With no tokens at all every word is padding.
+    empty = quantize_activations_cuda(x[:0], indptr([0, 0, 0, 0, 0, 0], "cuda"), k_granularity)[1]
+    assert empty.shape[0] == 16 and not empty.any()
+
+
+@pytest.mark.parametrize("k_granularity", [32, 128])
 def test_gathered_rows_same_bits_as_torch(k_granularity):
     x = tokens(40, 2880)
     rows = torch.randint(0, 40, (97,), device="cuda")
