@@ -1,15 +1,14 @@
 // Fused activation quantization: bf16 tokens -> e4m3 data + UE8M0 block scales, written straight
 // into the grouped GEMM's padded MN-major a_scale layout, in one pass over the tokens.
 //
-// Bit-for-bit the recipe of mxfp8_moe/quantize.py for finite inputs: scale = amax / 448 rounded up
-// to a power of two (biased exponent clamped to [1, 254]), data = x / scale rounded to nearest even.
+// Bit-for-bit the recipe of mxfp8_moe/quantize.py for finite inputs (mxfp8_rounding.cuh).
 // A warp owns a segment of 1024 elements of one row: each lane loads its 4 x 16-byte chunks up
 // front (memory-level parallelism), K blocks reduce their amax over 4 (k_gran 32) or 16 (k_gran 128)
 // lanes with shuffles. The kernel writes every word of a_scale, zeros included (the padding rows
 // between experts, the unused bytes of a row's last word), so the host allocates it uninitialised
 // and the call is one launch. Requires sm_89+ (cvt to e4m3).
 #pragma once
-#include "common.cuh"
+#include "mxfp8_rounding.cuh"
 #include "ptx/grid_dependency.cuh"
 
 namespace mxfp8_moe {
@@ -26,40 +25,6 @@ struct QuantizeParams {
     const i64* source;    // (cum_m,) the x row of each output row (untrusted), or null: row i is x[i]
     i32 x_rows;
 };
-
-struct alignas(16) bf16x8 {
-    u32 pairs[4];
-};
-
-struct alignas(8) e4m3x8 {
-    u32 quads[2];
-};
-
-__device__ __forceinline__ float bf16_lo(u32 pair) { return __int_as_float(static_cast<int>(pair << 16)); }
-__device__ __forceinline__ float bf16_hi(u32 pair) { return __int_as_float(static_cast<int>(pair & 0xFFFF0000u)); }
-
-// NaN-propagating max of magnitudes (torch's amax propagates NaN).
-__device__ __forceinline__ float max_magnitude(float m, float v) {
-    v = fabsf(v);
-    return (v > m || v != v) ? v : m;
-}
-
-// Biased exponent of ceil_pow2(amax / 448), clamped to [1, 254]. With amax = 1.f * 2^(e - 127),
-// amax / 448 = (1.f / 1.75) * 2^(e - 127 - 8), and 1.f / 1.75 lies in [0.57, 1.15): the power of
-// two at or above it is 2^(e - 135), or 2^(e - 134) when 1.f > 1.75 (mantissa bits > 0x600000).
-__device__ __forceinline__ int scale_exponent(float amax) {
-    if (!(amax > 0.0f)) return 1;  // zero or NaN
-    const u32 bits = __float_as_uint(amax);
-    const int biased = static_cast<int>(bits >> 23) - 8 + ((bits & 0x7FFFFFu) > 0x600000u ? 1 : 0);
-    return biased < 1 ? 1 : (biased > 254 ? 254 : biased);
-}
-
-// Two floats -> two e4m3 bytes (lo in the low byte), round to nearest even, saturating.
-__device__ __forceinline__ u32 pack_e4m3x2(float lo, float hi) {
-    u16 packed;
-    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(packed) : "f"(hi), "f"(lo));
-    return packed;
-}
 
 // Expert e's first a_scale row: its first token row, with each expert before it padded to 4 rows.
 __device__ __forceinline__ int scale_row_start(const QuantizeParams& p, int e) {
@@ -140,11 +105,7 @@ __device__ __forceinline__ void quantize_activations(const QuantizeParams& p) {
         for (int i = 0; i < 4; ++i) {
             const int c = first_chunk + i * 32 + lane;
             float v[8];
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                v[2 * j] = bf16_lo(chunks[i].pairs[j]);
-                v[2 * j + 1] = bf16_hi(chunks[i].pairs[j]);
-            }
+            unpack8(chunks[i], v);
             float amax = 0.0f;
 #pragma unroll
             for (int j = 0; j < 8; ++j) amax = max_magnitude(amax, v[j]);
@@ -152,18 +113,8 @@ __device__ __forceinline__ void quantize_activations(const QuantizeParams& p) {
             for (int offset = 1; offset < kLanesPerBlock; offset *= 2)
                 amax = max_magnitude(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, offset));
             const int exponent = scale_exponent(amax);
-            // 1 / scale = 2^(127 - exponent), exact for exponent in [1, 254].
-            const float inverse = __int_as_float(exponent < 254 ? (254 - exponent) << 23 : 1 << 22);
             if (c < kChunks) {
-                e4m3x8 out;
-#pragma unroll
-                for (int j = 0; j < 2; ++j) {
-                    // |v| * inverse <= 448 by the choice of scale; satfinite covers rounding and Inf.
-                    const float* q = v + 4 * j;
-                    out.quads[j] = pack_e4m3x2(q[0] * inverse, q[1] * inverse) |
-                                   (pack_e4m3x2(q[2] * inverse, q[3] * inverse) << 16);
-                }
-                a_row[c] = out;
+                a_row[c] = quantize8(v, inverse_scale(exponent));
                 if (scale_row >= 0 && c % kLanesPerBlock == 0) {
                     const int block = c / kLanesPerBlock;
                     u8* word = p.a_scale + (static_cast<i64>(block / 4) * p.m_padded + scale_row) * 4;

@@ -67,6 +67,11 @@ struct TileScheduler {
         num_experts = E;
     }
 
+    // The same token tiles, seen with another count of N tiles (the fused layer's second GEMM).
+    template <int OTHER_N_TILES>
+    __device__ __forceinline__ explicit TileScheduler(const TileScheduler<THREADS, BLOCK_T, OTHER_N_TILES>& other)
+        : offsets(other.offsets), tile_starts(other.tile_starts), num_experts(other.num_experts) {}
+
     // Exclusive scan of one value per thread, in thread order, under an associative `op`.
     template <typename Op>
     __device__ __forceinline__ static int block_exclusive_scan(int value, int identity, Op op) {
@@ -92,6 +97,7 @@ struct TileScheduler {
 
     // Read from shared memory at each use rather than kept in registers across the persistent
     // loop: a register held that long is what ptxas chose to spill in some sm_120a builds.
+    __device__ __forceinline__ int num_token_tiles() const { return tile_starts[num_experts]; }
     __device__ __forceinline__ i64 num_units() const { return static_cast<i64>(tile_starts[num_experts]) * N_TILES; }
 
     __device__ __forceinline__ WorkUnit unit(i64 index) const {

@@ -33,8 +33,10 @@
 #pragma once
 #include "e2m1.cuh"
 #include "epilogue.cuh"
+#include "mxfp8_rounding.cuh"
 #include "tile_scheduler.cuh"
 #include "ptx/cluster.cuh"
+#include "ptx/global_flags.cuh"
 #include "ptx/grid_dependency.cuh"
 #include "ptx/tma.cuh"
 #include "ptx/wgmma.cuh"
@@ -52,14 +54,27 @@ struct WgmmaTensorMaps {
     ptx::TensorMap output;         // out as (cum_m, N or N / 2) bf16; box BLOCK_T x 64, 128-byte swizzle
 };
 
-template <int N, int K, int K_GRAN, bool GATED, int BLOCK_T, int STAGES, int SPLITS = 1, typename V = Variant<>>
+// What a WgmmaGemm is within its launch: the whole kernel, or a phase of the fused MoE layer
+// (wgmma_moe_layer.cuh): gate_up, which stores each tile straight from its registers and then
+// publishes it on its token tile's counter, or down, whose producer requests a stage's bf16 token
+// rows (the `tokens` map: gate_up's output) once their tile is published, and whose preparer warps
+// quantize them into the stage's token tile.
+enum GemmRole { kWholeKernel = 0, kLayerGateUp = 1, kLayerDown = 2 };
+
+template <int N, int K, int K_GRAN, bool GATED, int BLOCK_T, int STAGES, int SPLITS = 1, typename V = Variant<>,
+          int ROLE = kWholeKernel>
 struct WgmmaGemm {
     static constexpr int kConsumers = 2;                      // warpgroups multiplying
     static constexpr int kThreads = (kConsumers + 1) * 128;   // + the producer warpgroup
-    // setmaxnreg: 128 x 40 + 256 x 232 <= 64K. Split-K kernels (decode tiles: few accumulators)
-    // give the producer more: its K loop starts at a block only known at run time.
-    static constexpr int kProducerRegisters = SPLITS > 1 ? 56 : 40;
-    static constexpr int kConsumerRegisters = SPLITS > 1 ? 224 : 232;
+    static constexpr int kBlockT = BLOCK_T;
+    static constexpr int kStages = STAGES;
+    static constexpr bool kInLayer = ROLE != kWholeKernel;
+    static constexpr bool kQuantizesTokens = ROLE == kLayerDown;
+    // setmaxnreg: 128 x 40 + 256 x 232 <= 64K. Split-K and layer kernels (decode tiles: few
+    // accumulators) give the producer warpgroup more: a split's K loop starts at a block only known
+    // at run time, and the layer's preparers quantize tokens.
+    static constexpr int kProducerRegisters = SPLITS > 1 || kInLayer ? 56 : 40;
+    static constexpr int kConsumerRegisters = SPLITS > 1 || kInLayer ? 224 : 232;
     static constexpr int kBlockK = 128;
     static constexpr int kKIters = ceil_div(K, kBlockK);
     static constexpr int kUnitKIters = kKIters / SPLITS;  // the K blocks a CTA multiplies per unit
@@ -69,7 +84,8 @@ struct WgmmaGemm {
     static constexpr int kNTiles = ceil_div(kNOut, kBlockN);
     static constexpr int kAccumulators = BLOCK_T / 2;         // per thread: 64 x BLOCK_T / 128
     static constexpr bool kPackedWeights = V::kWeights == kE2M1;  // MXFP4: two codes a byte
-    static constexpr int kPreparers = kPackedWeights ? 3 : 1;      // producer warps preparing stages
+    // Producer warps preparing stages: both phases of a layer kernel count the same arrivals.
+    static constexpr int kPreparers = kPackedWeights || kInLayer ? 3 : 1;
     static constexpr int kPreparerThreads = 32 * kPreparers;
 
     // One stage: weight tile, token tile (both 1024-byte aligned for the swizzle), the scale words
@@ -84,9 +100,14 @@ struct WgmmaGemm {
     static constexpr int kPackedOffset =
         kWeightBytes + kTokenBytes + ceil_div(kScaleWords * 4 * (1 + kScaleSlices), 1024) * 1024;
     static constexpr int kPackedBytes = kPackedWeights ? kWeightBytes / 2 : 0;
+    // In a layer, then the stage's bf16 token rows (down: BLOCK_T rows of the K block's 128
+    // columns, unswizzled; unused by gate_up, whose stages must be laid out alike).
+    static constexpr int kRowsOffset = kPackedOffset + kPackedBytes;
+    static constexpr int kRowsBytes = kInLayer ? BLOCK_T * kBlockK * 2 : 0;
     static constexpr int kCopyBytes =  // what a stage's copies deliver
-        (kPackedWeights ? kPackedBytes : kWeightBytes) + kTokenBytes + kScaleWords * 4;
-    static constexpr int kStageBytes = kPackedOffset + kPackedBytes;
+        (kPackedWeights ? kPackedBytes : kWeightBytes) + (kQuantizesTokens ? kWeightRows * 4 + kRowsBytes
+                                                                            : kTokenBytes + kScaleWords * 4);
+    static constexpr int kStageBytes = kRowsOffset + kRowsBytes;
     // After the stages: the bf16 output tile as the TMA store reads it (see staging_offset), then
     // for gated tiles the gate part of the activation of the gate warpgroup's accumulators,
     // [accumulator][thread] so each access is one 128-byte line.
@@ -115,6 +136,8 @@ struct WgmmaGemm {
     static_assert(!V::kInterleaved, "interleaved up and gate rows run on the mma.sync kernel");
     // A packed weight row's K block is 64 bytes, four 16-byte chunks, each widened to two.
     static_assert(!kPackedWeights || K % 32 == 0, "MXFP4 rows must be whole 16-byte chunks (K % 32 == 0)");
+    static_assert(!kInLayer || SPLITS == 1, "a layer's phases multiply whole units");
+    static_assert(!kQuantizesTokens || K % 8 == 0, "quantized tokens are read 8 bf16 at a time");
 
     using Scheduler = TileScheduler<kThreads, BLOCK_T, kNTiles>;
     using Output = Epilogue<N, GATED, V>;
@@ -128,6 +151,10 @@ struct WgmmaGemm {
     const Scheduler& scheduler;
     u8* tiles;      // 1024-byte aligned
     u32 barriers;   // full[STAGES], prepared[STAGES], empty[STAGES], split K: partials, slot free
+    // In a layer: one counter per token tile (after the kernel's exit count), and how many gate_up
+    // units publish on each (its N tiles).
+    i32* tile_counters = nullptr;
+    int tile_publishers = 0;
 
     __device__ __forceinline__ u32 full_barrier(int s) const { return barriers + 8 * s; }
     __device__ __forceinline__ u32 prepared_barrier(int s) const { return barriers + 8 * (STAGES + s); }
@@ -152,20 +179,28 @@ struct WgmmaGemm {
 
     // ---- producer -------------------------------------------------------------------------------
 
-    // One thread: every copy of a stage is a TMA box counted on the stage's "full" barrier.
-    __device__ __forceinline__ void produce() const {
-        ptx::prefetch_tensor_map(&maps.tokens);
+    // One thread: every copy of a stage is a TMA box counted on the stage's "full" barrier. Units
+    // `first`, `first` + unit_stride(), ...; `it`: the pipeline iteration of the first unit's first
+    // stage. Returns the iteration after the last stage (the producer, the preparers and the
+    // consumers each count the same iterations).
+    __device__ __forceinline__ int produce(int it, i64 first) const {
+        if constexpr (!kQuantizesTokens) {
+            ptx::prefetch_tensor_map(&maps.tokens);
+            ptx::prefetch_tensor_map(&maps.token_scales);
+        }
         ptx::prefetch_tensor_map(&maps.weights);
-        ptx::prefetch_tensor_map(&maps.token_scales);
         ptx::prefetch_tensor_map(&maps.weight_scales);
         ptx::prefetch_tensor_map(&maps.output);  // for the consumers' stores
-        int it = 0;
         const int kb0 = first_k_block();
-        for (i64 u = first_unit(); u < scheduler.num_units(); u += unit_stride()) {
+        const int first_it = it;
+        int rows_requested = it;  // a layer's down phase: the stages whose token rows are requested
+        for (i64 u = first; u < scheduler.num_units(); u += unit_stride()) {
             const WorkUnit w = scheduler.unit(u);
             const int n0 = w.n_tile * kBlockN;
             for (int kb = kb0; kb < kb0 + kUnitKIters; ++kb, ++it) {
                 const int s = it % STAGES;
+                // The stage that last used this slot cannot be released before its rows come.
+                if constexpr (kQuantizesTokens) request_rows(rows_requested, it - STAGES + 1, first_it, first, true);
                 ptx::mbarrier_wait(empty_barrier(s), ((it / STAGES) & 1) ^ 1);
                 const u32 full = full_barrier(s);
                 const u32 weights = ptx::shared_address(stage(s));
@@ -175,8 +210,10 @@ struct WgmmaGemm {
                 // all four (the stage's k32 slices) for k_gran 32.
                 const int word = kb * kBlockK / K_GRAN / 4;
                 ptx::mbarrier_arrive_expect_tx(full, kCopyBytes);
-                ptx::tma_load_2d(tokens, &maps.tokens, kb * kBlockK, w.row, full);
-                ptx::tma_load_2d(scales + 4 * kWeightRows, &maps.token_scales, w.scale_row, word, full);
+                if constexpr (!kQuantizesTokens) {
+                    ptx::tma_load_2d(tokens, &maps.tokens, kb * kBlockK, w.row, full);
+                    ptx::tma_load_2d(scales + 4 * kWeightRows, &maps.token_scales, w.scale_row, word, full);
+                }
 #pragma unroll
                 for (int c = 0; c < kConsumers; ++c) {
                     const int row = weight_row(n0, c);
@@ -187,17 +224,44 @@ struct WgmmaGemm {
                         ptx::tma_load_2d(weights + c * 64 * kBlockK, &maps.weights, kb * kBlockK, w.expert * N + row, full);
                     ptx::tma_load_3d(scales + 4 * 64 * c, &maps.weight_scales, row, word, w.expert, full);
                 }
+                if constexpr (kQuantizesTokens) request_rows(rows_requested, it + 1, first_it, first, false);
             }
+        }
+        if constexpr (kQuantizesTokens) request_rows(rows_requested, it, first_it, first, true);
+        return it;
+    }
+
+    // A layer's down phase: request the token rows of pipeline iterations `requested` .. limit - 1,
+    // whose weights are already requested (their "full" barriers expect the rows' bytes too), as far
+    // as their token tiles are published (acquire), or, with `wait`, waiting for them. So the weights
+    // of the next stages stream while gate_up units are still running; a slot whose stage still
+    // waits for its rows is the only thing that holds the producer. Iterations map back to units as
+    // produce() counts them (from `first_it` at unit `first`, kUnitKIters per unit).
+    __device__ __forceinline__ void request_rows(int& requested, int limit, int first_it, i64 first, bool wait) const {
+        for (; requested < limit; ++requested) {
+            const int done = requested - first_it;
+            const i64 u = first + static_cast<i64>(done / kUnitKIters) * unit_stride();
+            const i32* counter = tile_counters + 1 + u / kNTiles;
+            if (ptx::load_acquire(counter) < tile_publishers) {
+                if (!wait) return;
+                while (ptx::load_acquire(counter) < tile_publishers) ptx::sleep_ns(64);
+            }
+            ptx::fence_proxy_async_global();  // the rows' generic stores, acquired above, before the copy reads them
+            const int s = requested % STAGES;
+            ptx::tma_load_2d(ptx::shared_address(stage(s) + kRowsOffset), &maps.tokens, done % kUnitKIters * kBlockK,
+                             scheduler.unit(u).row, full_barrier(s));
         }
     }
 
     // Once per stage for the whole CTA, by the kPreparerThreads threads of warps 1 .. kPreparers:
     // scale bytes -> floats (byte kb % 4 of each word for k_gran 128, all four bytes, the stage's
-    // k32 slices, for k_gran 32) and MXFP4 weights -> e4m3.
-    __device__ __forceinline__ void prepare_stages(int preparer) const {
-        int it = 0;
+    // k32 slices, for k_gran 32), MXFP4 weights -> e4m3 and, as a layer's down phase, the token
+    // tile from the gate_up phase's rows. Units and iterations as produce().
+    __device__ __forceinline__ int prepare_stages(int preparer, int it, i64 first) const {
         const int kb0 = first_k_block();
-        for (i64 u = first_unit(); u < scheduler.num_units(); u += unit_stride()) {
+        for (i64 u = first; u < scheduler.num_units(); u += unit_stride()) {
+            WorkUnit w{};
+            if constexpr (kQuantizesTokens) w = scheduler.unit(u);
             for (int kb = kb0; kb < kb0 + kUnitKIters; ++kb, ++it) {
                 const int s = it % STAGES;
                 // The consumers' release of the stage's previous round already precedes "full"
@@ -207,7 +271,8 @@ struct WgmmaGemm {
                 ptx::mbarrier_wait(full_barrier(s), (it / STAGES) & 1);
                 const u32* words = reinterpret_cast<const u32*>(stage(s) + kWeightBytes + kTokenBytes);
                 float* floats = scale_floats(s);
-                for (int i = preparer; i < kScaleWords; i += kPreparerThreads) {
+                // (The token words are quantize_tokens' to fill, as a layer's down phase.)
+                for (int i = preparer; i < (kQuantizesTokens ? kWeightRows : kScaleWords); i += kPreparerThreads) {
                     const u32 word = words[i];
 #pragma unroll
                     for (int slice = 0; slice < kScaleSlices; ++slice) {
@@ -220,9 +285,47 @@ struct WgmmaGemm {
                     }
                 }
                 if constexpr (kPackedWeights) widen_weights(s, preparer);
+                if constexpr (kQuantizesTokens) quantize_tokens(s, kb, w, preparer);
                 ptx::mbarrier_arrive(prepared_barrier(s));
             }
         }
+        return it;
+    }
+
+    // A layer's down phase: the stage's token tile (K block kb of the unit's rows) from the bf16 rows
+    // the copy brought, quantized exactly as the activation quantizer would (same rounding,
+    // mxfp8_rounding.cuh; a scale per K_GRAN columns), into the 128-byte swizzle wgmma reads, and
+    // the tokens' scale floats beside the weight rows'. Sixteen lanes cover a row's 128 columns, 8
+    // each; a warp takes two rows at a time. Rows past the expert (another tile's, maybe not yet
+    // published) and columns past K are zeros (scale 0): they feed only outputs never stored.
+    __device__ __forceinline__ void quantize_tokens(int s, int kb, const WorkUnit& w, int preparer) const {
+        constexpr int kLanesPerGroup = K_GRAN == 32 ? 4 : 16;  // lanes of one scale group
+        const int warp = preparer / 32, lane = preparer % 32, column_lane = lane % 16;
+        const int column = kb * kBlockK + 8 * column_lane;
+        const u8* rows = stage(s) + kRowsOffset;
+        u8* tile = stage(s) + kWeightBytes;
+        float* token_floats = scale_floats(s) + kWeightRows + (K_GRAN == 32 ? column_lane / 4 * kScaleWords : 0);
+        for (int t0 = 2 * warp; t0 < BLOCK_T; t0 += 2 * kPreparers) {  // warp-uniform: BLOCK_T is even
+            const int t = t0 + lane / 16;
+            const bool inside = t < w.rows && column < K;
+            bf16x8 chunk{{0u, 0u, 0u, 0u}};
+            if (inside) chunk = *reinterpret_cast<const bf16x8*>(rows + t * kBlockK * 2 + column_lane * 16);
+            float v[8];
+            unpack8(chunk, v);
+            float amax = 0.0f;
+#pragma unroll
+            for (int j = 0; j < 8; ++j) amax = max_magnitude(amax, v[j]);
+#pragma unroll
+            for (int offset = 1; offset < kLanesPerGroup; offset *= 2)
+                amax = max_magnitude(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, offset));
+            const int exponent = scale_exponent(amax);
+            // Eight bytes: half of the row's 16-byte chunk column_lane / 2, swizzled by the row.
+            *reinterpret_cast<e4m3x8*>(tile + t * kBlockK + ((column_lane / 2) ^ (t % 8)) * 16 + column_lane % 2 * 8) =
+                quantize8(v, inverse_scale(exponent));
+            if (column_lane % kLanesPerGroup == 0)
+                token_floats[t] = t < w.rows && column < K ? ue8m0_to_float(static_cast<u32>(exponent)) : 0.0f;
+        }
+        ptx::fence_proxy_async_shared();  // the consumers' wgmmas read the tile through the async proxy
     }
 
     // Each 16-byte chunk of a packed row (32 codes) becomes two 16-byte e4m3 chunks of the row in
@@ -300,11 +403,12 @@ struct WgmmaGemm {
     static constexpr bool kNarrowLastTile = K_GRAN == 32;
     static constexpr int kWidthStep = 32;
 
-    __device__ __forceinline__ void consume(int warpgroup, int thread) const {
+    // Units and iterations as produce(): `first_stage` is the pipeline iteration of the first
+    // unit's first K block.
+    __device__ __forceinline__ int consume(int warpgroup, int thread, int first_stage, i64 first) const {
         float acc[kAccumulators];
-        int first_stage = 0;  // pipeline iteration of the unit's first K block
-        int round = 0;        // units done: the split-K barriers' phase
-        for (i64 u = first_unit(); u < scheduler.num_units(); u += unit_stride(), first_stage += kUnitKIters, ++round) {
+        int round = 0;  // units done: the split-K barriers' phase
+        for (i64 u = first; u < scheduler.num_units(); u += unit_stride(), first_stage += kUnitKIters, ++round) {
             const WorkUnit w = scheduler.unit(u);
 #pragma unroll
             for (int i = 0; i < kAccumulators; ++i) acc[i] = 0.0f;
@@ -313,6 +417,18 @@ struct WgmmaGemm {
                 if (!gather_splits(acc, round, warpgroup, thread)) continue;  // rank 0 stores the tile
             }
             store_tile(acc, w, warpgroup, thread);
+            if constexpr (ROLE == kLayerGateUp) publish_tile(u / kNTiles, warpgroup, thread);
+        }
+        return first_stage;
+    }
+
+    // A layer's gate_up phase: once every consumer's stores of the tile are done (the barrier), one
+    // thread makes them visible to the GPU and counts the tile on its token tile's counter.
+    __device__ __forceinline__ void publish_tile(i64 tile, int warpgroup, int thread) const {
+        consumers_sync();
+        if (warpgroup == 0 && thread == 0) {
+            ptx::fence_gpu();
+            ptx::add_release(tile_counters + 1 + tile, 1);
         }
     }
 
@@ -472,7 +588,9 @@ struct WgmmaGemm {
                 exchange[v * 128 + thread] =
                     Output::gate_part(p, Output::gate_with_bias(p, w.expert, first_col + 8 * (v % 4 / 2), acc[v]));
         }
-        if (w.rows == BLOCK_T) {
+        // (A layer's gate_up stores from registers: its rows are read by other CTAs' generic loads,
+        // and at decode sizes its tiles are partial anyway.)
+        if (w.rows == BLOCK_T && ROLE != kLayerGateUp) {
             store_full_tile(acc, exchange, w, warpgroup, thread);
         } else {
             if (GATED) consumers_sync();  // the exchange is written
@@ -551,18 +669,7 @@ struct WgmmaGemm {
         const u32 barriers = ptx::shared_address(shared + scheduler_bytes);
         const u32 tiles_address = (barriers + kBarrierBytes + 1023) & ~1023u;
         u8* tiles = shared + scheduler_bytes + (tiles_address - barriers);
-        if (threadIdx.x == 0) {
-            for (int s = 0; s < STAGES; ++s) {
-                ptx::mbarrier_init(barriers + 8 * s, 1);                            // the producer's expect_tx
-                ptx::mbarrier_init(barriers + 8 * (STAGES + s), kPreparerThreads);  // the preparer warps
-                ptx::mbarrier_init(barriers + 8 * (2 * STAGES + s), kConsumers * 128);  // every consumer thread
-            }
-            if (SPLITS > 1) {
-                ptx::mbarrier_init(barriers + 8 * 3 * STAGES, (SPLITS - 1) * kConsumers * 128);  // partials: other ranks
-                ptx::mbarrier_init(barriers + 8 * (3 * STAGES + 1), kConsumers * 128);          // slot free: rank 0
-            }
-            ptx::fence_barrier_init();
-        }
+        if (threadIdx.x == 0) init_barriers(barriers);
         __syncthreads();
         if constexpr (SPLITS > 1) ptx::cluster_sync();  // no CTA arrives on another's barrier before its init
 
@@ -570,17 +677,34 @@ struct WgmmaGemm {
         const int warpgroup = threadIdx.x / 128, thread = threadIdx.x % 128;
         if (warpgroup == kConsumers) {
             asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" :: "n"(kProducerRegisters));
-            if (thread == 0) gemm.produce();
-            // (One preparer warp is handed its lane: ptxas then knows the index's range, and the
-            // MXFP8 kernels keep the code they had before MXFP4 came.)
-            else if (thread / 32 == 1 || (thread / 32 > 1 && thread / 32 <= kPreparers))
-                gemm.prepare_stages(kPreparers == 1 ? thread % 32 : thread - 32);
+            if (thread == 0) gemm.produce(0, first_unit());
+            else if (is_preparer(thread)) gemm.prepare_stages(preparer_index(thread), 0, first_unit());
         } else {
             asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" :: "n"(kConsumerRegisters));
-            gemm.consume(warpgroup, thread);
+            gemm.consume(warpgroup, thread, 0, first_unit());
             if (warpgroup == 0 && thread == 0) ptx::bulk_wait();  // shared memory outlives the last store
         }
         if constexpr (SPLITS > 1) ptx::cluster_sync();  // ... and the other ranks' last accesses to it
+    }
+
+    // The producer warpgroup's threads that prepare stages (warps 1 .. kPreparers), and their
+    // index among the preparers. (One preparer warp is handed its lane: ptxas then knows the
+    // index's range, and the MXFP8 kernels keep the code they had before MXFP4 came.)
+    __device__ __forceinline__ static bool is_preparer(int thread) { return thread / 32 >= 1 && thread / 32 <= kPreparers; }
+    __device__ __forceinline__ static int preparer_index(int thread) { return kPreparers == 1 ? thread % 32 : thread - 32; }
+
+    // By one thread, before the CTA's first __syncthreads.
+    __device__ __forceinline__ static void init_barriers(u32 barriers) {
+        for (int s = 0; s < STAGES; ++s) {
+            ptx::mbarrier_init(barriers + 8 * s, 1);                                // the producer's expect_tx
+            ptx::mbarrier_init(barriers + 8 * (STAGES + s), kPreparerThreads);      // the preparer warps
+            ptx::mbarrier_init(barriers + 8 * (2 * STAGES + s), kConsumers * 128);  // every consumer thread
+        }
+        if (SPLITS > 1) {
+            ptx::mbarrier_init(barriers + 8 * 3 * STAGES, (SPLITS - 1) * kConsumers * 128);  // partials: other ranks
+            ptx::mbarrier_init(barriers + 8 * (3 * STAGES + 1), kConsumers * 128);          // slot free: rank 0
+        }
+        ptx::fence_barrier_init();
     }
 };
 

@@ -48,6 +48,7 @@ from .quantize import (  # noqa: E402
     quantize_weights,
 )
 from .reference import reference_moe_gemm  # noqa: E402
+from .experts import expert_gemms  # noqa: E402
 from .moe_layer import MXFP8MoE, QuantizedExperts, moe_forward, reference_moe_forward  # noqa: E402
 from .gpt_oss import GptOssMoE, MXFP4Experts, gpt_oss_moe_forward, reference_gpt_oss_forward  # noqa: E402
 from .ops import grouped_gemm, quantize_activations_op  # noqa: E402
@@ -68,6 +69,7 @@ __all__ = [
     "from_fp8_block_scaled",
     "from_ocp_mx",
     "from_gpt_oss",
+    "expert_gemms",
     "MXFP8MoE",
     "QuantizedExperts",
     "moe_forward",

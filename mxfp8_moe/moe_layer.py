@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .ops import combine_op, grouped_gemm, quantize_activations_op, route_topk_op
+from .ops import combine_op, expert_gemms_op, quantize_activations_op, route_topk_op
 from .quantize import quantize_weights
 
 
@@ -69,11 +69,13 @@ def moe_forward(
     top_k: int,
     *,
     renormalize: bool = True,
+    experts: str = "auto",
 ) -> torch.Tensor:
     """MoE block: (T, H) bf16 hidden states and (T, E) router logits -> (T, H) bf16.
 
     w13: (E, 2 I, H) [up; gate] and w2: (E, H, I), quantized at one k granularity, which the
-    activations are quantized at too.
+    activations are quantized at too. `experts`: how the expert GEMMs run (experts.expert_gemms'
+    path: "auto", "fused" or "chain"; the same bits every way).
     """
     if w13.k_granularity != w2.k_granularity:
         raise ValueError(f"w13 and w2 must be quantized at the same k granularity, got {w13.k_granularity} and "
@@ -81,9 +83,7 @@ def moe_forward(
     k_granularity = w13.k_granularity
     routing = route(router_logits, top_k, renormalize=renormalize)
     a, a_scale = quantize_activations_op(hidden, routing.m_indptr, k_granularity, routing.token)
-    h = grouped_gemm(a, w13.b, a_scale, w13.b_scale, routing.m_indptr, k_granularity, is_gated=True)
-    a, a_scale = quantize_activations_op(h, routing.m_indptr, k_granularity)
-    y = grouped_gemm(a, w2.b, a_scale, w2.b_scale, routing.m_indptr, k_granularity)
+    y = expert_gemms_op(a, a_scale, routing.m_indptr, w13.b, w13.b_scale, w2.b, w2.b_scale, k_granularity, experts)
     return combine(y, routing, hidden.shape[0])
 
 

@@ -14,6 +14,8 @@ stream, so CUDA graphs capture it.
     torch.ops.mxfp8_moe.route_topk(Tensor router_logits, int top_k, bool renormalize)
         -> (Tensor, Tensor, Tensor, Tensor)
     torch.ops.mxfp8_moe.combine(Tensor rows, Tensor weight, Tensor slot_row, int num_tokens) -> Tensor
+    torch.ops.mxfp8_moe.expert_gemms(Tensor a, Tensor a_scale, Tensor m_indptr, Tensor w13, Tensor w13_scale,
+        Tensor w2, Tensor w2_scale, int k_granularity, str path) -> Tensor
 
 Schemas are spelled out rather than inferred from type hints, so they read the same on every
 torch >= 2.4.
@@ -24,6 +26,7 @@ import torch
 from .api import moe_gemm_mxfp8_mxfp4_nt_groupwise, moe_gemm_mxfp8_nt_groupwise
 from .combine import combine_rows
 from .epilogue import GPT_OSS_ALPHA, GPT_OSS_LIMIT
+from .experts import expert_gemms
 from .layout import k_align, m_padded
 from .quantize import quantize_activations
 from .routing import route_topk
@@ -121,6 +124,23 @@ def _(rows, weight, slot_row, num_tokens):
     return rows.new_empty((num_tokens, rows.shape[1]), dtype=torch.bfloat16)
 
 
+@torch.library.custom_op(
+    "mxfp8_moe::expert_gemms",
+    mutates_args=(),
+    schema="(Tensor a, Tensor a_scale, Tensor m_indptr, Tensor w13, Tensor w13_scale, Tensor w2, Tensor w2_scale, "
+    "int k_granularity, str path) -> Tensor",
+)
+def _expert_gemms(a: torch.Tensor, a_scale: torch.Tensor, m_indptr: torch.Tensor, w13: torch.Tensor,
+                  w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor, k_granularity: int,
+                  path: str) -> torch.Tensor:
+    return expert_gemms(a, a_scale, m_indptr, w13, w13_scale, w2, w2_scale, k_granularity, path=path)
+
+
+@_expert_gemms.register_fake
+def _(a, a_scale, m_indptr, w13, w13_scale, w2, w2_scale, k_granularity, path):
+    return a.new_empty((a.shape[0], w2.shape[1]), dtype=torch.bfloat16)
+
+
 def quantize_activations_op(
     x: torch.Tensor, m_indptr: torch.Tensor, k_granularity: int = 128, rows: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,3 +189,11 @@ def route_topk_op(router_logits: torch.Tensor, top_k: int, renormalize: bool = T
 def combine_op(rows: torch.Tensor, weight: torch.Tensor, slot_row: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """`mxfp8_moe.combine.combine_rows` as a custom op: (num_tokens, H) bf16."""
     return torch.ops.mxfp8_moe.combine.default(rows, weight, slot_row, num_tokens)
+
+
+def expert_gemms_op(a: torch.Tensor, a_scale: torch.Tensor, m_indptr: torch.Tensor, w13: torch.Tensor,
+                    w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor, k_granularity: int = 128,
+                    path: str = "auto") -> torch.Tensor:
+    """`mxfp8_moe.experts.expert_gemms` as a custom op: (cum_m, H) bf16."""
+    return torch.ops.mxfp8_moe.expert_gemms.default(a, a_scale, m_indptr, w13, w13_scale, w2, w2_scale, k_granularity,
+                                                    path)

@@ -1,6 +1,8 @@
-"""Benchmark the whole MoE layer at decode sizes, router logits in and hidden states out: today's
-chain of launches (route, gather + quantize, gate_up, quantize, down, combine), each of its stages
-alone, and a bf16 torch block, beside the sum of the two GEMMs' HBM floors.
+"""Benchmark the whole MoE layer at decode sizes, router logits in and hidden states out: the layer
+with its expert GEMMs fused into one launch (route, gather + quantize, fused, combine; sm_90a,
+MXFP8 models), the chain of launches (route, gather + quantize, gate_up, quantize, down, combine),
+each of the chain's stages alone, and a bf16 torch block, beside the sum of the two GEMMs' HBM
+floors.
 
 Method as tools/bench_moe.py: per cell, 6 routings (router logits drawn afresh) rotate inside one
 CUDA graph so the routed experts' weights come from HBM, not L2; time = median replay / 6, best of
@@ -49,7 +51,8 @@ class Layer:
     k_granularity: int
     weight_bits: float  # per weight, scales included
     bias_bytes_per_expert: int
-    forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # the chain of launches
+    fused: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None  # the expert GEMMs in one launch
     gate_up: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (a, a_scale, m_indptr) -> h
     down: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
     w13_t: torch.Tensor  # (E, H, 2 I) bf16 view, [up; gate] columns
@@ -62,7 +65,8 @@ def mxfp8_layer(experts: int, hidden: int, inter: int, top_k: int, k_granularity
     q13, q2 = QuantizedExperts.quantize(w13, k_granularity), QuantizedExperts.quantize(w2, k_granularity)
     return Layer(
         top_k, k_granularity, 8 + 8 / k_granularity, 0,
-        lambda x, logits: moe_forward(x, logits, q13, q2, top_k),
+        lambda x, logits: moe_forward(x, logits, q13, q2, top_k, experts="chain"),
+        lambda x, logits: moe_forward(x, logits, q13, q2, top_k, experts="fused"),
         lambda a, s, m: grouped_gemm(a, q13.b, s, q13.b_scale, m, k_granularity, is_gated=True),
         lambda a, s, m: grouped_gemm(a, q2.b, s, q2.b_scale, m, k_granularity),
         w13.transpose(1, 2), w2.transpose(1, 2))
@@ -74,7 +78,7 @@ def gpt_oss_layer(experts: int, hidden: int, inter: int, top_k: int) -> Layer:
     w13 = torch.randn(experts, 2 * inter, hidden, device="cuda", dtype=torch.bfloat16) * 0.05
     w2 = torch.randn(experts, hidden, inter, device="cuda", dtype=torch.bfloat16) * 0.05
     return Layer(
-        top_k, 32, 4 + 8 / 32, 4 * (2 * inter + hidden), block,
+        top_k, 32, 4 + 8 / 32, 4 * (2 * inter + hidden), block, None,
         lambda a, s, m: grouped_gemm_mxfp4(a, block.gate_up_b, s, block.gate_up_b_scale, m, block.gate_up_bias,
                                            True, "clamped_swiglu", block.alpha, block.limit),
         lambda a, s, m: grouped_gemm_mxfp4(a, block.down_b, s, block.down_b_scale, m, block.down_bias),
@@ -125,6 +129,7 @@ def bench_cell(model: str, layer: Layer, hidden: int, inter: int, experts: int, 
               for lg in logits]
     stages = [stage_calls(layer, x, lg) for lg in logits]
     impls = {"chain_us": [lambda lg=lg: layer.forward(x, lg) for lg in logits],
+             **({"fused_us": [lambda lg=lg: layer.fused(x, lg) for lg in logits]} if layer.fused else {}),
              "torch_bf16_us": [lambda lg=lg: torch_bf16_block(layer, x, lg) for lg in logits]}
     impls.update({f"{name}_us": [calls[name] for calls in stages] for name in STAGES})
     row = {"model": model, "tokens": tokens, "floor_us": statistics.mean(floors) * 1e6}
@@ -133,14 +138,16 @@ def bench_cell(model: str, layer: Layer, hidden: int, inter: int, experts: int, 
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ("| model | T | GEMM floors us | chain us (x floor) | torch bf16 us | "
+    head = ("| model | T | GEMM floors us | fused us (x floor, x chain) | chain us (x floor) | torch bf16 us | "
             + " | ".join(f"{s} us" for s in STAGES) + " | sum of stages us |\n"
-            + "|---" * (6 + len(STAGES)) + "|\n")
+            + "|---" * (7 + len(STAGES)) + "|\n")
     lines = []
     for r in rows:
         stages = [r.get(f"{s}_us") for s in STAGES]
         us = lambda t: f"{t:.1f}" if t else "-"  # noqa: E731
-        lines.append(f"| {r['model']} | {r['tokens']} | {r['floor_us']:.1f} | {r['chain_us']:.1f} "
+        fused = r.get("fused_us")
+        fused = f"{fused:.1f} ({fused / r['floor_us']:.2f}x, {r['chain_us'] / fused:.2f}x faster)" if fused else "-"
+        lines.append(f"| {r['model']} | {r['tokens']} | {r['floor_us']:.1f} | {fused} | {r['chain_us']:.1f} "
                      f"({r['chain_us'] / r['floor_us']:.2f}x) | {us(r.get('torch_bf16_us'))} | "
                      + " | ".join(us(t) for t in stages) + f" | {sum(t for t in stages if t):.1f} |")
     return head + "\n".join(lines) + "\n"
@@ -163,7 +170,8 @@ def main() -> None:
         for tokens in args.tokens:
             row = bench_cell(model, layer, hidden, inter, experts, tokens, bandwidth)
             rows.append(row)
-            print(f"{model} T={tokens}: floor {row['floor_us']:.1f} us, chain {row['chain_us']:.1f} us, "
+            print(f"{model} T={tokens}: floor {row['floor_us']:.1f} us, fused {row.get('fused_us')}, "
+                  f"chain {row['chain_us']:.1f} us, "
                   f"torch bf16 {row.get('torch_bf16_us')}", flush=True)
         del layer
         torch.cuda.empty_cache()

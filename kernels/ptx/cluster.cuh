@@ -18,6 +18,10 @@ __device__ __forceinline__ void cluster_sync() {
                  "barrier.cluster.wait.acquire;\n" ::: "memory");
 }
 
+// Every thread of the CTA arrives and waits, as __syncthreads does, but not .aligned: the threads
+// may come from divergent paths (a warp whose lanes took different roles).
+__device__ __forceinline__ void cta_sync_divergent() { asm volatile("barrier.sync 0;\n" ::: "memory"); }
+
 // The address of the same shared-memory location in the CTA of rank `rank` (shared::cluster window).
 __device__ __forceinline__ u32 map_shared(u32 address, int rank) {
     u32 mapped;

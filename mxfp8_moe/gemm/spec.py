@@ -96,13 +96,16 @@ class Variant:
                                                  ("_bias", self.bias)) if chosen)
 
     @property
-    def template_argument(self) -> str:
-        """The kernel template's last argument, empty for the default, which the templates default to."""
-        if self == DEFAULT_VARIANT:
-            return ""
+    def cpp_type(self) -> str:
+        """The kernel templates' Variant type."""
         weights = "mxfp8_moe::kE2M1" if self.weights == "e2m1" else "mxfp8_moe::kE4M3"
         activation = "mxfp8_moe::kClampedSwiGLU" if self.activation == "clamped_swiglu" else "mxfp8_moe::kSwiGLU"
-        return f", mxfp8_moe::Variant<{weights}, {activation}, {str(self.interleaved).lower()}, {str(self.bias).lower()}>"
+        return f"mxfp8_moe::Variant<{weights}, {activation}, {str(self.interleaved).lower()}, {str(self.bias).lower()}>"
+
+    @property
+    def template_argument(self) -> str:
+        """The kernel template's last argument, empty for the default, which the templates default to."""
+        return "" if self == DEFAULT_VARIANT else f", {self.cpp_type}"
 
 
 DEFAULT_VARIANT = Variant()

@@ -66,6 +66,14 @@ def output_map(address: int, rows: int, columns: int, box_rows: int) -> bytes:
                     driver.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B, f"({rows}, {columns}) bf16 matrix")
 
 
+def rows_map(address: int, rows: int, columns: int, box_rows: int) -> bytes:
+    """A row-major (rows, columns) bf16 matrix at `address` (16-byte aligned, columns % 8 == 0) in
+    unswizzled boxes of one K block's columns (the fused layer's down phase quantizes them itself)."""
+    return _encoded(driver.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, address, (columns, rows),
+                    (2 * columns,), (BOX_K, box_rows), driver.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_NONE,
+                    f"({rows}, {columns}) bf16 matrix")
+
+
 def scale_map(address: int, dims, strides, box_rows: int) -> bytes:
     """Scale words at `address` with dims and element strides innermost first (the rows, stride 1);
     a box is `box_rows` consecutive rows of one word."""

@@ -35,20 +35,35 @@ def wgmma_maps(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale:
                block_t: int, packed_weights: bool = False) -> dict[str, bytes]:
     """The five maps of one call (scales as tensor_maps.scales_fit_tma accepts them);
     `packed_weights`: b holds MXFP4 codes, two a byte."""
-    num_experts, n = b.shape[:2]
-    k = a.shape[1]
-    box_rows = WEIGHT_ROWS // CONSUMERS  # each consumer's weight rows: one box
-    weights = packed_operand_map if packed_weights else operand_map
     return {
-        "tokens": operand_map(a.data_ptr(), a.shape[0], k, block_t),
-        "weights": weights(b.data_ptr(), num_experts * n, k, box_rows),
+        "tokens": operand_map(a.data_ptr(), a.shape[0], a.shape[1], block_t),
+        "weights": weights_map(b, packed_weights),
         # a_scale (m_padded, k_align) with rows adjacent: innermost first, as it is.
         "token_scales": scale_map(a_scale.data_ptr(), tuple(a_scale.shape), a_scale.stride(), block_t),
-        # b_scale (E, N, k_align) with rows adjacent: (rows, words, experts) innermost-first.
-        "weight_scales": scale_map(b_scale.data_ptr(), (b_scale.shape[1], b_scale.shape[2], b_scale.shape[0]),
-                                   (b_scale.stride(1), b_scale.stride(2), b_scale.stride(0)), box_rows),
+        "weight_scales": weight_scales_map(b_scale),
         "output": output_map(out.data_ptr(), out.shape[0], out.shape[1], block_t),
     }
+
+
+def weight_and_output_maps(b: torch.Tensor, b_scale: torch.Tensor, out: torch.Tensor, *, block_t: int,
+                           packed_weights: bool = False) -> dict[str, bytes]:
+    """The maps that do not read the tokens (all the fused layer's down phase needs of wgmma_maps)."""
+    return {"weights": weights_map(b, packed_weights), "weight_scales": weight_scales_map(b_scale),
+            "output": output_map(out.data_ptr(), out.shape[0], out.shape[1], block_t)}
+
+
+def weights_map(b: torch.Tensor, packed: bool) -> bytes:
+    """b (E, N, K) bytes, or (E, N, K / 2) MXFP4 codes, as (E * N) rows: a box is one consumer's rows."""
+    num_experts, n, k_bytes = b.shape
+    if packed:
+        return packed_operand_map(b.data_ptr(), num_experts * n, 2 * k_bytes, WEIGHT_ROWS // CONSUMERS)
+    return operand_map(b.data_ptr(), num_experts * n, k_bytes, WEIGHT_ROWS // CONSUMERS)
+
+
+def weight_scales_map(b_scale: torch.Tensor) -> bytes:
+    """b_scale (E, N, k_align) with rows adjacent: (rows, words, experts) innermost-first."""
+    return scale_map(b_scale.data_ptr(), (b_scale.shape[1], b_scale.shape[2], b_scale.shape[0]),
+                     (b_scale.stride(1), b_scale.stride(2), b_scale.stride(0)), WEIGHT_ROWS // CONSUMERS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,10 +95,17 @@ class WgmmaSpec(KernelSpec):
 
     def source(self) -> str:
         # One block per SM in the launch bounds: setmaxnreg needs a register cap at entry.
-        return entry_source("wgmma_grouped_gemm.cuh",
-                            f"mxfp8_moe::WgmmaGemm<{self.n}, {self.k}, {self.k_granularity}, {str(self.gated).lower()}, "
-                            f"{self.block_t}, {self.stages}, {self.splits}{self.variant.template_argument}>",
-                            tensor_maps="mxfp8_moe::WgmmaTensorMaps", min_blocks=1, cluster=self.cluster)
+        return entry_source("wgmma_grouped_gemm.cuh", self.cpp_type(), tensor_maps="mxfp8_moe::WgmmaTensorMaps",
+                            min_blocks=1, cluster=self.cluster)
+
+    def cpp_type(self, role: str | None = None) -> str:
+        """The kernel's WgmmaGemm type; `role`: its GemmRole as a phase of the fused layer
+        (kernels/wgmma_moe_layer.cuh), e.g. "kLayerGateUp"."""
+        head = (f"mxfp8_moe::WgmmaGemm<{self.n}, {self.k}, {self.k_granularity}, {str(self.gated).lower()}, "
+                f"{self.block_t}, {self.stages}, {self.splits}")
+        if role is None:
+            return f"{head}{self.variant.template_argument}>"
+        return f"{head}, {self.variant.cpp_type}, mxfp8_moe::{role}>"
 
     def stage_bytes(self) -> int:
         """Weight and token tiles, then the scale words and their floats (one set per k32 slice at

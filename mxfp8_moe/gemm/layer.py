@@ -1,0 +1,181 @@
+"""The MoE layer's two grouped GEMMs in one launch on sm_90a (kernels/wgmma_moe_layer.cuh): gate_up
+with its gated activation, the intermediate's MXFP8 quantization and down, for decode sizes, where
+each GEMM alone is a launch-sized amount of work and the fused kernel streams down's weights while
+gate_up runs.
+
+A LayerSpec is the two phases' WgmmaSpecs (same token tile and pipeline) as one kernel; the
+heuristic (heuristics.layer_spec) decides when it serves a call. The kernel hands token tiles from
+one phase to the other through counters in a per-(device, stream) workspace that every launch
+leaves zeroed, as it found it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import threading
+
+import torch
+
+from ..jit.build import build
+from ..jit.runtime import LoadedKernel
+from ..memo import BoundedMemo
+from .launch import LaunchArguments
+from .families.wgmma import WgmmaSpec, WgmmaTensorMaps, wgmma_maps, weight_and_output_maps
+from .spec import DEFAULT_VARIANT, NO_EPILOGUE_ARGUMENTS, STAGE_K_BYTES, EpilogueArguments, GroupedGemmParams, Variant
+from .tensor_maps import rows_map
+
+ENTRY = "mxfp8_moe_layer"
+# Expert rows (T * top_k) up to which the fused kernel serves a layer, and so the token tiles its
+# counters must cover (a token tile holds at least one row).
+LAYER_MAX_ROWS = 512
+# Pipeline stages at most (the barrier region holds ten): the deeper the pipeline, the more of
+# down's weights stream before its first rows are published.
+LAYER_MAX_STAGES = 8
+
+
+class MoeLayerParams(ctypes.Structure):
+    """Mirror of mxfp8_moe::MoeLayerParams (kernels/wgmma_moe_layer.cuh), passed by value."""
+
+    _fields_ = [("gate_up", GroupedGemmParams), ("down", GroupedGemmParams), ("counters", ctypes.c_void_p)]
+
+
+class MoeLayerTensorMaps(ctypes.Structure):
+    """Mirror of mxfp8_moe::MoeLayerTensorMaps, passed by value."""
+
+    _fields_ = [("gate_up", WgmmaTensorMaps), ("down", WgmmaTensorMaps)]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """The fused layer for experts with hidden size `hidden` and intermediate size `inter`: w13 is
+    (E, 2 inter, hidden) [up; gate], w2 (E, hidden, inter), both at `k_granularity`."""
+
+    arch: str
+    hidden: int
+    inter: int
+    k_granularity: int
+    block_t: int
+    stages: int
+    gate_up_variant: Variant = DEFAULT_VARIANT
+    down_variant: Variant = DEFAULT_VARIANT
+
+    threads = 384  # WgmmaGemm::kThreads
+
+    @property
+    def gate_up(self) -> WgmmaSpec:
+        return WgmmaSpec(self.arch, 2 * self.inter, self.hidden, self.k_granularity, True, block_t=self.block_t,
+                         stages=self.stages, variant=self.gate_up_variant)
+
+    @property
+    def down(self) -> WgmmaSpec:
+        return WgmmaSpec(self.arch, self.hidden, self.inter, self.k_granularity, False, block_t=self.block_t,
+                         stages=self.stages, variant=self.down_variant)
+
+    @property
+    def label(self) -> str:
+        return (f"layer_h{self.hidden}_i{self.inter}_g{self.k_granularity}{self.gate_up_variant.label}"
+                f"{'_down' + self.down_variant.label if self.down_variant.label else ''}_bt{self.block_t}_s{self.stages}")
+
+    def source(self) -> str:
+        # One block per SM in the launch bounds: setmaxnreg needs a register cap at entry.
+        return ('#include "wgmma_moe_layer.cuh"\n'
+                f"using Layer = mxfp8_moe::WgmmaMoeLayer<{self.gate_up.cpp_type('kLayerGateUp')},\n"
+                f"                                       {self.down.cpp_type('kLayerDown')}>;\n"
+                f'extern "C" __global__ void __launch_bounds__(Layer::kThreads, 1) {ENTRY}(\n'
+                "    const __grid_constant__ mxfp8_moe::MoeLayerParams params,\n"
+                "    const __grid_constant__ mxfp8_moe::MoeLayerTensorMaps maps) {\n"
+                "    Layer::run(params, maps);\n}\n")
+
+    def stage_bytes(self) -> int:
+        """A stage of either phase (WgmmaGemm::kStageBytes in a layer): the GEMM's, then the bf16
+        token rows the down phase quantizes."""
+        return self.gate_up.stage_bytes() + self.block_t * STAGE_K_BYTES * 2
+
+    def fixed_shared_bytes(self, num_experts: int) -> int:
+        """Everything but the stages: the phases share the scheduler and barriers; the epilogue
+        space is the larger of theirs."""
+        return max(spec.dynamic_shared_bytes(num_experts) - spec.pipeline_bytes() for spec in (self.gate_up, self.down))
+
+    def dynamic_shared_bytes(self, num_experts: int) -> int:
+        """WgmmaMoeLayer::shared_bytes."""
+        return self.fixed_shared_bytes(num_experts) + self.stages * self.stage_bytes()
+
+
+class LayerKernel:
+    """A compiled and loaded LayerSpec on one device."""
+
+    def __init__(self, spec: LayerSpec, device_index: int):
+        self.spec = spec
+        cubin, _ = build(spec.source(), arch=spec.arch, label=spec.label)
+        # The kernel waits for the grid before it before its first global access (griddepcontrol).
+        self.kernel = LoadedKernel(cubin, ENTRY, device_index, spec.threads, programmatic=True)
+        self.device_index = device_index
+        self._arguments = BoundedMemo(256)
+
+    def __call__(self, a: torch.Tensor, a_scale: torch.Tensor, m_indptr: torch.Tensor, w13: torch.Tensor,
+                 w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor, h: torch.Tensor, out: torch.Tensor,
+                 stream: int, gate_up_epilogue: EpilogueArguments = NO_EPILOGUE_ARGUMENTS,
+                 down_epilogue: EpilogueArguments = NO_EPILOGUE_ARGUMENTS) -> None:
+        """out = the down GEMM of (the gate_up GEMM of a, activated, in h), for validated tensors:
+        a (cum_m, hidden) e4m3 with its MN-major a_scale, h (cum_m, inter) and out (cum_m, hidden) bf16."""
+        counters = layer_counters(self.device_index, stream)
+        tensors = (a, a_scale, m_indptr, w13, w13_scale, w2, w2_scale, h, out)
+        key = (tuple(t.data_ptr() for t in tensors), a.shape[0], w13.shape[0], a_scale.shape, a_scale.stride(),
+               w13_scale.stride(), w2_scale.stride(), counters.data_ptr(), gate_up_epilogue.key, down_epilogue.key)
+        arguments = self._arguments.get(key)
+        if arguments is None:
+            arguments = self._arguments.put(key, self._arguments_for(tensors, counters, gate_up_epilogue, down_epilogue))
+        self.kernel.launch(arguments.grid, arguments.shared, stream, arguments.address)
+
+    def _arguments_for(self, tensors, counters, gate_up_epilogue, down_epilogue) -> LaunchArguments:
+        a, a_scale, m_indptr, w13, w13_scale, w2, w2_scale, h, out = tensors
+        packed = self.spec.gate_up_variant.weights == "e2m1"
+        params = MoeLayerParams(
+            GroupedGemmParams.of(a, w13, a_scale, w13_scale, m_indptr, h, gate_up_epilogue),
+            # The down phase reads h by its tokens map (bf16, quantized in the kernel): no a, no a_scale.
+            GroupedGemmParams(b=w2.data_ptr(), b_scale=w2_scale.data_ptr(), m_indptr=m_indptr.data_ptr(),
+                              out=out.data_ptr(), b_scale_stride_expert=w2_scale.stride(0),
+                              b_scale_stride_row=w2_scale.stride(1), b_scale_stride_word=w2_scale.stride(2),
+                              cum_m=a.shape[0], num_experts=w2.shape[0],
+                              bias=None if down_epilogue.bias is None else down_epilogue.bias.data_ptr(),
+                              alpha=down_epilogue.alpha, limit=down_epilogue.limit),
+            counters.data_ptr())
+        maps = MoeLayerTensorMaps()
+        maps.gate_up.set(**wgmma_maps(a, w13, a_scale, w13_scale, h, block_t=self.spec.block_t, packed_weights=packed))
+        maps.down.set(tokens=rows_map(h.data_ptr(), h.shape[0], h.shape[1], self.spec.block_t),
+                      **weight_and_output_maps(w2, w2_scale, out, block_t=self.spec.block_t,
+                                               packed_weights=self.spec.down_variant.weights == "e2m1"))
+        shared = self.spec.dynamic_shared_bytes(w13.shape[0])
+        grid = (self.kernel.resident_blocks(shared), 1, 1)  # persistent: every CTA resident (the waits need it)
+        return LaunchArguments(grid, shared, (params, maps))
+
+
+_kernels: dict[tuple[int, LayerSpec], LayerKernel] = {}
+_counters: dict[tuple[int, int], torch.Tensor] = {}
+_lock = threading.Lock()
+
+
+def get_layer_kernel(spec: LayerSpec, device_index: int) -> LayerKernel:
+    """The loaded kernel of `spec` on a device, compiled (or read from the cache) on first use."""
+    key = (device_index, spec)
+    kernel = _kernels.get(key)
+    if kernel is None:
+        with _lock:
+            kernel = _kernels.get(key) or _kernels.setdefault(key, LayerKernel(spec, device_index))
+    return kernel
+
+
+def layer_counters(device_index: int, stream: int) -> torch.Tensor:
+    """The counters of launches on one stream: an exit count and one per token tile, zero between
+    launches (each launch zeroes them as it ends). Per stream, so that layers running at the same time
+    on two streams never share them."""
+    key = (device_index, stream)
+    counters = _counters.get(key)
+    if counters is None:
+        with _lock:
+            counters = _counters.get(key)
+            if counters is None:
+                counters = _counters[key] = torch.zeros(1 + LAYER_MAX_ROWS, dtype=torch.int32,
+                                                        device=f"cuda:{device_index}")
+    return counters
