@@ -193,14 +193,14 @@ struct WgmmaGemm {
         ptx::prefetch_tensor_map(&maps.output);  // for the consumers' stores
         const int kb0 = first_k_block();
         const int first_it = it;
-        int rows_requested = it;  // a layer's down phase: the stages whose token rows are requested
+        RowRequests requests{it, -1, 0};  // a layer's down phase
         for (i64 u = first; u < scheduler.num_units(); u += unit_stride()) {
             const WorkUnit w = scheduler.unit(u);
             const int n0 = w.n_tile * kBlockN;
             for (int kb = kb0; kb < kb0 + kUnitKIters; ++kb, ++it) {
                 const int s = it % STAGES;
                 // The stage that last used this slot cannot be released before its rows come.
-                if constexpr (kQuantizesTokens) request_rows(rows_requested, it - STAGES + 1, first_it, first, true);
+                if constexpr (kQuantizesTokens) request_rows(requests, it - STAGES + 1, first_it, first, true);
                 ptx::mbarrier_wait(empty_barrier(s), ((it / STAGES) & 1) ^ 1);
                 const u32 full = full_barrier(s);
                 const u32 weights = ptx::shared_address(stage(s));
@@ -224,32 +224,46 @@ struct WgmmaGemm {
                         ptx::tma_load_2d(weights + c * 64 * kBlockK, &maps.weights, kb * kBlockK, w.expert * N + row, full);
                     ptx::tma_load_3d(scales + 4 * 64 * c, &maps.weight_scales, row, word, w.expert, full);
                 }
-                if constexpr (kQuantizesTokens) request_rows(rows_requested, it + 1, first_it, first, false);
+                if constexpr (kQuantizesTokens) request_rows(requests, it + 1, first_it, first, false);
             }
         }
-        if constexpr (kQuantizesTokens) request_rows(rows_requested, it, first_it, first, true);
+        if constexpr (kQuantizesTokens) request_rows(requests, it, first_it, first, true);
         return it;
     }
 
-    // A layer's down phase: request the token rows of pipeline iterations `requested` .. limit - 1,
+    // A layer's down phase: which stages have their token rows requested (`next` on), and the last
+    // unit found published, with its first row (so a unit costs one acquire and one scheduler lookup,
+    // not one per stage: each sits on the producer's path).
+    struct RowRequests {
+        int next;
+        i64 unit;
+        int row;
+    };
+
+    // A layer's down phase: request the token rows of pipeline iterations requests.next .. limit - 1,
     // whose weights are already requested (their "full" barriers expect the rows' bytes too), as far
     // as their token tiles are published (acquire), or, with `wait`, waiting for them. So the weights
     // of the next stages stream while gate_up units are still running; a slot whose stage still
     // waits for its rows is the only thing that holds the producer. Iterations map back to units as
     // produce() counts them (from `first_it` at unit `first`, kUnitKIters per unit).
-    __device__ __forceinline__ void request_rows(int& requested, int limit, int first_it, i64 first, bool wait) const {
-        for (; requested < limit; ++requested) {
-            const int done = requested - first_it;
+    __device__ __forceinline__ void request_rows(RowRequests& requests, int limit, int first_it, i64 first,
+                                                 bool wait) const {
+        for (; requests.next < limit; ++requests.next) {
+            const int done = requests.next - first_it;
             const i64 u = first + static_cast<i64>(done / kUnitKIters) * unit_stride();
-            const i32* counter = tile_counters + 1 + u / kNTiles;
-            if (ptx::load_acquire(counter) < tile_publishers) {
-                if (!wait) return;
-                while (ptx::load_acquire(counter) < tile_publishers) ptx::sleep_ns(64);
+            if (u != requests.unit) {
+                const i32* counter = tile_counters + 1 + u / kNTiles;
+                if (ptx::load_acquire(counter) < tile_publishers) {
+                    if (!wait) return;
+                    while (ptx::load_acquire(counter) < tile_publishers) ptx::sleep_ns(64);
+                }
+                ptx::fence_proxy_async_global();  // the rows' generic stores, acquired above, before the copies read them
+                requests.unit = u;
+                requests.row = scheduler.unit(u).row;
             }
-            ptx::fence_proxy_async_global();  // the rows' generic stores, acquired above, before the copy reads them
-            const int s = requested % STAGES;
+            const int s = requests.next % STAGES;
             ptx::tma_load_2d(ptx::shared_address(stage(s) + kRowsOffset), &maps.tokens, done % kUnitKIters * kBlockK,
-                             scheduler.unit(u).row, full_barrier(s));
+                             requests.row, full_barrier(s));
         }
     }
 
@@ -423,13 +437,11 @@ struct WgmmaGemm {
     }
 
     // A layer's gate_up phase: once every consumer's stores of the tile are done (the barrier), one
-    // thread makes them visible to the GPU and counts the tile on its token tile's counter.
+    // thread counts the tile on its token tile's counter, releasing at GPU scope what the barrier
+    // ordered before it (release is cumulative).
     __device__ __forceinline__ void publish_tile(i64 tile, int warpgroup, int thread) const {
         consumers_sync();
-        if (warpgroup == 0 && thread == 0) {
-            ptx::fence_gpu();
-            ptx::add_release(tile_counters + 1 + tile, 1);
-        }
+        if (warpgroup == 0 && thread == 0) ptx::add_release(tile_counters + 1 + tile, 1);
     }
 
     // Split K: every rank but 0 writes its accumulators into its slot in rank 0's shared memory and

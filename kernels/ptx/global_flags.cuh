@@ -6,11 +6,8 @@
 
 namespace mxfp8_moe::ptx {
 
-// Orders this thread's earlier memory accesses, and those it has observed (through bar.sync, say),
-// before its later ones, for every thread of the GPU.
-__device__ __forceinline__ void fence_gpu() { asm volatile("fence.acq_rel.gpu;\n" ::: "memory"); }
-
-// counter += value, after (release) everything this thread has written or observed.
+// counter += value, after (release) everything this thread has written or observed (what other
+// threads wrote before a barrier it passed included).
 __device__ __forceinline__ void add_release(i32* counter, int value) {
     asm volatile("red.release.gpu.global.add.s32 [%0], %1;\n" :: "l"(counter), "r"(value) : "memory");
 }

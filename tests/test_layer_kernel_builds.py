@@ -1,0 +1,67 @@
+"""The fused layer kernel (kernels/wgmma_moe_layer.cuh) builds cleanly for the MXFP8 models'
+decode shapes (CPU only): sm_90a, no spills, no serialized wgmma, the 168 registers setmaxnreg
+redistributes, shared memory within the H100's per-block limit and equal on host and device."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+
+from mxfp8_moe.gemm.device import DeviceInfo
+from mxfp8_moe.gemm.heuristics import _PER_BLOCK_RESERVE, layer_spec
+from mxfp8_moe.gemm.layer import LAYER_MAX_ROWS, LayerSpec
+from mxfp8_moe.jit import inspect
+from mxfp8_moe.jit.build import OPTIONS, kernel_dir
+from mxfp8_moe.jit.compiler import compile_cubin
+
+H100 = DeviceInfo.for_arch("sm_90a")
+# (experts, hidden, intermediate): Qwen3-30B-A3B, Qwen3-235B-A22B, DeepSeek-V3 with 8-way expert
+# parallelism (32 local experts).
+MODELS = {"qwen3-30b": (128, 2048, 768), "qwen3-235b": (128, 4096, 1536), "deepseek-ep8": (32, 7168, 2048)}
+
+
+def _specs() -> list[LayerSpec]:
+    specs = {}
+    for experts, hidden, inter in MODELS.values():
+        for k_granularity in (32, 128):
+            for rows in (1, 8, 128, LAYER_MAX_ROWS):
+                specs[layer_spec(H100, experts, rows, hidden, inter, k_granularity)] = None
+    return list(specs)
+
+
+SPECS = _specs()
+
+
+@functools.cache
+def build(spec: LayerSpec):
+    result = compile_cubin(spec.source(), arch=spec.arch, include_dir=kernel_dir(), options=OPTIONS, label=spec.label)
+    return result, inspect.resource_usage(result.log)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.label)
+def test_builds_without_spills_or_serialized_wgmma(spec):
+    result, usage = build(spec)
+    assert "serialized" not in result.log, result.log
+    assert usage["spill_stores"] == usage["spill_loads"] == usage["stack_frame"] == 0, usage
+    assert usage["registers"] == 168, usage  # what setmaxnreg redistributes (WgmmaGemm's static_assert)
+    limit = H100.shared_memory_limit - _PER_BLOCK_RESERVE
+    assert spec.dynamic_shared_bytes(max(MODELS.values())[0]) <= limit
+
+
+def test_host_and_kernel_agree_on_shared_memory():
+    # The launch sizes dynamic shared memory from LayerSpec; the kernel lays it out from its own
+    # constants (and traps on a mismatch). Let the compiler compare the two.
+    lines = ['#include "wgmma_moe_layer.cuh"']
+    for i, spec in enumerate(SPECS):
+        layer = (f"mxfp8_moe::WgmmaMoeLayer<{spec.gate_up.cpp_type('kLayerGateUp')}, "
+                 f"{spec.down.cpp_type('kLayerDown')}>")
+        for num_experts in (1, 32, 128):
+            lines.append(f"static_assert({layer}::shared_bytes({num_experts}) == {spec.dynamic_shared_bytes(num_experts)}, "
+                         f'"spec {i}: {spec.label}, {num_experts} experts");')
+    compile_cubin("\n".join(lines) + "\n", arch="sm_90a", include_dir=kernel_dir(), label="layer-layout-check")
+
+
+def test_covers_both_granularities_and_deep_pipelines():
+    assert {s.k_granularity for s in SPECS} == {32, 128}
+    assert all(s.stages >= 6 for s in SPECS)  # the point: down's weights stream ahead of its rows
