@@ -199,8 +199,9 @@ struct WgmmaGemm {
             const int n0 = w.n_tile * kBlockN;
             for (int kb = kb0; kb < kb0 + kUnitKIters; ++kb, ++it) {
                 const int s = it % STAGES;
-                // The stage that last used this slot cannot be released before its rows come.
-                if constexpr (kQuantizesTokens) request_rows(requests, it - STAGES + 1, first_it, first, true);
+                // The stage that last used this slot is released only once it and the stage after it
+                // have their rows: a chain issues the next group's wgmmas before it releases a stage.
+                if constexpr (kQuantizesTokens) request_rows(requests, it - STAGES + 2, first_it, first, true);
                 ptx::mbarrier_wait(empty_barrier(s), ((it / STAGES) & 1) ^ 1);
                 const u32 full = full_barrier(s);
                 const u32 weights = ptx::shared_address(stage(s));
