@@ -16,6 +16,10 @@
 // Why no wait can deadlock: the host launches at most as many CTAs as fit on the GPU at once (one
 // per SM, from the occupancy), so all of them run; a CTA reaches its down units only after its
 // gate_up units, and gate_up units wait for nothing, so every wait is for units that complete.
+// Within a CTA, the producer blocks on a counter only for rows the consumers need before they can
+// free the slot it waits for: the stage that last used the slot and the one after it (a chain of
+// wgmma groups releases a stage only after issuing the next one's), all of whose weights are
+// already requested (WgmmaGemm::produce).
 // (Residency is what this relies on: a kernel on another stream that held SMs until this one
 // finished would break it; one that finishes on its own only delays it.)
 //
