@@ -31,7 +31,7 @@
 
 namespace mxfp8_moe {
 
-// Mirrored by mxfp8_moe/fused_layer.py.
+// Mirrored by mxfp8_moe/gemm/layer.py.
 struct MoeLayerParams {
     GroupedGemmParams gate_up;  // a, a_scale: the quantized tokens; out: h (cum_m, I) bf16
     GroupedGemmParams down;     // a, a_scale unused (h comes by maps.down.tokens); out: (cum_m, H)

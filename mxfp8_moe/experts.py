@@ -42,10 +42,12 @@ def expert_gemms(a: torch.Tensor, a_scale: torch.Tensor, m_indptr: torch.Tensor,
     wants_fused = path == "fused" or (path == "auto" and heuristics.FUSED_LAYER)
     kernel = _fused_kernel(a, a_scale, m_indptr, w13, w13_scale, w2, w2_scale, k_granularity) if wants_fused else None
     if kernel is None:
-        if path == "fused":
-            raise ValueError(f"path='fused' needs CUDA tensors on an sm_90a GPU, at most {LAYER_MAX_ROWS} rows "
-                             f"(a.size(0)), MN-major scales and I = w2.size(2) a multiple of 64; got a of shape "
-                             f"{tuple(a.shape)} on {a.device}, w2 of shape {tuple(w2.shape)}")
+        if path == "fused" and a.shape[0] > 0:  # (an empty batch is the chain's, which launches nothing)
+            raise ValueError(f"path='fused' needs CUDA tensors on an sm_90a GPU, 1 to {LAYER_MAX_ROWS} rows "
+                             "(a.size(0)), 16-byte aligned tensors, MN-major scales, w2 (E, H, I) e4m3 with its "
+                             "(E, H, k_align(I)) scales, I a multiple of 64 and a pipeline of two stages that fits "
+                             f"shared memory; got a of shape {tuple(a.shape)} on {a.device}, w2 of shape "
+                             f"{tuple(w2.shape)}")
         h = moe_gemm_mxfp8_nt_groupwise(a, w13, a_scale, w13_scale, m_indptr, granularity, is_gated=True)
         h_q, h_scale = quantize_activations(h, m_indptr, k_granularity)
         return moe_gemm_mxfp8_nt_groupwise(h_q, w2, h_scale, w2_scale, m_indptr, granularity)

@@ -31,8 +31,11 @@ def experts(num_experts, hidden, inter, k_granularity):
 
 def tokens(rows_per_expert, hidden, k_granularity):
     """MXFP8 rows ~ N(0, 1) with per-row magnitudes over a few octaves, and their m_indptr."""
-    m_indptr = indptr(rows_per_expert, "cuda")
-    cum_m = int(sum(rows_per_expert))
+    return tokens_for(indptr(rows_per_expert, "cuda"), hidden, k_granularity)
+
+
+def tokens_for(m_indptr, hidden, k_granularity):
+    cum_m = int(m_indptr[-1])
     x = torch.randn(cum_m, hidden, device="cuda") * torch.exp2(torch.randint(-3, 4, (cum_m, 1), device="cuda").float())
     return (*quantize_activations(x.bfloat16(), m_indptr, k_granularity), m_indptr)
 
@@ -114,28 +117,47 @@ def test_m_indptr_out_of_range_is_clamped_as_the_gemms_clamp_it():
     assert not layer_counters(0, torch.cuda.current_stream().cuda_stream).any()
 
 
-def test_back_to_back_calls_in_one_graph():
-    # Ten layers in one graph, each with its own routing: each launch must find the counters zero.
+def test_back_to_back_calls_in_graphs_replayed_in_any_order():
+    # Ten layers, each with its own routing, in two graphs captured on torch's capture stream with
+    # no eager call there first (each captured launch gets counters of its own), replayed in
+    # either order with fresh tokens each time: every launch must find its counters zero.
     k_granularity = 128
     w13, w2 = experts(128, 2048, 768, k_granularity)
-    calls = [tokens(routed_rows(t, 128, 8), 2048, k_granularity) for t in (1, 4, 16, 2, 64, 1, 8, 3, 32, 1)]
-    run = lambda: [expert_gemms(a, s, m, w13.b, w13.b_scale, w2.b, w2.b_scale, k_granularity, path="fused")
-                   for a, s, m in calls]
-    want = [expert_gemms(a, s, m, w13.b, w13.b_scale, w2.b, w2.b_scale, k_granularity, path="chain")
-            for a, s, m in calls]
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        run()  # warm-up: kernels loaded, the stream's counters allocated
+    routings = [indptr(routed_rows(t, 128, 8), "cuda") for t in (1, 4, 16, 2, 64, 1, 8, 3, 32, 1)]
+    calls = [tokens_for(m, 2048, k_granularity) for m in routings]
+    fused = lambda a, s, m: expert_gemms(a, s, m, w13.b, w13.b_scale, w2.b, w2.b_scale, k_granularity, path="fused")
+    for a, s, m in calls:
+        fused(a, s, m)  # kernels loaded, eager counters allocated, outside any capture
+    graphs = []
+    for half in (calls[:5], calls[5:]):
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            outs = run()
-    torch.cuda.current_stream().wait_stream(stream)
-    for _ in range(5):
+        with torch.cuda.graph(graph):
+            outs = [fused(a, s, m) for a, s, m in half]
+        graphs.append((graph, half, outs))
+    for i in (1, 0, 0, 1):
+        graph, half, outs = graphs[i]
+        for a, s, m in half:  # fresh tokens into the graph's inputs
+            new_a, new_s = tokens_for(m, 2048, k_granularity)[:2]
+            a.copy_(new_a)
+            s.copy_(new_s)
         graph.replay()
         torch.cuda.synchronize()
-        for out, expected in zip(outs, want):
-            assert torch.equal(out, expected)
+        for (a, s, m), out in zip(half, outs):
+            chain = expert_gemms(a, s, m, w13.b, w13.b_scale, w2.b, w2.b_scale, k_granularity, path="chain")
+            assert torch.equal(out, chain)
+    assert not layer_counters(0, torch.cuda.current_stream().cuda_stream).any()
+
+
+@pytest.mark.parametrize("k_granularity", [32, 128])
+@pytest.mark.parametrize("rows_per_expert", [[64, 0, 130, 62, 0, 0, 0, 0], [100, 140, 0, 272]])
+def test_wide_token_tiles(rows_per_expert, k_granularity):
+    # Few experts with many rows: 64-token tiles and a 4-stage pipeline.
+    spec = layer_spec(device_info(0), len(rows_per_expert), sum(rows_per_expert), 256, 128, k_granularity)
+    assert spec is not None and spec.block_t == 64
+    w13, w2 = experts(len(rows_per_expert), 256, 128, k_granularity)
+    a, a_scale, m_indptr = tokens(rows_per_expert, 256, k_granularity)
+    fused, chain = run_both(w13, w2, a, a_scale, m_indptr, k_granularity)
+    assert torch.equal(fused, chain)
 
 
 @pytest.mark.parametrize("k_granularity", [32, 128])

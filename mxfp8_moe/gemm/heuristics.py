@@ -49,6 +49,9 @@ WGMMA_TAKES_MXFP4 = True
 # (docs/PERFORMANCE.md). Tests and benchmarks reach it through wgmma_spec.
 WGMMA_SPLITS_K = False  # decode units split over K in clusters (issue 15)
 FUSED_LAYER = False  # path "auto" of experts.expert_gemms takes the fused layer kernel (issue 15)
+# The fused layer's consumers have 224 registers (its producer warpgroup, which quantizes tokens,
+# keeps 56): at 128-token tiles they spill (8-16 B, tests/test_layer_kernel_builds.py).
+LAYER_MAX_TOKEN_TILE = 64
 # Cost of a token tile beside the columns it multiplies, in token columns: a fixed part (its
 # epilogue, its weight tile's trip from L2 or HBM) and, per row of its token box, the copy of that
 # row (the box is the whole tile even where the expert's rows end; copied, not multiplied: 1/8).
@@ -182,22 +185,21 @@ def wgmma_spec(device: DeviceInfo, num_experts: int, active_experts: int, rows: 
     return None
 
 
-def layer_spec(device: DeviceInfo, num_experts: int, cum_m: int, hidden: int, inter: int, k_granularity: int,
-               gate_up_variant: Variant = DEFAULT_VARIANT, down_variant: Variant = DEFAULT_VARIANT) -> LayerSpec | None:
+def layer_spec(device: DeviceInfo, num_experts: int, cum_m: int, hidden: int, inter: int,
+               k_granularity: int) -> LayerSpec | None:
     """The fused layer kernel (gemm/layer.py) for a batch of `cum_m` expert rows, or None where the
     chain of launches serves it: off sm_90a, above LAYER_MAX_ROWS, or for shapes either phase's wgmma
-    kernel does not take. Its token tile is the GEMMs' own choice; its pipeline as deep as fits."""
-    if device.arch not in WGMMA_ARCHS or not 0 < cum_m <= LAYER_MAX_ROWS:
-        return None
-    if gate_up_variant.interleaved or inter % 64 or hidden % 16:
+    kernel does not take. Its token tile is the GEMMs' own choice up to LAYER_MAX_TOKEN_TILE; its
+    pipeline as deep as fits."""
+    if device.arch not in WGMMA_ARCHS or not 0 < cum_m <= LAYER_MAX_ROWS or inter % 64 or hidden % 16:
         return None
     active_experts = max(1, min(num_experts, cum_m))
     rows = cum_m / active_experts
-    specs = [wgmma_spec(device, num_experts, active_experts, rows, n, k, k_granularity, gated, variant, split_k=False)
-             for n, k, gated, variant in ((2 * inter, hidden, True, gate_up_variant), (hidden, inter, False, down_variant))]
+    specs = [wgmma_spec(device, num_experts, active_experts, rows, n, k, k_granularity, gated, split_k=False)
+             for n, k, gated in ((2 * inter, hidden, True), (hidden, inter, False))]
     if None in specs:
         return None
-    spec = LayerSpec(device.arch, hidden, inter, k_granularity, specs[0].block_t, 1, gate_up_variant, down_variant)
+    spec = LayerSpec(device.arch, hidden, inter, k_granularity, min(specs[0].block_t, LAYER_MAX_TOKEN_TILE), 1)
     budget = device.shared_memory_limit - _PER_BLOCK_RESERVE - spec.fixed_shared_bytes(num_experts)
     stages = min(LAYER_MAX_STAGES, budget // spec.stage_bytes())
     return dataclasses.replace(spec, stages=stages) if stages >= 2 else None

@@ -3,10 +3,11 @@ with its gated activation, the intermediate's MXFP8 quantization and down, for d
 each GEMM alone is a launch-sized amount of work and the fused kernel streams down's weights while
 gate_up runs.
 
-A LayerSpec is the two phases' WgmmaSpecs (same token tile and pipeline) as one kernel; the
-heuristic (heuristics.layer_spec) decides when it serves a call. The kernel hands token tiles from
-one phase to the other through counters in a per-(device, stream) workspace that every launch
-leaves zeroed, as it found it.
+A LayerSpec is the two phases' WgmmaSpecs (same token tile and pipeline) as one kernel, for MXFP8
+weights and FlashInfer's SwiGLU (the kernel templates take the other variants; no caller offers
+them yet); the heuristic (heuristics.layer_spec) decides when it serves a call. The kernel hands
+token tiles from one phase to the other through counters that every launch leaves zeroed, as it
+found them (layer_counters).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from ..jit.runtime import LoadedKernel
 from ..memo import BoundedMemo
 from .launch import LaunchArguments
 from .families.wgmma import WgmmaSpec, WgmmaTensorMaps, wgmma_maps, weight_and_output_maps
-from .spec import DEFAULT_VARIANT, NO_EPILOGUE_ARGUMENTS, STAGE_K_BYTES, EpilogueArguments, GroupedGemmParams, Variant
+from .spec import NO_EPILOGUE_ARGUMENTS, STAGE_K_BYTES, GroupedGemmParams
 from .tensor_maps import rows_map
 
 ENTRY = "mxfp8_moe_layer"
@@ -57,25 +58,22 @@ class LayerSpec:
     k_granularity: int
     block_t: int
     stages: int
-    gate_up_variant: Variant = DEFAULT_VARIANT
-    down_variant: Variant = DEFAULT_VARIANT
 
     threads = 384  # WgmmaGemm::kThreads
 
     @property
     def gate_up(self) -> WgmmaSpec:
         return WgmmaSpec(self.arch, 2 * self.inter, self.hidden, self.k_granularity, True, block_t=self.block_t,
-                         stages=self.stages, variant=self.gate_up_variant)
+                         stages=self.stages)
 
     @property
     def down(self) -> WgmmaSpec:
         return WgmmaSpec(self.arch, self.hidden, self.inter, self.k_granularity, False, block_t=self.block_t,
-                         stages=self.stages, variant=self.down_variant)
+                         stages=self.stages)
 
     @property
     def label(self) -> str:
-        return (f"layer_h{self.hidden}_i{self.inter}_g{self.k_granularity}{self.gate_up_variant.label}"
-                f"{'_down' + self.down_variant.label if self.down_variant.label else ''}_bt{self.block_t}_s{self.stages}")
+        return f"layer_h{self.hidden}_i{self.inter}_g{self.k_granularity}_bt{self.block_t}_s{self.stages}"
 
     def source(self) -> str:
         # One block per SM in the launch bounds: setmaxnreg needs a register cap at entry.
@@ -115,37 +113,34 @@ class LayerKernel:
 
     def __call__(self, a: torch.Tensor, a_scale: torch.Tensor, m_indptr: torch.Tensor, w13: torch.Tensor,
                  w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor, h: torch.Tensor, out: torch.Tensor,
-                 stream: int, gate_up_epilogue: EpilogueArguments = NO_EPILOGUE_ARGUMENTS,
-                 down_epilogue: EpilogueArguments = NO_EPILOGUE_ARGUMENTS) -> None:
+                 stream: int) -> None:
         """out = the down GEMM of (the gate_up GEMM of a, activated, in h), for validated tensors:
         a (cum_m, hidden) e4m3 with its MN-major a_scale, h (cum_m, inter) and out (cum_m, hidden) bf16."""
+        if a.shape[0] > LAYER_MAX_ROWS:  # the counters cover this many token tiles
+            raise ValueError(f"the fused layer kernel takes at most {LAYER_MAX_ROWS} rows (a.size(0)), got {a.shape[0]}")
         counters = layer_counters(self.device_index, stream)
         tensors = (a, a_scale, m_indptr, w13, w13_scale, w2, w2_scale, h, out)
         key = (tuple(t.data_ptr() for t in tensors), a.shape[0], w13.shape[0], a_scale.shape, a_scale.stride(),
-               w13_scale.stride(), w2_scale.stride(), counters.data_ptr(), gate_up_epilogue.key, down_epilogue.key)
+               w13_scale.stride(), w2_scale.stride(), counters.data_ptr())
         arguments = self._arguments.get(key)
         if arguments is None:
-            arguments = self._arguments.put(key, self._arguments_for(tensors, counters, gate_up_epilogue, down_epilogue))
+            arguments = self._arguments.put(key, self._arguments_for(tensors, counters))
         self.kernel.launch(arguments.grid, arguments.shared, stream, arguments.address)
 
-    def _arguments_for(self, tensors, counters, gate_up_epilogue, down_epilogue) -> LaunchArguments:
+    def _arguments_for(self, tensors, counters) -> LaunchArguments:
         a, a_scale, m_indptr, w13, w13_scale, w2, w2_scale, h, out = tensors
-        packed = self.spec.gate_up_variant.weights == "e2m1"
         params = MoeLayerParams(
-            GroupedGemmParams.of(a, w13, a_scale, w13_scale, m_indptr, h, gate_up_epilogue),
+            GroupedGemmParams.of(a, w13, a_scale, w13_scale, m_indptr, h, NO_EPILOGUE_ARGUMENTS),
             # The down phase reads h by its tokens map (bf16, quantized in the kernel): no a, no a_scale.
             GroupedGemmParams(b=w2.data_ptr(), b_scale=w2_scale.data_ptr(), m_indptr=m_indptr.data_ptr(),
                               out=out.data_ptr(), b_scale_stride_expert=w2_scale.stride(0),
                               b_scale_stride_row=w2_scale.stride(1), b_scale_stride_word=w2_scale.stride(2),
-                              cum_m=a.shape[0], num_experts=w2.shape[0],
-                              bias=None if down_epilogue.bias is None else down_epilogue.bias.data_ptr(),
-                              alpha=down_epilogue.alpha, limit=down_epilogue.limit),
+                              cum_m=a.shape[0], num_experts=w2.shape[0]),
             counters.data_ptr())
         maps = MoeLayerTensorMaps()
-        maps.gate_up.set(**wgmma_maps(a, w13, a_scale, w13_scale, h, block_t=self.spec.block_t, packed_weights=packed))
+        maps.gate_up.set(**wgmma_maps(a, w13, a_scale, w13_scale, h, block_t=self.spec.block_t))
         maps.down.set(tokens=rows_map(h.data_ptr(), h.shape[0], h.shape[1], self.spec.block_t),
-                      **weight_and_output_maps(w2, w2_scale, out, block_t=self.spec.block_t,
-                                               packed_weights=self.spec.down_variant.weights == "e2m1"))
+                      **weight_and_output_maps(w2, w2_scale, out, block_t=self.spec.block_t))
         shared = self.spec.dynamic_shared_bytes(w13.shape[0])
         grid = (self.kernel.resident_blocks(shared), 1, 1)  # persistent: every CTA resident (the waits need it)
         return LaunchArguments(grid, shared, (params, maps))
@@ -167,9 +162,13 @@ def get_layer_kernel(spec: LayerSpec, device_index: int) -> LayerKernel:
 
 
 def layer_counters(device_index: int, stream: int) -> torch.Tensor:
-    """The counters of launches on one stream: an exit count and one per token tile, zero between
-    launches (each launch zeroes them as it ends). Per stream, so that layers running at the same time
-    on two streams never share them."""
+    """The counters of a launch: an exit count and one per token tile, zero on entry (each launch
+    zeroes them again as it ends). Eager launches share one set per stream, so that layers running at
+    the same time on two streams never share them. A launch captured into a CUDA graph gets a set
+    of its own, zeroed by the graph itself: a set allocated during a capture belongs to that graph's
+    memory pool and is zeroed only in its replays, and graphs may replay in any order or at once."""
+    if torch.cuda.is_current_stream_capturing():
+        return torch.zeros(1 + LAYER_MAX_ROWS, dtype=torch.int32, device=f"cuda:{device_index}")
     key = (device_index, stream)
     counters = _counters.get(key)
     if counters is None:
