@@ -21,6 +21,7 @@ import torch
 from ..jit.build import build
 from ..jit.runtime import LoadedKernel
 from ..memo import BoundedMemo
+from .device import capturing
 from .launch import LaunchArguments
 from .families.wgmma import WgmmaSpec, WgmmaTensorMaps, wgmma_maps, weight_and_output_maps
 from .spec import NO_EPILOGUE_ARGUMENTS, STAGE_K_BYTES, GroupedGemmParams
@@ -167,7 +168,7 @@ def layer_counters(device_index: int, stream: int) -> torch.Tensor:
     the same time on two streams never share them. A launch captured into a CUDA graph gets a set
     of its own, zeroed by the graph itself: a set allocated during a capture belongs to that graph's
     memory pool and is zeroed only in its replays, and graphs may replay in any order or at once."""
-    if torch.cuda.is_current_stream_capturing():
+    if capturing(device_index):
         return torch.zeros(1 + LAYER_MAX_ROWS, dtype=torch.int32, device=f"cuda:{device_index}")
     key = (device_index, stream)
     counters = _counters.get(key)
