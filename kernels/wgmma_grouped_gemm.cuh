@@ -601,8 +601,8 @@ struct WgmmaGemm {
                 exchange[v * 128 + thread] =
                     Output::gate_part(p, Output::gate_with_bias(p, w.expert, first_col + 8 * (v % 4 / 2), acc[v]));
         }
-        // (A layer's gate_up stores from registers: its rows are read by other CTAs' generic loads,
-        // and at decode sizes its tiles are partial anyway.)
+        // (A layer's gate_up stores from registers: a TMA store's writes would need a wait and a
+        // proxy fence before the tile's publication, and at decode sizes its tiles are partial anyway.)
         if (w.rows == BLOCK_T && ROLE != kLayerGateUp) {
             store_full_tile(acc, exchange, w, warpgroup, thread);
         } else {
