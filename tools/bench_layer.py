@@ -66,7 +66,9 @@ def mxfp8_layer(experts: int, hidden: int, inter: int, top_k: int, k_granularity
     return Layer(
         top_k, k_granularity, 8 + 8 / k_granularity, 0,
         lambda x, logits: moe_forward(x, logits, q13, q2, top_k, experts="chain"),
-        lambda x, logits: moe_forward(x, logits, q13, q2, top_k, experts="fused"),
+        # The fused layer kernel is sm_90a's.
+        (lambda x, logits: moe_forward(x, logits, q13, q2, top_k, experts="fused"))
+        if torch.cuda.get_device_capability() == (9, 0) else None,
         lambda a, s, m: grouped_gemm(a, q13.b, s, q13.b_scale, m, k_granularity, is_gated=True),
         lambda a, s, m: grouped_gemm(a, q2.b, s, q2.b_scale, m, k_granularity),
         w13.transpose(1, 2), w2.transpose(1, 2))
