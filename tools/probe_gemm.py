@@ -10,10 +10,13 @@ commit's kernels and from the working tree, on the same card, in one session:
     python3 tools/probe_gemm.py gpt-oss-120b gate_up 64 --weights mxfp4 --kernels /tmp/base/kernels
     python3 tools/probe_gemm.py gpt-oss-120b gate_up 64 --weights mxfp4
     python3 tools/probe_gemm.py deepseek-v3-ep8 gate_up 1 --stages 9
+    python3 tools/probe_gemm.py deepseek-v3-ep8 layer 1     # the fused layer kernel
 
 Both trees are compiled from this checkout's instantiation source, so the kernel templates'
 parameters must be the same in both. gpt-oss cells run gpt-oss's epilogue (bias; clamped SwiGLU on
-[up; gate] halves for gate_up).
+[up; gate] halves for gate_up). "layer" times the fused layer kernel (gate_up, SwiGLU, the
+intermediate's quantization and down in one launch; MXFP8 models). The chain it replaces is three
+launches with host work between them: compare the two in tools/bench_layer.py (CUDA graphs).
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ from bench_moe import MODELS  # noqa: E402
 from mxfp8_moe import quantize_activations, quantize_weights, quantize_weights_mxfp4  # noqa: E402
 from mxfp8_moe.epilogue import GPT_OSS_ALPHA, GPT_OSS_LIMIT  # noqa: E402
 from mxfp8_moe.gemm.device import current_stream, device_info  # noqa: E402
-from mxfp8_moe.gemm.heuristics import wgmma_spec  # noqa: E402
+from mxfp8_moe.gemm.heuristics import layer_spec, wgmma_spec  # noqa: E402
+from mxfp8_moe.gemm.layer import get_layer_kernel  # noqa: E402
 from mxfp8_moe.gemm.launch import get_kernel  # noqa: E402
 from mxfp8_moe.gemm.spec import EpilogueArguments, Variant  # noqa: E402
 from mxfp8_moe.jit import build  # noqa: E402
@@ -71,6 +75,32 @@ def probe(model: str, gemm: str, tokens: int, weights: str, k_granularity: int, 
     epilogue = (EpilogueArguments(torch.randn(experts, n, device="cuda"), GPT_OSS_ALPHA, GPT_OSS_LIMIT),) if gpt_oss else ()
     calls = [lambda copy=b.clone(): kernel(a, copy, a_scale, b_scale, m_indptr, out, current_stream(0), *epilogue)
              for _ in range(COPIES)]
+    return f"{model} {gemm} T={tokens} {weights}: {spec.label} median {median_us(calls):.1f} us"
+
+
+def probe_layer(model: str, tokens: int, k_granularity: int) -> str:
+    torch.manual_seed(0)
+    experts, hidden, intermediate, top_k = MODELS[model]
+    w13, w13_scale = quantize_weights(torch.randn(experts, 2 * intermediate, hidden, device="cuda") * 0.05,
+                                      k_granularity)
+    w2, w2_scale = quantize_weights(torch.randn(experts, hidden, intermediate, device="cuda") * 0.05, k_granularity)
+    rows = routed_rows(tokens, experts, top_k)
+    m_indptr = indptr(rows, "cuda")
+    a, a_scale = quantize_activations(torch.randn(sum(rows), hidden, device="cuda"), m_indptr, k_granularity)
+    h = torch.empty(sum(rows), intermediate, dtype=torch.bfloat16, device="cuda")
+    out = torch.empty(sum(rows), hidden, dtype=torch.bfloat16, device="cuda")
+    spec = layer_spec(device_info(0), experts, sum(rows), hidden, intermediate, k_granularity)
+    if spec is None:
+        raise SystemExit(f"the fused layer kernel does not serve {model} at T = {tokens} here")
+    kernel = get_layer_kernel(spec, 0)
+    copies = [(w13.clone(), w2.clone()) for _ in range(COPIES)]
+    fused = [lambda c=c: kernel(a, a_scale, m_indptr, c[0], w13_scale, c[1], w2_scale, h, out, current_stream(0))
+             for c in copies]
+    return f"{model} layer T={tokens}: {spec.label} median {median_us(fused):.1f} us"
+
+
+def median_us(calls) -> float:
+    """Median time of LAUNCHES calls, rotating over the weight copies, after one call of each."""
     for call in calls:
         call()
     times = []
@@ -81,13 +111,13 @@ def probe(model: str, gemm: str, tokens: int, weights: str, k_granularity: int, 
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) * 1e3)
-    return f"{model} {gemm} T={tokens} {weights}: {spec.label} median {statistics.median(times):.1f} us"
+    return statistics.median(times)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", choices=list(MODELS))
-    parser.add_argument("gemm", choices=["gate_up", "down"])
+    parser.add_argument("gemm", choices=["gate_up", "down", "layer"])
     parser.add_argument("tokens", type=int)
     parser.add_argument("--weights", choices=["mxfp8", "mxfp4"], default="mxfp8")
     parser.add_argument("--k-granularity", type=int, choices=[32, 128], default=None,
@@ -101,7 +131,12 @@ def main() -> None:
     if args.kernels is not None:
         kernels = args.kernels.resolve()
         build.kernel_dir = lambda: kernels  # where build() resolves the instantiation's #includes
-    print(probe(args.model, args.gemm, args.tokens, args.weights, k_granularity, args.stages), flush=True)
+    if args.gemm == "layer":
+        if args.weights != "mxfp8" or args.stages is not None:
+            parser.error("the layer probe runs MXFP8 weights at the heuristic's pipeline depth")
+        print(probe_layer(args.model, args.tokens, k_granularity), flush=True)
+    else:
+        print(probe(args.model, args.gemm, args.tokens, args.weights, k_granularity, args.stages), flush=True)
 
 
 if __name__ == "__main__":
