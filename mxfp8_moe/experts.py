@@ -33,8 +33,8 @@ def expert_gemms(a: torch.Tensor, a_scale: torch.Tensor, m_indptr: torch.Tensor,
 
     a (cum_m, H) e4m3 with its a_scale, m_indptr (E + 1,), w13 (E, 2 I, H) [up; gate] and w2
     (E, H, I) e4m3 with their scales, all at `k_granularity`, as moe_gemm_mxfp8_nt_groupwise takes
-    them. `path`: "auto" (the fused kernel where it applies), "fused" (that kernel or an error
-    saying why not) or "chain".
+    them. `path`: "auto" (the fused kernel where it applies once heuristics.FUSED_LAYER is on; the
+    chain until then), "fused" (that kernel or an error saying why not) or "chain".
     """
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
