@@ -24,6 +24,18 @@ __device__ __forceinline__ float max_magnitude(float m, float v) {
     return (v > m || v != v) ? v : m;
 }
 
+// The largest magnitude of a scale block spread over LANES consecutive lanes, eight values each,
+// known to all of them (every lane of the warp calls it).
+template <int LANES>
+__device__ __forceinline__ float block_amax(const float (&v)[8]) {
+    float amax = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) amax = max_magnitude(amax, v[j]);
+#pragma unroll
+    for (int offset = 1; offset < LANES; offset *= 2) amax = max_magnitude(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, offset));
+    return amax;
+}
+
 // Biased exponent of ceil_pow2(amax / 448), clamped to [1, 254]. With amax = 1.f * 2^(e - 127),
 // amax / 448 = (1.f / 1.75) * 2^(e - 127 - 8), and 1.f / 1.75 lies in [0.57, 1.15): the power of
 // two at or above it is 2^(e - 135), or 2^(e - 134) when 1.f > 1.75 (mantissa bits > 0x600000).

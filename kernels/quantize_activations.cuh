@@ -106,13 +106,7 @@ __device__ __forceinline__ void quantize_activations(const QuantizeParams& p) {
             const int c = first_chunk + i * 32 + lane;
             float v[8];
             unpack8(chunks[i], v);
-            float amax = 0.0f;
-#pragma unroll
-            for (int j = 0; j < 8; ++j) amax = max_magnitude(amax, v[j]);
-#pragma unroll
-            for (int offset = 1; offset < kLanesPerBlock; offset *= 2)
-                amax = max_magnitude(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, offset));
-            const int exponent = scale_exponent(amax);
+            const int exponent = scale_exponent(block_amax<kLanesPerBlock>(v));
             if (c < kChunks) {
                 a_row[c] = quantize8(v, inverse_scale(exponent));
                 if (scale_row >= 0 && c % kLanesPerBlock == 0) {

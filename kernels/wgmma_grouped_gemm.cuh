@@ -327,13 +327,7 @@ struct WgmmaGemm {
             if (inside) chunk = *reinterpret_cast<const bf16x8*>(rows + t * kBlockK * 2 + column_lane * 16);
             float v[8];
             unpack8(chunk, v);
-            float amax = 0.0f;
-#pragma unroll
-            for (int j = 0; j < 8; ++j) amax = max_magnitude(amax, v[j]);
-#pragma unroll
-            for (int offset = 1; offset < kLanesPerGroup; offset *= 2)
-                amax = max_magnitude(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, offset));
-            const int exponent = scale_exponent(amax);
+            const int exponent = scale_exponent(block_amax<kLanesPerGroup>(v));
             // Eight bytes: half of the row's 16-byte chunk column_lane / 2, swizzled by the row.
             *reinterpret_cast<e4m3x8*>(tile + t * kBlockK + ((column_lane / 2) ^ (t % 8)) * 16 + column_lane % 2 * 8) =
                 quantize8(v, inverse_scale(exponent));
