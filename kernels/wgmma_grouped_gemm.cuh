@@ -184,10 +184,8 @@ struct WgmmaGemm {
     // stage. Returns the iteration after the last stage (the producer, the preparers and the
     // consumers each count the same iterations).
     __device__ __forceinline__ int produce(int it, i64 first) const {
-        if constexpr (!kQuantizesTokens) {
-            ptx::prefetch_tensor_map(&maps.tokens);
-            ptx::prefetch_tensor_map(&maps.token_scales);
-        }
+        ptx::prefetch_tensor_map(&maps.tokens);  // (a layer's down phase: its bf16 rows)
+        if constexpr (!kQuantizesTokens) ptx::prefetch_tensor_map(&maps.token_scales);
         ptx::prefetch_tensor_map(&maps.weights);
         ptx::prefetch_tensor_map(&maps.weight_scales);
         ptx::prefetch_tensor_map(&maps.output);  // for the consumers' stores
@@ -311,16 +309,19 @@ struct WgmmaGemm {
     // the copy brought, quantized exactly as the activation quantizer would (same rounding,
     // mxfp8_rounding.cuh; a scale per K_GRAN columns), into the 128-byte swizzle wgmma reads, and
     // the tokens' scale floats beside the weight rows'. Sixteen lanes cover a row's 128 columns, 8
-    // each; a warp takes two rows at a time. Rows past the expert (another tile's, maybe not yet
-    // published) and columns past K are zeros (scale 0): they feed only outputs never stored.
+    // each; a warp takes two rows at a time, over the expert's rows only (one or two at decode:
+    // this work is on every stage's path). Columns past K quantize to zeros; the rows past the
+    // expert (another tile's, maybe not yet published) are zeros written as such, scale 0: they
+    // feed only outputs that are never stored.
     __device__ __forceinline__ void quantize_tokens(int s, int kb, const WorkUnit& w, int preparer) const {
         constexpr int kLanesPerGroup = K_GRAN == 32 ? 4 : 16;  // lanes of one scale group
         const int warp = preparer / 32, lane = preparer % 32, column_lane = lane % 16;
         const int column = kb * kBlockK + 8 * column_lane;
         const u8* rows = stage(s) + kRowsOffset;
         u8* tile = stage(s) + kWeightBytes;
-        float* token_floats = scale_floats(s) + kWeightRows + (K_GRAN == 32 ? column_lane / 4 * kScaleWords : 0);
-        for (int t0 = 2 * warp; t0 < BLOCK_T; t0 += 2 * kPreparers) {  // warp-uniform: BLOCK_T is even
+        float* token_floats = scale_floats(s) + kWeightRows;
+        const int quantized_rows = min(BLOCK_T, (w.rows + 1) / 2 * 2);  // whole row pairs: warp-uniform loops
+        for (int t0 = 2 * warp; t0 < quantized_rows; t0 += 2 * kPreparers) {
             const int t = t0 + lane / 16;
             const bool inside = t < w.rows && column < K;
             bf16x8 chunk{{0u, 0u, 0u, 0u}};
@@ -332,7 +333,13 @@ struct WgmmaGemm {
             *reinterpret_cast<e4m3x8*>(tile + t * kBlockK + ((column_lane / 2) ^ (t % 8)) * 16 + column_lane % 2 * 8) =
                 quantize8(v, inverse_scale(exponent));
             if (column_lane % kLanesPerGroup == 0)
-                token_floats[t] = t < w.rows && column < K ? ue8m0_to_float(static_cast<u32>(exponent)) : 0.0f;
+                token_floats[column_lane / kLanesPerGroup * kScaleWords + t] =
+                    inside ? ue8m0_to_float(static_cast<u32>(exponent)) : 0.0f;
+        }
+        for (int i = preparer; i < (BLOCK_T - quantized_rows) * 8; i += kPreparerThreads) {
+            const int t = quantized_rows + i / 8, chunk = i % 8;
+            *reinterpret_cast<u32x4*>(tile + t * kBlockK + chunk * 16) = u32x4{0u, 0u, 0u, 0u};
+            if (chunk < kScaleSlices) token_floats[chunk * kScaleWords + t] = 0.0f;
         }
         ptx::fence_proxy_async_shared();  // the consumers' wgmmas read the tile through the async proxy
     }
@@ -435,7 +442,7 @@ struct WgmmaGemm {
     // thread counts the tile on its token tile's counter, releasing at GPU scope what the barrier
     // ordered before it (release is cumulative).
     __device__ __forceinline__ void publish_tile(i64 tile, int warpgroup, int thread) const {
-        consumers_sync();
+        if constexpr (!GATED) consumers_sync();  // (a gated store_tile ends with one)
         if (warpgroup == 0 && thread == 0) ptx::add_release(tile_counters + 1 + tile, 1);
     }
 
