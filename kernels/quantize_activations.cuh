@@ -26,34 +26,45 @@ struct QuantizeParams {
     i32 x_rows;
 };
 
-// Expert e's first a_scale row: its first token row, with each expert before it padded to 4 rows.
-__device__ __forceinline__ int scale_row_start(const QuantizeParams& p, int e) {
-    return (clamp_int(p.m_indptr[e], 0, p.cum_m) + 3 * e) / 4 * 4;
+// Expert e's first token row as the GEMMs read m_indptr: clamped to [0, cum_m], then a running
+// max, so that whatever m_indptr holds the experts own disjoint, ordered row ranges (problem.cuh).
+// `monotone`: the clamped offsets never decrease (any valid m_indptr; checked once per CTA), so the
+// running max is the offset itself and costs one load.
+__device__ __forceinline__ int expert_offset(const QuantizeParams& p, int e, bool monotone) {
+    if (monotone) return clamp_int(p.m_indptr[e], 0, p.cum_m);
+    int offset = 0;
+    for (int i = 0; i <= e; ++i) offset = max(offset, clamp_int(p.m_indptr[i], 0, p.cum_m));
+    return offset;
 }
 
-// Whether a token's scales land in a_scale row `scale_row` (the inverse of token_scale_row for a
-// valid m_indptr): the row lies inside the rows of the last expert starting at or before it.
-__device__ __forceinline__ bool scale_row_owned(const QuantizeParams& p, int scale_row) {
+// Expert e's first a_scale row: its first token row, with each expert before it padded to 4 rows.
+__device__ __forceinline__ int scale_row_start(const QuantizeParams& p, int e, bool monotone) {
+    return (expert_offset(p, e, monotone) + 3 * e) / 4 * 4;
+}
+
+// Whether a token's scales land in a_scale row `scale_row` (the inverse of token_scale_row): the
+// row lies inside the rows of the last expert starting at or before it.
+__device__ __forceinline__ bool scale_row_owned(const QuantizeParams& p, int scale_row, bool monotone) {
     if (p.num_experts <= 0) return false;
     int lo = 0, hi = p.num_experts - 1;
     while (lo < hi) {
         const int mid = (lo + hi + 1) / 2;
-        if (scale_row_start(p, mid) <= scale_row) lo = mid; else hi = mid - 1;
+        if (scale_row_start(p, mid, monotone) <= scale_row) lo = mid; else hi = mid - 1;
     }
-    const int rows = clamp_int(p.m_indptr[lo + 1], 0, p.cum_m) - clamp_int(p.m_indptr[lo], 0, p.cum_m);
-    const int start = scale_row_start(p, lo);
+    const int rows = expert_offset(p, lo + 1, monotone) - expert_offset(p, lo, monotone);
+    const int start = scale_row_start(p, lo, monotone);
     return start <= scale_row && scale_row < start + rows;
 }
 
-// The a_scale row of token `row`, or -1 when no expert owns it (m_indptr clamped as in the GEMM).
-__device__ __forceinline__ int token_scale_row(const QuantizeParams& p, int row) {
+// The a_scale row of token `row`, or -1 when no expert owns it (m_indptr read as the GEMMs read it).
+__device__ __forceinline__ int token_scale_row(const QuantizeParams& p, int row, bool monotone) {
     int lo = 0, hi = p.num_experts - 1;
-    while (lo < hi) {  // last expert whose (clamped) first row is <= row
+    while (lo < hi) {  // last expert whose first row is <= row
         const int mid = (lo + hi + 1) / 2;
-        if (clamp_int(p.m_indptr[mid], 0, p.cum_m) <= row) lo = mid; else hi = mid - 1;
+        if (expert_offset(p, mid, monotone) <= row) lo = mid; else hi = mid - 1;
     }
-    const int begin = clamp_int(p.m_indptr[lo], 0, p.cum_m);
-    const int end = clamp_int(p.m_indptr[lo + 1], 0, p.cum_m);
+    const int begin = expert_offset(p, lo, monotone);
+    const int end = expert_offset(p, lo + 1, monotone);
     return (begin <= row && row < end) ? (begin + 3 * lo) / 4 * 4 + row - begin : -1;
 }
 
@@ -72,6 +83,10 @@ __device__ __forceinline__ void quantize_activations(const QuantizeParams& p) {
     ptx::wait_for_prior_grids();
     ptx::allow_next_grid();
     const int lane = threadIdx.x % 32;
+    bool ordered = true;  // this thread's share of the clamped offsets never decreases
+    for (int e = threadIdx.x; e < p.num_experts; e += blockDim.x)
+        ordered = ordered && clamp_int(p.m_indptr[e], 0, p.cum_m) <= clamp_int(p.m_indptr[e + 1], 0, p.cum_m);
+    const bool monotone = __syncthreads_and(ordered);
     // Items: the rows' segments, then the a_scale rows, whose words are zeroed where no token owns
     // the row (a token's row gets all its bytes from its own warps below).
     const i64 total = static_cast<i64>(p.cum_m) * kSegments;
@@ -79,7 +94,7 @@ __device__ __forceinline__ void quantize_activations(const QuantizeParams& p) {
          item += static_cast<i64>(gridDim.x) * WARPS) {
         if (item >= total) {
             const int scale_row = static_cast<int>(item - total);
-            if (!scale_row_owned(p, scale_row)) {
+            if (!scale_row_owned(p, scale_row, monotone)) {
                 u32* words = reinterpret_cast<u32*>(p.a_scale);
                 for (int w = lane; w < kWords; w += 32) words[static_cast<i64>(w) * p.m_padded + scale_row] = 0u;
             }
@@ -93,7 +108,7 @@ __device__ __forceinline__ void quantize_activations(const QuantizeParams& p) {
         const bf16x8* x_row = reinterpret_cast<const bf16x8*>(p.x + (inside ? source : 0) * K);
         const u32 fill = inside ? 0u : 0x7FC07FC0u;
         e4m3x8* a_row = reinterpret_cast<e4m3x8*>(p.a + static_cast<i64>(row) * K);
-        const int scale_row = token_scale_row(p, row);
+        const int scale_row = token_scale_row(p, row, monotone);
 
         bf16x8 chunks[4];
 #pragma unroll

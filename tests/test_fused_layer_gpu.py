@@ -113,6 +113,10 @@ def test_m_indptr_out_of_range_is_clamped_as_the_gemms_clamp_it():
     args = (a, a_scale, None, w13.b, w13.b_scale, w2.b, w2.b_scale, 128)
     want = expert_gemms(*args[:2], clamped, *args[3:], path="chain")
     assert torch.equal(expert_gemms(*args[:2], garbage, *args[3:], path="fused"), want)
+    # The chain too: its quantizer assigns the intermediate's scale rows as the GEMMs read them.
+    for _ in range(3):
+        torch.full((64 * 1024,), -1, dtype=torch.int32, device="cuda")  # dirty blocks for a_scale
+    assert torch.equal(expert_gemms(*args[:2], garbage, *args[3:], path="chain"), want)
     torch.cuda.synchronize()
     assert not layer_counters(0, torch.cuda.current_stream().cuda_stream).any()
 
