@@ -15,8 +15,13 @@
 //   kNative   : the block-scaled MMA of sm_120a / sm_121a, each lane passing its own scale words;
 //   kEmulated : kNative's code with the block-scaled MMA replaced by its PTX-ISA semantics, so the
 //               sm_12x scale indexing runs (and is tested) on sm_89 / sm_90a.
+// In a fused layer (GemmRole, mma_moe_layer.cuh), gate_up quantizes its tile of the intermediate
+// in the epilogue (its BLOCK_N columns hold whole scale blocks) and publishes it; down waits for
+// its token tile before loading it.
 #pragma once
 #include "epilogue.cuh"
+#include "layer.cuh"
+#include "mxfp8_rounding.cuh"
 #include "tile_scheduler.cuh"
 #include "ptx/cp_async.cuh"
 #include "ptx/grid_dependency.cuh"
@@ -27,10 +32,22 @@ namespace mxfp8_moe {
 
 enum ScaleMode { kSoftware = 0, kNative = 1, kEmulated = 2 };
 
+// A fused layer's hand-over (mma_moe_layer.cuh): the counters (layer.cuh) and the quantized
+// intermediate gate_up writes and down reads as its `a` and `a_scale`.
+struct LayerLink {
+    i32* counters;   // [0]: CTAs finished; [1 + tile]: gate_up units published on a token tile
+    u8* rows;        // (cum_m, I) e4m3
+    u8* scales;      // (k_align, m_padded) words of UE8M0 x4: MN-major, as the activation quantizer writes them
+    i32 m_padded;
+    i32 publishers;  // gate_up units per token tile (its N tiles)
+};
+
 template <int N, int K, int K_GRAN, bool GATED, int BLOCK_N, int BLOCK_T, int STAGES, int WARPS_N, int WARPS_K,
-          int SCALE_MODE, typename V = Variant<>>
+          int SCALE_MODE, typename V = Variant<>, int ROLE = kWholeKernel>
 struct MmaGemm {
     static constexpr int kThreads = WARPS_N * WARPS_K * 32;
+    static constexpr int kWarpsN = WARPS_N;
+    static constexpr int kBlockT = BLOCK_T;
     static constexpr int kBlockK = 128;  // K bytes per pipeline stage: one 128-byte smem row
     static constexpr int kKIters = ceil_div(K, kBlockK);
     static constexpr int kNOut = GATED ? N / 2 : N;
@@ -69,6 +86,10 @@ struct MmaGemm {
     static_assert(STAGES >= 2, "a pipeline needs two stages");
     static_assert(!kMxfp4 || (K_GRAN == 32 && K % 32 == 0), "MXFP4 weights: one scale per 32 values, K in 32s");
     static_assert(kPartialsOffset + kPartialsBytes <= kPipelineBytes, "epilogue must fit in the pipeline buffers");
+    // A layer's gate_up quantizes its own tile: the tile holds whole scale blocks, a row's chunks
+    // are lanes of one warp.
+    static_assert(ROLE != kLayerGateUp || (GATED && BLOCK_N % K_GRAN == 0 && 32 % (BLOCK_N / 8) == 0),
+                  "a layer's gate_up tile covers whole scale blocks of the intermediate");
 
     using Scheduler = TileScheduler<kThreads, BLOCK_T, kNTiles>;
     using Output = Epilogue<N, GATED, V>;
@@ -76,6 +97,7 @@ struct MmaGemm {
     const GroupedGemmParams& p;
     u8* stages;
     int lane, warp_n, warp_k;
+    const LayerLink* link = nullptr;  // in a layer
 
     __device__ __forceinline__ static u32 swizzled(int row, int chunk) {
         return row * kBlockK + ((chunk ^ (row & 7)) << 4);
@@ -317,7 +339,9 @@ struct MmaGemm {
 
     // The epilogue's values through a padded smem tile, then 16-byte row stores of the
     // tile's valid rows and columns only.
-    __device__ __forceinline__ void store_tile(const float (&acc)[kWeightFrags][kTokenFrags][4], const WorkUnit& w, int n0) const {
+    // `tile`: the unit's token tile (a layer's gate_up publishes on its counter).
+    __device__ __forceinline__ void store_tile(const float (&acc)[kWeightFrags][kTokenFrags][4], const WorkUnit& w, int n0,
+                                               i64 tile) const {
         const int g = lane / 4, t = lane % 4;
         if (warp_k == 0) {
 #pragma unroll
@@ -337,14 +361,54 @@ struct MmaGemm {
         }
         __syncthreads();
         constexpr int kChunks = BLOCK_N / 8;
+        if constexpr (ROLE == kLayerGateUp) {
+            store_quantized_tile(w, n0, tile);
+            return;
+        }
         for (int c = threadIdx.x; c < BLOCK_T * kChunks; c += kThreads) {
             const int r = c / kChunks, col = n0 + (c % kChunks) * 8;
             if (r < w.rows && col < kNOut) Output::store8(p.out, w.row + r, col, stages + r * kOutPitch + (c % kChunks) * 16);
         }
     }
 
-    __device__ __forceinline__ void run_unit(const WorkUnit& w) const {
+    // A layer's gate_up: the staged bf16 tile quantized as the activation quantizer would
+    // (mxfp8_rounding.cuh: a scale per K_GRAN columns, the lanes of a block reducing its amax with
+    // shuffles) into the intermediate's e4m3 rows and scale bytes; then published on the token
+    // tile's counter (release, after the barrier that orders every thread's stores before it).
+    __device__ __forceinline__ void store_quantized_tile(const WorkUnit& w, int n0, i64 tile) const {
+        constexpr int kChunks = BLOCK_N / 8, kLanesPerBlock = K_GRAN / 8, kRowsPerPass = kThreads / kChunks;
+        for (int r0 = 0; r0 < BLOCK_T; r0 += kRowsPerPass) {  // uniform: every lane shuffles
+            const int r = r0 + static_cast<int>(threadIdx.x) / kChunks, c = threadIdx.x % kChunks, col = n0 + 8 * c;
+            const bool inside = r < w.rows && col < kNOut;
+            bf16x8 chunk{{0u, 0u, 0u, 0u}};
+            if (inside) chunk = *reinterpret_cast<const bf16x8*>(stages + r * kOutPitch + c * 16);
+            float v[8];
+            unpack8(chunk, v);
+            const int exponent = scale_exponent(block_amax<kLanesPerBlock>(v));
+            if (inside) {
+                *reinterpret_cast<e4m3x8*>(link->rows + static_cast<i64>(w.row + r) * kNOut + col) =
+                    quantize8(v, inverse_scale(exponent));
+                if (c % kLanesPerBlock == 0) {
+                    const int block = col / K_GRAN;
+                    link->scales[(static_cast<i64>(block / 4) * link->m_padded + w.scale_row + r) * 4 + block % 4] =
+                        static_cast<u8>(exponent);
+                }
+            }
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) ptx::add_release(link->counters + 1 + tile, 1);
+    }
+
+    // `tile`: the unit's token tile (a layer's phases hand over by it).
+    __device__ __forceinline__ void run_unit(const WorkUnit& w, i64 tile) const {
         const int n0 = w.n_tile * BLOCK_N;
+        if constexpr (ROLE == kLayerDown) {
+            // Its rows come from other CTAs' gate_up units: one thread acquires the tile's counter
+            // (which also invalidates this SM's L1), the barrier orders every thread's loads after it.
+            if (threadIdx.x == 0)
+                while (ptx::load_acquire(link->counters + 1 + tile) < link->publishers) ptx::sleep_ns(64);
+            __syncthreads();
+        }
         float acc[kWeightFrags][kTokenFrags][4];
 #pragma unroll
         for (int f = 0; f < kWeightFrags; ++f)
@@ -370,7 +434,7 @@ struct MmaGemm {
         ptx::cp_async_wait<0>();
         __syncthreads();
         reduce_k_warps(acc);
-        store_tile(acc, w, n0);
+        store_tile(acc, w, n0, tile);
         __syncthreads();
     }
 
@@ -388,7 +452,7 @@ struct MmaGemm {
         const Scheduler scheduler(params, reinterpret_cast<int*>(shared));
         const int warp = threadIdx.x / 32;
         const MmaGemm gemm{params, shared + scheduler_bytes, static_cast<int>(threadIdx.x % 32), warp % WARPS_N, warp / WARPS_N};
-        for (i64 u = blockIdx.x; u < scheduler.num_units(); u += gridDim.x) gemm.run_unit(scheduler.unit(u));
+        for (i64 u = blockIdx.x; u < scheduler.num_units(); u += gridDim.x) gemm.run_unit(scheduler.unit(u), u / kNTiles);
     }
 };
 

@@ -33,10 +33,10 @@
 #pragma once
 #include "e2m1.cuh"
 #include "epilogue.cuh"
+#include "layer.cuh"
 #include "mxfp8_rounding.cuh"
 #include "tile_scheduler.cuh"
 #include "ptx/cluster.cuh"
-#include "ptx/global_flags.cuh"
 #include "ptx/grid_dependency.cuh"
 #include "ptx/tma.cuh"
 #include "ptx/wgmma.cuh"
@@ -54,12 +54,10 @@ struct WgmmaTensorMaps {
     ptx::TensorMap output;         // out as (cum_m, N or N / 2) bf16; box BLOCK_T x 64, 128-byte swizzle
 };
 
-// What a WgmmaGemm is within its launch: the whole kernel, or a phase of the fused MoE layer
-// (wgmma_moe_layer.cuh): gate_up, which stores each tile straight from its registers and then
-// publishes it on its token tile's counter, or down, whose producer requests a stage's bf16 token
-// rows (the `tokens` map: gate_up's output) once their tile is published, and whose preparer warps
+// In a fused layer (GemmRole, layer.cuh): gate_up stores each tile straight from its registers and
+// then publishes it on its token tile's counter; down's producer requests a stage's bf16 token rows
+// (the `tokens` map: gate_up's output) once their tile is published, and its preparer warps
 // quantize them into the stage's token tile.
-enum GemmRole { kWholeKernel = 0, kLayerGateUp = 1, kLayerDown = 2 };
 
 template <int N, int K, int K_GRAN, bool GATED, int BLOCK_T, int STAGES, int SPLITS = 1, typename V = Variant<>,
           int ROLE = kWholeKernel>

@@ -23,9 +23,7 @@
 // (Residency is what this relies on: a kernel on another stream that held SMs until this one
 // finished would break it; one that finishes on its own only delays it.)
 //
-// The counters (an exit count, then one per token tile) are zero on entry; the last CTA to finish
-// zeroes them again, so each launch leaves them as it found them and back-to-back calls (CUDA
-// graphs included) need no reset launch.
+// The counters: layer.cuh.
 #pragma once
 #include "wgmma_grouped_gemm.cuh"
 
@@ -93,18 +91,9 @@ struct WgmmaMoeLayer {
             if (warpgroup == 0 && thread == 0) ptx::bulk_wait();  // shared memory outlives the last store
         }
         ptx::cta_sync_divergent();  // every thread of the CTA is done with the counters (lane 0 of warp 8 produced alone)
-        reset_counters_when_last(params.counters, gate_up_units.num_token_tiles());
+        reset_counters_when_last(params.counters, gate_up_units.num_token_tiles());  // (layer.cuh)
     }
 
-    // Counts this CTA out; the last one zeroes every counter the launch used.
-    __device__ __forceinline__ static void reset_counters_when_last(i32* counters, int token_tiles) {
-        __shared__ int last;
-        if (threadIdx.x == 0) last = ptx::fetch_add_acq_rel(counters, 1) == static_cast<int>(gridDim.x) - 1;
-        __syncthreads();
-        if (!last) return;
-        for (int t = threadIdx.x; t < token_tiles; t += blockDim.x) counters[1 + t] = 0;
-        if (threadIdx.x == 0) counters[0] = 0;
-    }
 };
 
 }  // namespace mxfp8_moe

@@ -15,7 +15,9 @@ import torch
 from .api import moe_gemm_mxfp8_nt_groupwise
 from .gemm.device import current_stream, device_info
 from .gemm import heuristics
-from .gemm.layer import LAYER_MAX_ROWS, LayerKernel, get_layer_kernel
+from . import envs
+from .gemm import native_guard
+from .gemm.layer import LAYER_MAX_ROWS, LayerKernel, MmaLayerKernel, get_layer_kernel
 from .gemm.tensor_maps import scales_fit_tma
 from .layout import k_align
 from .memo import BoundedMemo
@@ -43,7 +45,7 @@ def expert_gemms(a: torch.Tensor, a_scale: torch.Tensor, m_indptr: torch.Tensor,
     kernel = _fused_kernel(a, a_scale, m_indptr, w13, w13_scale, w2, w2_scale, k_granularity) if wants_fused else None
     if kernel is None:
         if path == "fused" and a.shape[0] > 0:  # (an empty batch is the chain's, which launches nothing)
-            raise ValueError(f"path='fused' needs CUDA tensors on an sm_90a GPU, 1 to {LAYER_MAX_ROWS} rows "
+            raise ValueError(f"path='fused' needs CUDA tensors on an sm_90a, sm_120a or sm_121a GPU, 1 to {LAYER_MAX_ROWS} rows "
                              "(a.size(0)), 16-byte aligned tensors, MN-major scales, w2 (E, H, I) e4m3 with its "
                              "(E, H, k_align(I)) scales, I a multiple of 64 and a pipeline of two stages that fits "
                              f"shared memory; got a of shape {tuple(a.shape)} on {a.device}, w2 of shape "
@@ -51,14 +53,13 @@ def expert_gemms(a: torch.Tensor, a_scale: torch.Tensor, m_indptr: torch.Tensor,
         h = moe_gemm_mxfp8_nt_groupwise(a, w13, a_scale, w13_scale, m_indptr, granularity, is_gated=True)
         h_q, h_scale = quantize_activations(h, m_indptr, k_granularity)
         return moe_gemm_mxfp8_nt_groupwise(h_q, w2, h_scale, w2_scale, m_indptr, granularity)
-    cum_m, hidden = a.shape
-    h = torch.empty((cum_m, w2.shape[2]), dtype=torch.bfloat16, device=a.device)
-    out = torch.empty((cum_m, hidden), dtype=torch.bfloat16, device=a.device)
-    kernel(a, a_scale, m_indptr, w13, w13_scale, w2, w2_scale, h, out, current_stream(a.device.index))
+    out = torch.empty(a.shape, dtype=torch.bfloat16, device=a.device)
+    intermediate = kernel.intermediate(a.shape[0], w2.shape[0], a.device)
+    kernel(a, a_scale, m_indptr, w13, w13_scale, w2, w2_scale, *intermediate, out, current_stream(a.device.index))
     return out
 
 
-def _fused_kernel(a, a_scale, m_indptr, w13, w13_scale, w2, w2_scale, k_granularity) -> LayerKernel | None:
+def _fused_kernel(a, a_scale, m_indptr, w13, w13_scale, w2, w2_scale, k_granularity) -> LayerKernel | MmaLayerKernel | None:
     """The fused layer kernel for this call, or None where the chain serves it. Bad arguments raise
     the grouped GEMM's errors (gate_up's checked here; down's where they would fail)."""
     problem = check_call(a, w13, a_scale, w13_scale, m_indptr, None, k_granularity=k_granularity, is_gated=True)
@@ -74,9 +75,16 @@ def _fused_kernel(a, a_scale, m_indptr, w13, w13_scale, w2, w2_scale, k_granular
     if not down_fits:
         return None
     device_index = problem.device.index
-    key = (device_index, problem.num_experts, problem.cum_m, problem.k, inter, k_granularity)
+    device = device_info(device_index)
+    mode = heuristics.resolve_scale_mode(envs.scale_mode(), device.arch)
+    if mode == "native":  # as the GEMM's plan decides it: the block-scaled MMA once the guard has checked it
+        verdict = native_guard.verified("native", device_index)
+        if verdict is None:  # capturing a CUDA graph before any verdict
+            return None
+        mode = "native" if verdict else "software"
+    key = (device_index, problem.num_experts, problem.cum_m, problem.k, inter, k_granularity, mode)
     spec = _plans.get(key)
     if spec is None:
-        spec = _plans.put(key, heuristics.layer_spec(device_info(device_index), problem.num_experts, problem.cum_m, problem.k,
-                                          inter, k_granularity) or False)
+        spec = _plans.put(key, heuristics.layer_spec(device, problem.num_experts, problem.cum_m, problem.k, inter,
+                                                     k_granularity, mode) or False)
     return get_layer_kernel(spec, device_index) if spec else None

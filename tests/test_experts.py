@@ -10,7 +10,7 @@ import torch
 from mxfp8_moe import expert_gemms, moe_gemm_mxfp8_nt_groupwise, quantize_activations
 from mxfp8_moe.gemm import heuristics
 from mxfp8_moe.gemm.device import DeviceInfo
-from mxfp8_moe.gemm.layer import LAYER_MAX_ROWS
+from mxfp8_moe.gemm.layer import LAYER_MAX_ROWS, MmaLayerSpec
 from mxfp8_moe.moe_layer import QuantizedExperts
 
 from problems import indptr
@@ -36,7 +36,8 @@ def test_chain_is_gate_up_quantize_down(k_granularity):
 
 
 def test_fused_path_says_why_it_cannot_run_here():
-    with pytest.raises(ValueError, match=r"path='fused' needs CUDA tensors on an sm_90a GPU.*got a of shape \(9, 256\) on cpu"):
+    with pytest.raises(ValueError, match=r"path='fused' needs CUDA tensors on an sm_90a, sm_120a or sm_121a GPU.*got a of "
+                                         r"shape \(9, 256\) on cpu"):
         expert_gemms(*small_layer(), path="fused")
 
 
@@ -62,6 +63,17 @@ def test_the_fused_kernel_is_offered_on_sm90a_at_decode_sizes_only():
     assert heuristics.layer_spec(H100, 128, LAYER_MAX_ROWS + 1, 2048, 768, 128) is None
     assert heuristics.layer_spec(H100, 128, 0, 2048, 768, 128) is None
     assert heuristics.layer_spec(H100, 128, 8, 2048, 96, 128) is None  # gated tiles pair 64 up with 64 gate rows
-    for arch in ("sm_120a", "sm_89", "sm_100a"):
+    for arch in ("sm_89", "sm_100a"):
         assert heuristics.layer_spec(DeviceInfo.for_arch(arch), 128, 8, 2048, 768, 128) is None
+
+
+def test_sm120_and_emulated_sm90_get_the_mma_sync_layer():
+    sm120 = DeviceInfo.for_arch("sm_120a")
+    for mode in ("native", "software"):
+        spec = heuristics.layer_spec(sm120, 128, 8, 2048, 768, 128, mode)
+        assert isinstance(spec, MmaLayerSpec) and spec.gate_up.scale_mode == spec.down.scale_mode == mode
+        assert spec.gate_up.block_n % 128 == 0  # whole scale blocks in gate_up's epilogue
+        assert spec.dynamic_shared_bytes(128) <= sm120.shared_memory_limit
+    emulated = heuristics.layer_spec(H100, 128, 8, 2048, 768, 32, "emulated")
+    assert isinstance(emulated, MmaLayerSpec) and emulated.gate_up.block_n % 32 == 0
 

@@ -69,3 +69,49 @@ def test_covers_granularities_token_tiles_and_pipeline_depths():
     assert {s.k_granularity for s in SPECS} == {32, 128}
     assert {s.block_t for s in SPECS} == {32, 64}  # 128 spills (heuristics.LAYER_MAX_TOKEN_TILE)
     assert {s.stages for s in SPECS} >= {4, 7}
+
+
+# The mma.sync fused layer: sm_120a / sm_121a natively (and in software scaling, the fallback the
+# native guard may choose), and sm_90a in the emulated scale mode, which is how its code is run on
+# the lent Hopper GPUs.
+SM120 = DeviceInfo.for_arch("sm_120a")
+
+
+def _mma_specs():
+    specs = {}
+    for device, modes in ((SM120, ("native", "software")), (DeviceInfo.for_arch("sm_121a"), ("native",)),
+                          (H100, ("emulated",))):
+        for mode in modes:
+            for experts, hidden, inter in MODELS.values():
+                for k_granularity in (32, 128):
+                    for rows in (1, 128, LAYER_MAX_ROWS):
+                        specs[layer_spec(device, experts, rows, hidden, inter, k_granularity, mode)] = None
+    return list(specs)
+
+
+MMA_SPECS = _mma_specs()
+
+
+@pytest.mark.parametrize("spec", MMA_SPECS, ids=lambda s: f"{s.arch}-{s.label}")
+def test_mma_layer_builds_without_spills(spec):
+    result, usage = build(spec)
+    assert usage["spill_stores"] == usage["spill_loads"] == usage["stack_frame"] == 0, usage
+    device = DeviceInfo.for_arch(spec.arch)
+    assert spec.dynamic_shared_bytes(128) <= device.shared_memory_limit - _PER_BLOCK_RESERVE
+    if spec.gate_up.scale_mode == "native":
+        if inspect.find_tool("nvdisasm") is None and inspect.find_tool("cuobjdump") is None:
+            pytest.skip("no nvdisasm/cuobjdump")
+        counts = inspect.count_instructions(inspect.sass(result.cubin), ("QMMA.SF", "REDG"))
+        # The block-scaled MMA in both phases; gate_up's publication on its token tile's counter.
+        assert counts["QMMA.SF"] > 0 and counts["REDG"] >= 1, counts
+
+
+def test_mma_layer_host_and_kernel_agree_on_shared_memory():
+    for arch in ("sm_120a", "sm_90a"):
+        lines = ['#include "mma_moe_layer.cuh"']
+        for i, spec in enumerate(s for s in MMA_SPECS if s.arch == arch):
+            layer = f"mxfp8_moe::MmaMoeLayer<{spec.gate_up.cpp_type('kLayerGateUp')}, {spec.down.cpp_type('kLayerDown')}>"
+            for num_experts in (1, 32, 128):
+                lines.append(f"static_assert({layer}::shared_bytes({num_experts}) == {spec.dynamic_shared_bytes(num_experts)}, "
+                             f'"spec {i}: {spec.label}, {num_experts} experts");')
+        compile_cubin("\n".join(lines) + "\n", arch=arch, include_dir=kernel_dir(), label="mma-layer-layout-check")

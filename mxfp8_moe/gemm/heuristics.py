@@ -24,8 +24,8 @@ import math
 from ..arith import ceil_div
 from .device import DeviceInfo
 from .families import MmaSpec, SimtSpec, WgmmaSpec
-from .layer import LAYER_MAX_ROWS, LAYER_MAX_STAGES, LayerSpec
-from .spec import DEFAULT_VARIANT, SCALE_MODES, STAGE_K_BYTES, KernelSpec, Variant
+from .layer import LAYER_MAX_ROWS, LAYER_MAX_STAGES, LayerSpec, MmaLayerSpec
+from .spec import DEFAULT_VARIANT, SCALE_MODES, STAGE_K_BYTES, KernelSpec, Variant, scheduler_shared_bytes
 
 TOKEN_TILES = (8, 16, 32, 64)
 MANY_UNITS_STAGES = 4
@@ -52,6 +52,9 @@ FUSED_LAYER = False  # path "auto" of experts.expert_gemms takes the fused layer
 # The fused layer's consumers have 224 registers (its producer warpgroup, which quantizes tokens,
 # keeps 56): at 128-token tiles they spill (8-16 B, tests/test_layer_kernel_builds.py).
 LAYER_MAX_TOKEN_TILE = 64
+# The mma.sync fused layer outside the native scale mode (the emulated mode is how it is tested on
+# sm_90a): its widest token tile without spills.
+MMA_LAYER_EMULATED_MAX_TOKEN_TILE = 8
 # Cost of a token tile beside the columns it multiplies, in token columns: a fixed part (its
 # epilogue, its weight tile's trip from L2 or HBM) and, per row of its token box, the copy of that
 # row (the box is the whole tile even where the expert's rows end; copied, not multiplied: 1/8).
@@ -185,13 +188,18 @@ def wgmma_spec(device: DeviceInfo, num_experts: int, active_experts: int, rows: 
     return None
 
 
-def layer_spec(device: DeviceInfo, num_experts: int, cum_m: int, hidden: int, inter: int,
-               k_granularity: int) -> LayerSpec | None:
+def layer_spec(device: DeviceInfo, num_experts: int, cum_m: int, hidden: int, inter: int, k_granularity: int,
+               scale_mode: str = "software") -> LayerSpec | MmaLayerSpec | None:
     """The fused layer kernel (gemm/layer.py) for a batch of `cum_m` expert rows, or None where the
-    chain of launches serves it: off sm_90a, above LAYER_MAX_ROWS, or for shapes either phase's wgmma
-    kernel does not take. Its token tile is the GEMMs' own choice up to LAYER_MAX_TOKEN_TILE; its
-    pipeline as deep as fits."""
-    if device.arch not in WGMMA_ARCHS or not 0 < cum_m <= LAYER_MAX_ROWS or inter % 64 or hidden % 16:
+    chain of launches serves it (above LAYER_MAX_ROWS, or shapes the kernel does not take): on
+    sm_90a the wgmma one (the emulated scale mode asks for the mma.sync one, to test it there), on
+    sm_120a / sm_121a the mma.sync one in `scale_mode` (native or software, as the GEMM's plan
+    resolved it)."""
+    if not 0 < cum_m <= LAYER_MAX_ROWS or inter % 64 or hidden % 16:
+        return None
+    if device.arch in NATIVE_ARCHS or (device.arch in WGMMA_ARCHS and scale_mode == "emulated"):
+        return mma_layer_spec(device, num_experts, cum_m, hidden, inter, k_granularity, scale_mode)
+    if device.arch not in WGMMA_ARCHS:
         return None
     active_experts = max(1, min(num_experts, cum_m))
     rows = cum_m / active_experts
@@ -203,6 +211,32 @@ def layer_spec(device: DeviceInfo, num_experts: int, cum_m: int, hidden: int, in
     budget = device.shared_memory_limit - _PER_BLOCK_RESERVE - spec.fixed_shared_bytes(num_experts)
     stages = min(LAYER_MAX_STAGES, budget // spec.stage_bytes())
     return dataclasses.replace(spec, stages=stages) if stages >= 2 else None
+
+
+def mma_layer_spec(device: DeviceInfo, num_experts: int, cum_m: int, hidden: int, inter: int, k_granularity: int,
+                   scale_mode: str) -> MmaLayerSpec | None:
+    """The mma.sync fused layer: four column warps, the plain kernel's token tile, gate_up tiles of
+    max(64, k_granularity) columns (whole scale blocks for its epilogue's quantization), down tiles
+    of 128, each phase's pipeline as deep as fits beside the scheduler."""
+    active_experts = max(1, min(num_experts, cum_m))
+    rows = cum_m / active_experts
+    block_t = next((t for t in TOKEN_TILES if t >= rows + 2 * math.sqrt(rows)), TOKEN_TILES[-1])
+    if scale_mode != "native":
+        # The software and emulated MMAs need more registers than the native one: at 32 tokens
+        # against 128 gated columns, at 16 against 64 at k_gran 32, they spill
+        # (tests/test_layer_kernel_builds.py).
+        block_t = min(block_t, MMA_LAYER_EMULATED_MAX_TOKEN_TILE)
+    phases = [MmaSpec(device.arch, n, k, k_granularity, gated, block_n=block_n, block_t=block_t, stages=1,
+                      scale_mode=scale_mode)
+              for n, k, gated, block_n in ((2 * inter, hidden, True, max(64, k_granularity)), (hidden, inter, False, 128))]
+    budget = device.shared_memory_limit - _PER_BLOCK_RESERVE - scheduler_shared_bytes(num_experts)
+    staged = []
+    for spec in phases:
+        stages = min(MAX_STAGES, budget // spec.stage_bytes())
+        if stages < 2 or stages * spec.stage_bytes() < spec.epilogue_bytes():
+            return None
+        staged.append(dataclasses.replace(spec, stages=stages))
+    return MmaLayerSpec(*staged)
 
 
 def wgmma_token_tile(rows: float, narrow_last_tile: bool) -> int:

@@ -1,13 +1,15 @@
-"""The MoE layer's two grouped GEMMs in one launch on sm_90a (kernels/wgmma_moe_layer.cuh): gate_up
-with its gated activation, the intermediate's MXFP8 quantization and down, for decode sizes, where
-each GEMM alone is a launch-sized amount of work and the fused kernel streams down's weights while
-gate_up runs.
+"""The MoE layer's two grouped GEMMs in one launch: gate_up with its gated activation, the
+intermediate's MXFP8 quantization and down, for decode sizes, where each GEMM alone is a
+launch-sized amount of work.
 
-A LayerSpec is the two phases' WgmmaSpecs (same token tile and pipeline) as one kernel, for MXFP8
-weights and FlashInfer's SwiGLU (the kernel templates take the other variants; no caller offers
-them yet); the heuristic (heuristics.layer_spec) decides when it serves a call. The kernel hands
-token tiles from one phase to the other through counters that every launch leaves zeroed, as it
-found them (layer_counters).
+Two kernels, one per family: on sm_90a the wgmma kernel twice on one pipeline
+(kernels/wgmma_moe_layer.cuh; LayerSpec, which streams down's weights while gate_up runs), and on
+sm_120a / sm_121a the mma.sync kernel twice (kernels/mma_moe_layer.cuh; MmaLayerSpec, whose gate_up
+quantizes the intermediate in its epilogue; on other GPUs in the emulated scale mode, to test it).
+Both for MXFP8 weights and FlashInfer's SwiGLU (the kernel templates take the other variants; no
+caller offers them yet); the heuristic (heuristics.layer_spec) decides when one serves a call.
+They hand token tiles from one phase to the other through counters that every launch leaves
+zeroed, as it found them (layer_counters).
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ import torch
 from ..jit.build import build
 from ..jit.runtime import LoadedKernel
 from ..memo import BoundedMemo
+from ..layout import k_align, m_padded
 from .device import capturing
 from .launch import LaunchArguments
+from .families.mma import MmaSpec
 from .families.wgmma import WgmmaSpec, WgmmaTensorMaps, wgmma_maps, weight_and_output_maps
 from .spec import NO_EPILOGUE_ARGUMENTS, STAGE_K_BYTES, GroupedGemmParams
 from .tensor_maps import rows_map
@@ -112,6 +116,10 @@ class LayerKernel:
         self.device_index = device_index
         self._arguments = BoundedMemo(256)
 
+    def intermediate(self, cum_m: int, num_experts: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """What a call needs between its phases: h, the activated gate_up rows in bf16."""
+        return (torch.empty((cum_m, self.spec.inter), dtype=torch.bfloat16, device=device),)
+
     def __call__(self, a: torch.Tensor, a_scale: torch.Tensor, m_indptr: torch.Tensor, w13: torch.Tensor,
                  w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor, h: torch.Tensor, out: torch.Tensor,
                  stream: int) -> None:
@@ -147,18 +155,124 @@ class LayerKernel:
         return LaunchArguments(grid, shared, (params, maps))
 
 
-_kernels: dict[tuple[int, LayerSpec], LayerKernel] = {}
+class LayerLink(ctypes.Structure):
+    """Mirror of mxfp8_moe::LayerLink (kernels/mma_grouped_gemm.cuh)."""
+
+    _fields_ = [("counters", ctypes.c_void_p), ("rows", ctypes.c_void_p), ("scales", ctypes.c_void_p),
+                ("m_padded", ctypes.c_int32), ("publishers", ctypes.c_int32)]
+
+
+class MmaLayerParams(ctypes.Structure):
+    """Mirror of mxfp8_moe::MmaLayerParams (kernels/mma_moe_layer.cuh), passed by value."""
+
+    _fields_ = [("gate_up", GroupedGemmParams), ("down", GroupedGemmParams), ("link", LayerLink)]
+
+
+MMA_ENTRY = "mxfp8_moe_mma_layer"
+
+
+@dataclasses.dataclass(frozen=True)
+class MmaLayerSpec:
+    """The fused layer on the mma.sync kernel: its two phases' MmaSpecs (same warps and token tile;
+    gate_up's columns a multiple of the k granularity, so its epilogue holds whole scale blocks)."""
+
+    gate_up: MmaSpec
+    down: MmaSpec
+
+    def __post_init__(self):
+        g, d = self.gate_up, self.down
+        if (g.threads, g.block_t, g.arch, g.scale_mode) != (d.threads, d.block_t, d.arch, d.scale_mode):
+            raise ValueError(f"the phases must share warps, token tile, arch and scale mode: {g.label} / {d.label}")
+        if not g.gated or g.block_n % g.k_granularity or 32 % (g.block_n // 8):
+            raise ValueError(f"gate_up's tile must be gated and cover whole scale blocks: {g.label}")
+
+    @property
+    def arch(self) -> str:
+        return self.gate_up.arch
+
+    @property
+    def threads(self) -> int:
+        return self.gate_up.threads
+
+    @property
+    def label(self) -> str:
+        return f"mmalayer_{self.gate_up.label}_{self.down.label.split('_', 1)[1]}"
+
+    def source(self) -> str:
+        return ('#include "mma_moe_layer.cuh"\n'
+                f"using Layer = mxfp8_moe::MmaMoeLayer<{self.gate_up.cpp_type('kLayerGateUp')},\n"
+                f"                                     {self.down.cpp_type('kLayerDown')}>;\n"
+                f'extern "C" __global__ void __launch_bounds__(Layer::kThreads) {MMA_ENTRY}(\n'
+                "    const __grid_constant__ mxfp8_moe::MmaLayerParams params) {\n"
+                "    Layer::run(params);\n}\n")
+
+    def dynamic_shared_bytes(self, num_experts: int) -> int:
+        """MmaMoeLayer::shared_bytes: the scheduler, then the larger of the phases' pipelines."""
+        return max(self.gate_up.dynamic_shared_bytes(num_experts), self.down.dynamic_shared_bytes(num_experts))
+
+
+class MmaLayerKernel:
+    """A compiled and loaded MmaLayerSpec on one device."""
+
+    def __init__(self, spec: MmaLayerSpec, device_index: int):
+        self.spec = spec
+        cubin, _ = build(spec.source(), arch=spec.arch, label=spec.label)
+        self.kernel = LoadedKernel(cubin, MMA_ENTRY, device_index, spec.threads, programmatic=True)
+        self.device_index = device_index
+        self._arguments = BoundedMemo(256)
+
+    def intermediate(self, cum_m: int, num_experts: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """What a call needs between its phases: the quantized intermediate, (cum_m, I) e4m3 and the
+        (k_align, m_padded) int32 storage of its MN-major scales (only the words of real rows are
+        written and read)."""
+        inter, k_granularity = self.spec.down.k, self.spec.down.k_granularity
+        return (torch.empty((cum_m, inter), dtype=torch.float8_e4m3fn, device=device),
+                torch.empty((k_align(inter, k_granularity), m_padded(cum_m, num_experts)), dtype=torch.int32,
+                            device=device))
+
+    def __call__(self, a: torch.Tensor, a_scale: torch.Tensor, m_indptr: torch.Tensor, w13: torch.Tensor,
+                 w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor, h: torch.Tensor,
+                 h_scale: torch.Tensor, out: torch.Tensor, stream: int) -> None:
+        """out = the down GEMM of (the gate_up GEMM of a, activated and quantized into h (cum_m, inter)
+        e4m3 and h_scale, the (k_align, m_padded) int32 storage of its MN-major scales)."""
+        if a.shape[0] > LAYER_MAX_ROWS:  # the counters cover this many token tiles
+            raise ValueError(f"the fused layer kernel takes at most {LAYER_MAX_ROWS} rows (a.size(0)), got {a.shape[0]}")
+        counters = layer_counters(self.device_index, stream)
+        tensors = (a, a_scale, m_indptr, w13, w13_scale, w2, w2_scale, h, h_scale, out)
+        key = (tuple(t.data_ptr() for t in tensors), a.shape[0], w13.shape[0], a_scale.shape, a_scale.stride(),
+               w13_scale.stride(), w2_scale.stride(), h_scale.shape, counters.data_ptr())
+        arguments = self._arguments.get(key)
+        if arguments is None:
+            arguments = self._arguments.put(key, self._arguments_for(tensors, counters))
+        self.kernel.launch(arguments.grid, arguments.shared, stream, arguments.address)
+
+    def _arguments_for(self, tensors, counters) -> LaunchArguments:
+        a, a_scale, m_indptr, w13, w13_scale, w2, w2_scale, h, h_scale, out = tensors
+        m_padded = h_scale.shape[1]
+        h_scale_mn = h_scale.t()  # (m_padded, k_align) as the GEMM reads a_scale: strides (1, m_padded)
+        params = MmaLayerParams(
+            GroupedGemmParams.of(a, w13, a_scale, w13_scale, m_indptr, out, NO_EPILOGUE_ARGUMENTS),
+            GroupedGemmParams.of(h, w2, h_scale_mn, w2_scale, m_indptr, out, NO_EPILOGUE_ARGUMENTS),
+            LayerLink(counters.data_ptr(), h.data_ptr(), h_scale.data_ptr(), m_padded,
+                      -(-self.spec.gate_up.n_out // self.spec.gate_up.block_n)))
+        shared = self.spec.dynamic_shared_bytes(w13.shape[0])
+        grid = (self.kernel.resident_blocks(shared), 1, 1)  # persistent: every CTA resident (the waits need it)
+        return LaunchArguments(grid, shared, (params,))
+
+
+_kernels: dict[tuple[int, LayerSpec | MmaLayerSpec], LayerKernel | MmaLayerKernel] = {}
 _counters: dict[tuple[int, int], torch.Tensor] = {}
 _lock = threading.Lock()
 
 
-def get_layer_kernel(spec: LayerSpec, device_index: int) -> LayerKernel:
+def get_layer_kernel(spec: LayerSpec | MmaLayerSpec, device_index: int) -> LayerKernel | MmaLayerKernel:
     """The loaded kernel of `spec` on a device, compiled (or read from the cache) on first use."""
     key = (device_index, spec)
     kernel = _kernels.get(key)
     if kernel is None:
+        make = LayerKernel if isinstance(spec, LayerSpec) else MmaLayerKernel
         with _lock:
-            kernel = _kernels.get(key) or _kernels.setdefault(key, LayerKernel(spec, device_index))
+            kernel = _kernels.get(key) or _kernels.setdefault(key, make(spec, device_index))
     return kernel
 
 

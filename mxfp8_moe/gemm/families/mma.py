@@ -43,10 +43,17 @@ class MmaSpec(KernelSpec):
         return 2 * self.block_n if self.gated else self.block_n
 
     def source(self) -> str:
-        return entry_source("mma_grouped_gemm.cuh",
-                            f"mxfp8_moe::MmaGemm<{self.n}, {self.k}, {self.k_granularity}, {str(self.gated).lower()}, "
-                            f"{self.block_n}, {self.block_t}, {self.stages}, {self.warps_n}, {self.warps_k}, "
-                            f"mxfp8_moe::{_SCALE_MODE_ENUM[self.scale_mode]}{self.variant.template_argument}>")
+        return entry_source("mma_grouped_gemm.cuh", self.cpp_type())
+
+    def cpp_type(self, role: str | None = None) -> str:
+        """The kernel's MmaGemm type; `role`: its GemmRole as a phase of the fused layer
+        (kernels/mma_moe_layer.cuh), e.g. "kLayerGateUp"."""
+        head = (f"mxfp8_moe::MmaGemm<{self.n}, {self.k}, {self.k_granularity}, {str(self.gated).lower()}, "
+                f"{self.block_n}, {self.block_t}, {self.stages}, {self.warps_n}, {self.warps_k}, "
+                f"mxfp8_moe::{_SCALE_MODE_ENUM[self.scale_mode]}")
+        if role is None:
+            return f"{head}{self.variant.template_argument}>"
+        return f"{head}, {self.variant.cpp_type}, mxfp8_moe::{role}>"
 
     def stage_bytes(self) -> int:
         """One pipeline stage: weight and token tiles (MXFP4 weight rows: half the bytes), then a
