@@ -8,6 +8,7 @@
 // so each launch leaves them as it found them and back-to-back calls need no reset launch.
 #pragma once
 #include "common.cuh"
+#include "ptx/cluster.cuh"
 #include "ptx/global_flags.cuh"
 
 namespace mxfp8_moe {
@@ -15,12 +16,16 @@ namespace mxfp8_moe {
 // What a grouped GEMM is within its launch: the whole kernel, or a phase of a fused layer.
 enum GemmRole { kWholeKernel = 0, kLayerGateUp = 1, kLayerDown = 2 };
 
-// Counts this CTA out (after every thread of it is done with the counters); the last one zeroes
-// every counter the launch used.
+// Counts this CTA out once every thread of it is done with the counters; the last one zeroes every
+// counter the launch used. Every thread of the CTA calls it, maybe from divergent paths (a warp
+// whose lanes took different roles), so the barriers are the non-.aligned kind: __syncthreads in
+// a diverged warp may let a lane through before the others arrive (compute-sanitizer's racecheck
+// saw a lane read `last` before thread 0 wrote it).
 __device__ __forceinline__ void reset_counters_when_last(i32* counters, int token_tiles) {
     __shared__ int last;
+    ptx::cta_sync_divergent();
     if (threadIdx.x == 0) last = ptx::fetch_add_acq_rel(counters, 1) == static_cast<int>(gridDim.x) - 1;
-    __syncthreads();
+    ptx::cta_sync_divergent();
     if (!last) return;
     for (int t = threadIdx.x; t < token_tiles; t += blockDim.x) counters[1 + t] = 0;
     if (threadIdx.x == 0) counters[0] = 0;

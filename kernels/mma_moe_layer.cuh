@@ -59,7 +59,6 @@ struct MmaMoeLayer {
                 down.run_unit(down_units.unit(d), d / Down::kNTiles);
             }
         }
-        __syncthreads();  // every thread of the CTA is done with the counters
         reset_counters_when_last(params.link.counters, gate_up_units.num_token_tiles());
     }
 };

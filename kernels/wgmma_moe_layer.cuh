@@ -90,7 +90,6 @@ struct WgmmaMoeLayer {
             down.consume(warpgroup, thread, gate_up.consume(warpgroup, thread, 0, cta), first_down);
             if (warpgroup == 0 && thread == 0) ptx::bulk_wait();  // shared memory outlives the last store
         }
-        ptx::cta_sync_divergent();  // every thread of the CTA is done with the counters (lane 0 of warp 8 produced alone)
         reset_counters_when_last(params.counters, gate_up_units.num_token_tiles());  // (layer.cuh)
     }
 
