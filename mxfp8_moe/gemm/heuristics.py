@@ -48,7 +48,10 @@ WGMMA_TAKES_MXFP4 = True
 # heuristic leaves it off until the benchmarks' direct columns show it faster
 # (docs/PERFORMANCE.md). Tests and benchmarks reach it through wgmma_spec.
 WGMMA_SPLITS_K = False  # decode units split over K in clusters (issue 15)
-FUSED_LAYER = False  # path "auto" of experts.expert_gemms takes the fused layer kernel (issue 15)
+# path "auto" of experts.expert_gemms takes the fused layer kernel (issue 15). Off: on H100 the
+# fused layer runs at 0.95-1.06x the chain's speed (Qwen3-30B/235B, DeepSeek EP8, T 1-16;
+# PERFORMANCE.md, session 6): faster in one cell of nine, within 1 % in three, 2-5 % slower in five.
+FUSED_LAYER = False
 # The fused layer's consumers have 224 registers (its producer warpgroup, which quantizes tokens,
 # keeps 56): at 128-token tiles they spill (8-16 B, tests/test_layer_kernel_builds.py).
 LAYER_MAX_TOKEN_TILE = 64
