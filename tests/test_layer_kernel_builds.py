@@ -1,6 +1,8 @@
-"""The fused layer kernel (kernels/wgmma_moe_layer.cuh) builds cleanly for the MXFP8 models'
-decode shapes (CPU only): sm_90a, no spills, no serialized wgmma, the 168 registers setmaxnreg
-redistributes, shared memory within the H100's per-block limit and equal on host and device."""
+"""The fused layer kernels build cleanly for the MXFP8 models' decode shapes (CPU only). The wgmma
+layer (kernels/wgmma_moe_layer.cuh, sm_90a): no spills, no serialized wgmma, the 168 registers
+setmaxnreg redistributes. The mma.sync layer (kernels/mma_moe_layer.cuh; sm_120a and sm_121a
+native, sm_120a software, sm_90a emulated): no spills, QMMA.SF natively, every token tile the
+heuristic picks. Both: shared memory within the per-block limit and equal on host and device."""
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ import functools
 import pytest
 
 from mxfp8_moe.gemm.device import DeviceInfo
-from mxfp8_moe.gemm.heuristics import _PER_BLOCK_RESERVE, layer_spec
+from mxfp8_moe.gemm.heuristics import (MMA_LAYER_NATIVE_MAX_TOKEN_TILE, MMA_LAYER_NOT_NATIVE_MAX_TOKEN_TILE,
+                                       TOKEN_TILES, _PER_BLOCK_RESERVE, layer_spec)
 from mxfp8_moe.gemm.layer import LAYER_MAX_ROWS, LayerSpec
 from mxfp8_moe.jit import inspect
 from mxfp8_moe.jit.build import OPTIONS, kernel_dir
@@ -83,9 +86,12 @@ def _mma_specs():
                           (H100, ("emulated",))):
         for mode in modes:
             for experts, hidden, inter in MODELS.values():
+                # (experts, rows): the models' decode sizes, and eight experts with 8 and 40 rows
+                # each, whose token tiles (16, 64) the model sizes under the row cap do not reach.
+                cases = [(experts, rows) for rows in (1, 128, LAYER_MAX_ROWS)] + [(8, 64), (8, 320)]
                 for k_granularity in (32, 128):
-                    for rows in (1, 128, LAYER_MAX_ROWS):
-                        specs[layer_spec(device, experts, rows, hidden, inter, k_granularity, mode)] = None
+                    for num_experts, rows in cases:
+                        specs[layer_spec(device, num_experts, rows, hidden, inter, k_granularity, mode)] = None
     return list(specs)
 
 
@@ -104,6 +110,15 @@ def test_mma_layer_builds_without_spills(spec):
         counts = inspect.count_instructions(inspect.sass(result.cubin), ("QMMA.SF", "REDG"))
         # The block-scaled MMA in both phases; gate_up's publication on its token tile's counter.
         assert counts["QMMA.SF"] > 0 and counts["REDG"] >= 1, counts
+
+
+def test_mma_layer_covers_every_token_tile_the_heuristic_picks():
+    for k_granularity, widest in MMA_LAYER_NATIVE_MAX_TOKEN_TILE.items():
+        native = {s.gate_up.block_t for s in MMA_SPECS
+                  if s.gate_up.scale_mode == "native" and s.gate_up.k_granularity == k_granularity}
+        assert native == {t for t in TOKEN_TILES if t <= widest}, (k_granularity, native)
+    assert {s.gate_up.block_t for s in MMA_SPECS if s.gate_up.scale_mode != "native"} == {
+        MMA_LAYER_NOT_NATIVE_MAX_TOKEN_TILE}
 
 
 def test_mma_layer_host_and_kernel_agree_on_shared_memory():

@@ -55,9 +55,12 @@ FUSED_LAYER = False
 # The fused layer's consumers have 224 registers (its producer warpgroup, which quantizes tokens,
 # keeps 56): at 128-token tiles they spill (8-16 B, tests/test_layer_kernel_builds.py).
 LAYER_MAX_TOKEN_TILE = 64
-# The mma.sync fused layer outside the native scale mode (the emulated mode is how it is tested on
-# sm_90a): its widest token tile without spills.
-MMA_LAYER_EMULATED_MAX_TOKEN_TILE = 8
+# The mma.sync fused layer's widest token tile without spills (tests/test_layer_kernel_builds.py):
+# natively 64 against gate_up's 64-column tiles (k_gran 32) and 32 against its 128-column ones
+# (k_gran 128: 64 spill 24 B on sm_120a); in the software and emulated scale modes (the emulated
+# one is how it runs on sm_90a), whose MMAs need more registers, 8.
+MMA_LAYER_NATIVE_MAX_TOKEN_TILE = {32: 64, 128: 32}
+MMA_LAYER_NOT_NATIVE_MAX_TOKEN_TILE = 8
 # Cost of a token tile beside the columns it multiplies, in token columns: a fixed part (its
 # epilogue, its weight tile's trip from L2 or HBM) and, per row of its token box, the copy of that
 # row (the box is the whole tile even where the expert's rows end; copied, not multiplied: 1/8).
@@ -224,11 +227,8 @@ def mma_layer_spec(device: DeviceInfo, num_experts: int, cum_m: int, hidden: int
     active_experts = max(1, min(num_experts, cum_m))
     rows = cum_m / active_experts
     block_t = next((t for t in TOKEN_TILES if t >= rows + 2 * math.sqrt(rows)), TOKEN_TILES[-1])
-    if scale_mode != "native":
-        # The software and emulated MMAs need more registers than the native one: at 32 tokens
-        # against 128 gated columns, at 16 against 64 at k_gran 32, they spill
-        # (tests/test_layer_kernel_builds.py).
-        block_t = min(block_t, MMA_LAYER_EMULATED_MAX_TOKEN_TILE)
+    block_t = min(block_t, MMA_LAYER_NATIVE_MAX_TOKEN_TILE[k_granularity] if scale_mode == "native"
+                  else MMA_LAYER_NOT_NATIVE_MAX_TOKEN_TILE)
     phases = [MmaSpec(device.arch, n, k, k_granularity, gated, block_n=block_n, block_t=block_t, stages=1,
                       scale_mode=scale_mode)
               for n, k, gated, block_n in ((2 * inter, hidden, True, max(64, k_granularity)), (hidden, inter, False, 128))]
