@@ -339,9 +339,9 @@ struct MmaGemm {
 
     // The epilogue's values through a padded smem tile, then 16-byte row stores of the
     // tile's valid rows and columns only.
-    // `tile`: the unit's token tile (a layer's gate_up publishes on its counter).
+    // `token_tile`: the unit's token tile (a layer's gate_up publishes on its counter).
     __device__ __forceinline__ void store_tile(const float (&acc)[kWeightFrags][kTokenFrags][4], const WorkUnit& w, int n0,
-                                               i64 tile) const {
+                                               i64 token_tile) const {
         const int g = lane / 4, t = lane % 4;
         if (warp_k == 0) {
 #pragma unroll
@@ -360,11 +360,11 @@ struct MmaGemm {
                     }
         }
         __syncthreads();
-        constexpr int kChunks = BLOCK_N / 8;
         if constexpr (ROLE == kLayerGateUp) {
-            store_quantized_tile(w, n0, tile);
+            store_quantized_tile(w, n0, token_tile);
             return;
         }
+        constexpr int kChunks = BLOCK_N / 8;
         for (int c = threadIdx.x; c < BLOCK_T * kChunks; c += kThreads) {
             const int r = c / kChunks, col = n0 + (c % kChunks) * 8;
             if (r < w.rows && col < kNOut) Output::store8(p.out, w.row + r, col, stages + r * kOutPitch + (c % kChunks) * 16);
@@ -375,7 +375,7 @@ struct MmaGemm {
     // (mxfp8_rounding.cuh: a scale per K_GRAN columns, the lanes of a block reducing its amax with
     // shuffles) into the intermediate's e4m3 rows and scale bytes; then published on the token
     // tile's counter (release, after the barrier that orders every thread's stores before it).
-    __device__ __forceinline__ void store_quantized_tile(const WorkUnit& w, int n0, i64 tile) const {
+    __device__ __forceinline__ void store_quantized_tile(const WorkUnit& w, int n0, i64 token_tile) const {
         constexpr int kChunks = BLOCK_N / 8, kLanesPerBlock = K_GRAN / 8, kRowsPerPass = kThreads / kChunks;
         for (int r0 = 0; r0 < BLOCK_T; r0 += kRowsPerPass) {  // uniform: every lane shuffles
             const int r = r0 + static_cast<int>(threadIdx.x) / kChunks, c = threadIdx.x % kChunks, col = n0 + 8 * c;
@@ -396,17 +396,17 @@ struct MmaGemm {
             }
         }
         __syncthreads();
-        if (threadIdx.x == 0) ptx::add_release(link->counters + 1 + tile, 1);
+        if (threadIdx.x == 0) ptx::add_release(link->counters + 1 + token_tile, 1);
     }
 
-    // `tile`: the unit's token tile (a layer's phases hand over by it).
-    __device__ __forceinline__ void run_unit(const WorkUnit& w, i64 tile) const {
+    // `token_tile`: the unit's token tile (a layer's phases hand over by it).
+    __device__ __forceinline__ void run_unit(const WorkUnit& w, i64 token_tile) const {
         const int n0 = w.n_tile * BLOCK_N;
         if constexpr (ROLE == kLayerDown) {
             // Its rows come from other CTAs' gate_up units: one thread acquires the tile's counter
             // (which also invalidates this SM's L1), the barrier orders every thread's loads after it.
             if (threadIdx.x == 0)
-                while (ptx::load_acquire(link->counters + 1 + tile) < link->publishers) ptx::sleep_ns(64);
+                while (ptx::load_acquire(link->counters + 1 + token_tile) < link->publishers) ptx::sleep_ns(64);
             __syncthreads();
         }
         float acc[kWeightFrags][kTokenFrags][4];
@@ -434,7 +434,7 @@ struct MmaGemm {
         ptx::cp_async_wait<0>();
         __syncthreads();
         reduce_k_warps(acc);
-        store_tile(acc, w, n0, tile);
+        store_tile(acc, w, n0, token_tile);
         __syncthreads();
     }
 

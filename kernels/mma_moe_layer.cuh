@@ -1,6 +1,7 @@
 // The MoE layer's two grouped GEMMs in one persistent launch on the mma.sync kernel (sm_120a /
-// sm_121a natively; any sm_89+ in the software and emulated scale modes): gate_up with its
-// activation, the intermediate's MXFP8 quantization in gate_up's epilogue, and down.
+// sm_121a, natively or in software scaling; sm_90a in the emulated scale mode, which is how it is
+// tested on Hopper): gate_up with its activation, the intermediate's MXFP8 quantization in gate_up's
+// epilogue, and down.
 //
 // Units: the gate_up units, then the down units, as one sequence that CTA b walks from b in steps
 // of gridDim.x (every gate_up unit before every down unit, in each CTA and overall). A gate_up unit

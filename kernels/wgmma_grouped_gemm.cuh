@@ -440,7 +440,7 @@ struct WgmmaGemm {
     // thread counts the tile on its token tile's counter, releasing at GPU scope what the barrier
     // ordered before it (release is cumulative).
     __device__ __forceinline__ void publish_tile(i64 tile, int warpgroup, int thread) const {
-        if constexpr (!GATED) consumers_sync();  // (a gated store_tile ends with one)
+        static_assert(GATED, "gate_up's store_tile ends with the consumers' barrier this relies on");
         if (warpgroup == 0 && thread == 0) ptx::add_release(tile_counters + 1 + tile, 1);
     }
 

@@ -92,7 +92,6 @@ struct WgmmaMoeLayer {
         }
         reset_counters_when_last(params.counters, gate_up_units.num_token_tiles());  // (layer.cuh)
     }
-
 };
 
 }  // namespace mxfp8_moe

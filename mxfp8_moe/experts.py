@@ -77,11 +77,10 @@ def _fused_kernel(a, a_scale, m_indptr, w13, w13_scale, w2, w2_scale, k_granular
     device_index = problem.device.index
     device = device_info(device_index)
     mode = heuristics.resolve_scale_mode(envs.scale_mode(), device.arch)
-    if mode == "native":  # as the GEMM's plan decides it: the block-scaled MMA once the guard has checked it
-        verdict = native_guard.verified("native", device_index)
-        if verdict is None:  # capturing a CUDA graph before any verdict
-            return None
-        mode = "native" if verdict else "software"
+    if mode == "native":
+        # As the GEMM's plan decides it: the block-scaled MMA once the guard has checked it, software
+        # scaling where it fails and while a CUDA graph is captured before any verdict.
+        mode = "native" if native_guard.verified("native", device_index) else "software"
     key = (device_index, problem.num_experts, problem.cum_m, problem.k, inter, k_granularity, mode)
     spec = _plans.get(key)
     if spec is None:

@@ -55,7 +55,7 @@ def test_bad_arguments_get_the_grouped_gemms_errors():
 H100 = DeviceInfo.for_arch("sm_90a")
 
 
-def test_the_fused_kernel_is_offered_on_sm90a_at_decode_sizes_only():
+def test_the_wgmma_layer_is_offered_on_sm90a_at_decode_sizes_only():
     spec = heuristics.layer_spec(H100, 128, 8, 2048, 768, 128)
     assert spec is not None and spec.stages >= 2
     assert spec.dynamic_shared_bytes(128) <= H100.shared_memory_limit

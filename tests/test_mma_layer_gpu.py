@@ -53,11 +53,11 @@ def reference(a, a_scale, m_indptr, w13, w13_scale, w2, w2_scale, k_granularity)
 
 
 @pytest.mark.parametrize("k_granularity", [32, 128])
-@pytest.mark.parametrize("tokens_", [1, 4, 16])
+@pytest.mark.parametrize("num_tokens", [1, 4, 16])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_matches_the_chain_and_the_reference(shape, tokens_, k_granularity, mode):
+def test_matches_the_chain_and_the_reference(shape, num_tokens, k_granularity, mode):
     num_experts, hidden, inter, top_k = SHAPES[shape]
-    rows = routed_rows(tokens_, num_experts, top_k)
+    rows = routed_rows(num_tokens, num_experts, top_k)
     assert isinstance(layer_spec(device_info(0), num_experts, sum(rows), hidden, inter, k_granularity, mode),
                       MmaLayerSpec)
     args = layer(num_experts, hidden, inter, k_granularity, rows)

@@ -140,7 +140,7 @@ def choose_spec(*, device: DeviceInfo, num_experts: int, cum_m: int, n: int, k: 
         spec = wgmma_spec(device, num_experts, active_experts, rows, n, k, k_granularity, gated, variant)
         if spec is not None:
             return spec
-    block_t = next((t for t in TOKEN_TILES if t >= rows + 2 * math.sqrt(rows)), TOKEN_TILES[-1])
+    block_t = mma_token_tile(rows)
     token_tiles = active_experts * math.ceil(rows / block_t)
 
     # Gated tiles carry up and gate rows: half the output columns for the same weight bytes.
@@ -226,7 +226,7 @@ def mma_layer_spec(device: DeviceInfo, num_experts: int, cum_m: int, hidden: int
     of 128, each phase's pipeline as deep as fits beside the scheduler."""
     active_experts = max(1, min(num_experts, cum_m))
     rows = cum_m / active_experts
-    block_t = next((t for t in TOKEN_TILES if t >= rows + 2 * math.sqrt(rows)), TOKEN_TILES[-1])
+    block_t = mma_token_tile(rows)
     block_t = min(block_t, MMA_LAYER_NATIVE_MAX_TOKEN_TILE[k_granularity] if scale_mode == "native"
                   else MMA_LAYER_NOT_NATIVE_MAX_TOKEN_TILE)
     phases = [MmaSpec(device.arch, n, k, k_granularity, gated, block_n=block_n, block_t=block_t, stages=1,
@@ -240,6 +240,12 @@ def mma_layer_spec(device: DeviceInfo, num_experts: int, cum_m: int, hidden: int
             return None
         staged.append(dataclasses.replace(spec, stages=stages))
     return MmaLayerSpec(*staged)
+
+
+def mma_token_tile(rows: float) -> int:
+    """The mma.sync kernel's token tile: the narrowest that holds an expert's likely rows (the mean
+    and two standard deviations of a random routing's count)."""
+    return next((t for t in TOKEN_TILES if t >= rows + 2 * math.sqrt(rows)), TOKEN_TILES[-1])
 
 
 def wgmma_token_tile(rows: float, narrow_last_tile: bool) -> int:

@@ -5,7 +5,7 @@ launch-sized amount of work.
 Two kernels, one per family: on sm_90a the wgmma kernel twice on one pipeline
 (kernels/wgmma_moe_layer.cuh; LayerSpec, which streams down's weights while gate_up runs), and on
 sm_120a / sm_121a the mma.sync kernel twice (kernels/mma_moe_layer.cuh; MmaLayerSpec, whose gate_up
-quantizes the intermediate in its epilogue; on other GPUs in the emulated scale mode, to test it).
+quantizes the intermediate in its epilogue; on sm_90a also in the emulated scale mode, to test it).
 Both for MXFP8 weights and FlashInfer's SwiGLU (the kernel templates take the other variants; no
 caller offers them yet); the heuristic (heuristics.layer_spec) decides when one serves a call.
 They hand token tiles from one phase to the other through counters that every launch leaves
@@ -223,8 +223,8 @@ class MmaLayerKernel:
 
     def intermediate(self, cum_m: int, num_experts: int, device: torch.device) -> tuple[torch.Tensor, ...]:
         """What a call needs between its phases: the quantized intermediate, (cum_m, I) e4m3 and the
-        (k_align, m_padded) int32 storage of its MN-major scales (only the words of real rows are
-        written and read)."""
+        (k_align, m_padded) int32 storage of its MN-major scales (gate_up writes the scale bytes of
+        real rows' blocks; down reads whole words and uses only those bytes)."""
         inter, k_granularity = self.spec.down.k, self.spec.down.k_granularity
         return (torch.empty((cum_m, inter), dtype=torch.float8_e4m3fn, device=device),
                 torch.empty((k_align(inter, k_granularity), m_padded(cum_m, num_experts)), dtype=torch.int32,
@@ -248,12 +248,12 @@ class MmaLayerKernel:
 
     def _arguments_for(self, tensors, counters) -> LaunchArguments:
         a, a_scale, m_indptr, w13, w13_scale, w2, w2_scale, h, h_scale, out = tensors
-        m_padded = h_scale.shape[1]
+        scale_rows = h_scale.shape[1]  # m_padded
         h_scale_mn = h_scale.t()  # (m_padded, k_align) as the GEMM reads a_scale: strides (1, m_padded)
         params = MmaLayerParams(
             GroupedGemmParams.of(a, w13, a_scale, w13_scale, m_indptr, out, NO_EPILOGUE_ARGUMENTS),
             GroupedGemmParams.of(h, w2, h_scale_mn, w2_scale, m_indptr, out, NO_EPILOGUE_ARGUMENTS),
-            LayerLink(counters.data_ptr(), h.data_ptr(), h_scale.data_ptr(), m_padded,
+            LayerLink(counters.data_ptr(), h.data_ptr(), h_scale.data_ptr(), scale_rows,
                       -(-self.spec.gate_up.n_out // self.spec.gate_up.block_n)))
         shared = self.spec.dynamic_shared_bytes(w13.shape[0])
         grid = (self.kernel.resident_blocks(shared), 1, 1)  # persistent: every CTA resident (the waits need it)
