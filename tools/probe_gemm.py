@@ -10,6 +10,7 @@ commit's kernels and from the working tree, on the same card, in one session:
     python3 tools/probe_gemm.py gpt-oss-120b gate_up 64 --weights mxfp4 --kernels /tmp/base/kernels
     python3 tools/probe_gemm.py gpt-oss-120b gate_up 64 --weights mxfp4
     python3 tools/probe_gemm.py deepseek-v3-ep8 gate_up 1 --stages 9
+    python3 tools/probe_gemm.py deepseek-v3-ep8 gate_up 1 --split-k    # K over a cluster of CTAs
     python3 tools/probe_gemm.py deepseek-v3-ep8 layer 1     # the fused layer kernel
 
 Both trees are compiled from this checkout's instantiation source, so the kernel templates'
@@ -48,7 +49,8 @@ COPIES = 6
 LAUNCHES = 30
 
 
-def probe(model: str, gemm: str, tokens: int, weights: str, k_granularity: int, stages: int | None) -> str:
+def probe(model: str, gemm: str, tokens: int, weights: str, k_granularity: int, stages: int | None,
+          split_k: bool) -> str:
     torch.manual_seed(0)
     experts, hidden, intermediate, top_k = MODELS[model]
     gated = gemm == "gate_up"
@@ -66,7 +68,7 @@ def probe(model: str, gemm: str, tokens: int, weights: str, k_granularity: int, 
 
     device = device_info(0)
     active = sum(r > 0 for r in rows)
-    spec = wgmma_spec(device, experts, active, sum(rows) / active, n, k, k_granularity, gated, variant)
+    spec = wgmma_spec(device, experts, active, sum(rows) / active, n, k, k_granularity, gated, variant, split_k=split_k)
     if stages is not None:  # the most stages up to the request that fit
         fits = [s for s in range(stages, 1, -1) if dataclasses.replace(spec, stages=s).dynamic_shared_bytes(experts)
                 <= device.shared_memory_limit - 1024]
@@ -124,6 +126,8 @@ def main() -> None:
                         help="default: 32 for MXFP4 weights, else 128")
     parser.add_argument("--stages", type=int, help="pipeline stages (at most this many that fit)")
     parser.add_argument("--kernels", type=Path, help="kernel source tree to build from (default: this checkout's)")
+    parser.add_argument("--split-k", action="store_true",
+                        help="K split over a cluster where the heuristic would split it with split K on")
     args = parser.parse_args()
     k_granularity = args.k_granularity or (32 if args.weights == "mxfp4" else 128)
     if args.weights == "mxfp4" and k_granularity != 32:
@@ -132,11 +136,12 @@ def main() -> None:
         kernels = args.kernels.resolve()
         build.kernel_dir = lambda: kernels  # where build() resolves the instantiation's #includes
     if args.gemm == "layer":
-        if args.weights != "mxfp8" or args.stages is not None:
-            parser.error("the layer probe runs MXFP8 weights at the heuristic's pipeline depth")
+        if args.weights != "mxfp8" or args.stages is not None or args.split_k:
+            parser.error("the layer probe runs MXFP8 weights, unsplit, at the heuristic's pipeline depth")
         print(probe_layer(args.model, args.tokens, k_granularity), flush=True)
     else:
-        print(probe(args.model, args.gemm, args.tokens, args.weights, k_granularity, args.stages), flush=True)
+        print(probe(args.model, args.gemm, args.tokens, args.weights, k_granularity, args.stages, args.split_k),
+              flush=True)
 
 
 if __name__ == "__main__":
