@@ -2,10 +2,11 @@
 quantization of the intermediate, and down.
 
 Either the chain of three launches (the grouped GEMM, the activation quantizer, the grouped GEMM)
-or, on sm_90a at decode sizes, one (gemm/layer.py: the fused layer kernel, which streams down's
-weights while gate_up runs). Both give the same bits: the fused kernel quantizes the intermediate
-with the quantizer's rounding and runs the same GEMM arithmetic. path "auto" takes the fused kernel
-only while heuristics.FUSED_LAYER is on (off until it beats the chain in the layer benchmark).
+or, at decode sizes on sm_90a, sm_120a and sm_121a, one (gemm/layer.py: the fused layer kernel).
+The intermediate is quantized with the quantizer's rounding either way: the wgmma layer (sm_90a)
+gives the chain's bits; the mma.sync layer's tiles sum in another order, within 1 % of the chain.
+path "auto" takes the fused kernel only while heuristics.FUSED_LAYER is on (off until it beats the
+chain in the layer benchmark).
 """
 
 from __future__ import annotations

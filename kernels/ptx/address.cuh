@@ -12,4 +12,12 @@ __device__ __forceinline__ u32 shared_address(const void* p) {
     return address;
 }
 
+// The dynamic shared memory the launch gave: a kernel lays its shared memory out itself and traps
+// where the host, which sizes it from its own copy of that layout, gave less.
+__device__ __forceinline__ u32 dynamic_shared_bytes() {
+    u32 bytes;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(bytes));
+    return bytes;
+}
+
 }  // namespace mxfp8_moe::ptx

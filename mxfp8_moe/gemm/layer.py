@@ -105,16 +105,44 @@ class LayerSpec:
         return self.fixed_shared_bytes(num_experts) + self.stages * self.stage_bytes()
 
 
-class LayerKernel:
-    """A compiled and loaded LayerSpec on one device."""
+class _FusedLayerKernel:
+    """What both fused layer kernels do per call: refuse more rows than the counters cover, take the
+    launch's counters, and launch with arguments built once per set of tensors, on a persistent grid
+    of one CTA per SM, all resident (the phases' waits need it)."""
 
-    def __init__(self, spec: LayerSpec, device_index: int):
+    def __init__(self, spec: LayerSpec | MmaLayerSpec, device_index: int, entry: str):
         self.spec = spec
         cubin, _ = build(spec.source(), arch=spec.arch, label=spec.label)
         # The kernel waits for the grid before it before its first global access (griddepcontrol).
-        self.kernel = LoadedKernel(cubin, ENTRY, device_index, spec.threads, programmatic=True)
+        self.kernel = LoadedKernel(cubin, entry, device_index, spec.threads, programmatic=True)
         self.device_index = device_index
         self._arguments = BoundedMemo(256)
+
+    def _launch(self, tensors: tuple[torch.Tensor, ...], stream: int) -> None:
+        """tensors: a, a_scale, m_indptr, w13, w13_scale, w2, w2_scale, the intermediate's tensors
+        (intermediate()), out."""
+        a, a_scale, _, w13, w13_scale, _, w2_scale = tensors[:7]
+        if a.shape[0] > LAYER_MAX_ROWS:  # the counters cover this many token tiles
+            raise ValueError(f"the fused layer kernel takes at most {LAYER_MAX_ROWS} rows (a.size(0)), got {a.shape[0]}")
+        counters = layer_counters(self.device_index, stream)
+        # Beside the addresses, what the arguments depend on: the shapes and strides behind the
+        # tensor maps and scale strides, and the intermediate's last tensor's shape (mma.sync: h_scale's
+        # row count).
+        key = (tuple(t.data_ptr() for t in tensors), a.shape[0], w13.shape[0], a_scale.shape, a_scale.stride(),
+               w13_scale.stride(), w2_scale.stride(), tensors[-2].shape, counters.data_ptr())
+        arguments = self._arguments.get(key)
+        if arguments is None:
+            shared = self.spec.dynamic_shared_bytes(w13.shape[0])
+            grid = (self.kernel.resident_blocks(shared), 1, 1)
+            arguments = self._arguments.put(key, LaunchArguments(grid, shared, self._parameters(tensors, counters)))
+        self.kernel.launch(arguments.grid, arguments.shared, stream, arguments.address)
+
+
+class LayerKernel(_FusedLayerKernel):
+    """A compiled and loaded LayerSpec on one device."""
+
+    def __init__(self, spec: LayerSpec, device_index: int):
+        super().__init__(spec, device_index, ENTRY)
 
     def intermediate(self, cum_m: int, num_experts: int, device: torch.device) -> tuple[torch.Tensor, ...]:
         """What a call needs between its phases: h, the activated gate_up rows in bf16."""
@@ -125,18 +153,9 @@ class LayerKernel:
                  stream: int) -> None:
         """out = the down GEMM of (the gate_up GEMM of a, activated, in h), for validated tensors:
         a (cum_m, hidden) e4m3 with its MN-major a_scale, h (cum_m, inter) and out (cum_m, hidden) bf16."""
-        if a.shape[0] > LAYER_MAX_ROWS:  # the counters cover this many token tiles
-            raise ValueError(f"the fused layer kernel takes at most {LAYER_MAX_ROWS} rows (a.size(0)), got {a.shape[0]}")
-        counters = layer_counters(self.device_index, stream)
-        tensors = (a, a_scale, m_indptr, w13, w13_scale, w2, w2_scale, h, out)
-        key = (tuple(t.data_ptr() for t in tensors), a.shape[0], w13.shape[0], a_scale.shape, a_scale.stride(),
-               w13_scale.stride(), w2_scale.stride(), counters.data_ptr())
-        arguments = self._arguments.get(key)
-        if arguments is None:
-            arguments = self._arguments.put(key, self._arguments_for(tensors, counters))
-        self.kernel.launch(arguments.grid, arguments.shared, stream, arguments.address)
+        self._launch((a, a_scale, m_indptr, w13, w13_scale, w2, w2_scale, h, out), stream)
 
-    def _arguments_for(self, tensors, counters) -> LaunchArguments:
+    def _parameters(self, tensors, counters) -> tuple[ctypes.Structure, ...]:
         a, a_scale, m_indptr, w13, w13_scale, w2, w2_scale, h, out = tensors
         params = MoeLayerParams(
             GroupedGemmParams.of(a, w13, a_scale, w13_scale, m_indptr, h, NO_EPILOGUE_ARGUMENTS),
@@ -150,9 +169,7 @@ class LayerKernel:
         maps.gate_up.set(**wgmma_maps(a, w13, a_scale, w13_scale, h, block_t=self.spec.block_t))
         maps.down.set(tokens=rows_map(h.data_ptr(), h.shape[0], h.shape[1], self.spec.block_t),
                       **weight_and_output_maps(w2, w2_scale, out, block_t=self.spec.block_t))
-        shared = self.spec.dynamic_shared_bytes(w13.shape[0])
-        grid = (self.kernel.resident_blocks(shared), 1, 1)  # persistent: every CTA resident (the waits need it)
-        return LaunchArguments(grid, shared, (params, maps))
+        return params, maps
 
 
 class LayerLink(ctypes.Structure):
@@ -211,15 +228,11 @@ class MmaLayerSpec:
         return max(self.gate_up.dynamic_shared_bytes(num_experts), self.down.dynamic_shared_bytes(num_experts))
 
 
-class MmaLayerKernel:
+class MmaLayerKernel(_FusedLayerKernel):
     """A compiled and loaded MmaLayerSpec on one device."""
 
     def __init__(self, spec: MmaLayerSpec, device_index: int):
-        self.spec = spec
-        cubin, _ = build(spec.source(), arch=spec.arch, label=spec.label)
-        self.kernel = LoadedKernel(cubin, MMA_ENTRY, device_index, spec.threads, programmatic=True)
-        self.device_index = device_index
-        self._arguments = BoundedMemo(256)
+        super().__init__(spec, device_index, MMA_ENTRY)
 
     def intermediate(self, cum_m: int, num_experts: int, device: torch.device) -> tuple[torch.Tensor, ...]:
         """What a call needs between its phases: the quantized intermediate, (cum_m, I) e4m3 and the
@@ -235,18 +248,9 @@ class MmaLayerKernel:
                  h_scale: torch.Tensor, out: torch.Tensor, stream: int) -> None:
         """out = the down GEMM of (the gate_up GEMM of a, activated and quantized into h (cum_m, inter)
         e4m3 and h_scale, the (k_align, m_padded) int32 storage of its MN-major scales)."""
-        if a.shape[0] > LAYER_MAX_ROWS:  # the counters cover this many token tiles
-            raise ValueError(f"the fused layer kernel takes at most {LAYER_MAX_ROWS} rows (a.size(0)), got {a.shape[0]}")
-        counters = layer_counters(self.device_index, stream)
-        tensors = (a, a_scale, m_indptr, w13, w13_scale, w2, w2_scale, h, h_scale, out)
-        key = (tuple(t.data_ptr() for t in tensors), a.shape[0], w13.shape[0], a_scale.shape, a_scale.stride(),
-               w13_scale.stride(), w2_scale.stride(), h_scale.shape, counters.data_ptr())
-        arguments = self._arguments.get(key)
-        if arguments is None:
-            arguments = self._arguments.put(key, self._arguments_for(tensors, counters))
-        self.kernel.launch(arguments.grid, arguments.shared, stream, arguments.address)
+        self._launch((a, a_scale, m_indptr, w13, w13_scale, w2, w2_scale, h, h_scale, out), stream)
 
-    def _arguments_for(self, tensors, counters) -> LaunchArguments:
+    def _parameters(self, tensors, counters) -> tuple[ctypes.Structure, ...]:
         a, a_scale, m_indptr, w13, w13_scale, w2, w2_scale, h, h_scale, out = tensors
         scale_rows = h_scale.shape[1]  # m_padded
         h_scale_mn = h_scale.t()  # (m_padded, k_align) as the GEMM reads a_scale: strides (1, m_padded)
@@ -255,9 +259,7 @@ class MmaLayerKernel:
             GroupedGemmParams.of(h, w2, h_scale_mn, w2_scale, m_indptr, out, NO_EPILOGUE_ARGUMENTS),
             LayerLink(counters.data_ptr(), h.data_ptr(), h_scale.data_ptr(), scale_rows,
                       -(-self.spec.gate_up.n_out // self.spec.gate_up.block_n)))
-        shared = self.spec.dynamic_shared_bytes(w13.shape[0])
-        grid = (self.kernel.resident_blocks(shared), 1, 1)  # persistent: every CTA resident (the waits need it)
-        return LaunchArguments(grid, shared, (params,))
+        return (params,)
 
 
 _kernels: dict[tuple[int, LayerSpec | MmaLayerSpec], LayerKernel | MmaLayerKernel] = {}
