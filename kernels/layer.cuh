@@ -18,15 +18,13 @@ enum GemmRole { kWholeKernel = 0, kLayerGateUp = 1, kLayerDown = 2 };
 
 // Counts this CTA out once every thread of it is done with the counters; the last one zeroes every
 // counter the launch used. Every thread of the CTA calls it, maybe from divergent paths (a warp
-// whose lanes took different roles), so the barriers are the non-.aligned kind: __syncthreads in
-// a diverged warp may let a lane through before the others arrive (compute-sanitizer's racecheck
-// saw a lane read `last` before thread 0 wrote it).
+// whose lanes took different roles): hence non-.aligned barriers, the verdict passed by the
+// barrier's own reduction (a flag in shared memory read past __syncthreads was seen by racecheck
+// in a lane of a diverged warp before thread 0 had written it).
 __device__ __forceinline__ void reset_counters_when_last(i32* counters, int token_tiles) {
-    __shared__ int last;
     ptx::cta_sync_divergent();
-    if (threadIdx.x == 0) last = ptx::fetch_add_acq_rel(counters, 1) == static_cast<int>(gridDim.x) - 1;
-    ptx::cta_sync_divergent();
-    if (!last) return;
+    const bool last = threadIdx.x == 0 && ptx::fetch_add_acq_rel(counters, 1) == static_cast<int>(gridDim.x) - 1;
+    if (!ptx::cta_or_divergent(last)) return;
     for (int t = threadIdx.x; t < token_tiles; t += blockDim.x) counters[1 + t] = 0;
     if (threadIdx.x == 0) counters[0] = 0;
 }

@@ -22,6 +22,15 @@ __device__ __forceinline__ void cluster_sync() {
 // may come from divergent paths (a warp whose lanes took different roles).
 __device__ __forceinline__ void cta_sync_divergent() { asm volatile("barrier.sync 0;\n" ::: "memory"); }
 
+// cta_sync_divergent that also returns whether `predicate` holds in any thread of the CTA (the
+// non-.aligned __syncthreads_or).
+__device__ __forceinline__ bool cta_or_divergent(bool predicate) {
+    u32 any;
+    asm volatile("{\n\t.reg .pred p, q;\n\tsetp.ne.u32 p, %1, 0;\n\tbarrier.red.or.pred q, 0, p;\n\tselp.u32 %0, 1, 0, q;\n\t}\n"
+                 : "=r"(any) : "r"(static_cast<u32>(predicate)) : "memory");
+    return any != 0;
+}
+
 // The address of the same shared-memory location in the CTA of rank `rank` (shared::cluster window).
 __device__ __forceinline__ u32 map_shared(u32 address, int rank) {
     u32 mapped;
