@@ -2,15 +2,16 @@
 of your choice: the A/B probe behind the "probe" rows of docs/PERFORMANCE.md (Hopper GPU machine).
 
 The weights are drawn once and copied six times; launch i reads copy i % 6, so no launch finds
-its weights in L2 (50 MB) from the launch before. CUDA events around single launches, median of
-30, after one launch of each copy. For an A/B, time the same cell from a checkout of the base
+its weights in L2 (50 MB) from the launch before. CUDA events around 30 launches back to back
+(the launch gap included, as in a graph of decode steps), median of 7 such rounds, after 20
+launches of each copy. For an A/B, time the same cell from a checkout of the base
 commit's kernels and from the working tree, on the same card, in one session:
 
     git worktree add /tmp/base <commit>
     python3 tools/probe_gemm.py gpt-oss-120b gate_up 64 --weights mxfp4 --kernels /tmp/base/kernels
     python3 tools/probe_gemm.py gpt-oss-120b gate_up 64 --weights mxfp4
     python3 tools/probe_gemm.py deepseek-v3-ep8 gate_up 1 --stages 9
-    python3 tools/probe_gemm.py deepseek-v3-ep8 gate_up 1 --split-k    # K over a cluster of CTAs
+    python3 tools/probe_gemm.py deepseek-v3-ep8 gate_up 1 --splits 2   # K over a cluster of 2 CTAs
     python3 tools/probe_gemm.py deepseek-v3-ep8 layer 1     # the fused layer kernel
 
 Both trees are compiled from this checkout's instantiation source, so the kernel templates'
@@ -42,15 +43,18 @@ from mxfp8_moe.gemm.device import current_stream, device_info  # noqa: E402
 from mxfp8_moe.gemm.heuristics import layer_spec, wgmma_spec  # noqa: E402
 from mxfp8_moe.gemm.layer import get_layer_kernel  # noqa: E402
 from mxfp8_moe.gemm.launch import get_kernel  # noqa: E402
-from mxfp8_moe.gemm.spec import EpilogueArguments, Variant  # noqa: E402
+from mxfp8_moe.arith import ceil_div  # noqa: E402
+from mxfp8_moe.gemm.spec import STAGE_K_BYTES, EpilogueArguments, Variant  # noqa: E402
 from mxfp8_moe.jit import build  # noqa: E402
 
 COPIES = 6
 LAUNCHES = 30
+REPEATS = 7
+WARMUP_ROUNDS = 20
 
 
 def probe(model: str, gemm: str, tokens: int, weights: str, k_granularity: int, stages: int | None,
-          split_k: bool) -> str:
+          splits: int | None) -> str:
     torch.manual_seed(0)
     experts, hidden, intermediate, top_k = MODELS[model]
     gated = gemm == "gate_up"
@@ -68,7 +72,12 @@ def probe(model: str, gemm: str, tokens: int, weights: str, k_granularity: int, 
 
     device = device_info(0)
     active = sum(r > 0 for r in rows)
-    spec = wgmma_spec(device, experts, active, sum(rows) / active, n, k, k_granularity, gated, variant, split_k=split_k)
+    spec = wgmma_spec(device, experts, active, sum(rows) / active, n, k, k_granularity, gated, variant, split_k=False)
+    if splits is not None:
+        if ceil_div(k, STAGE_K_BYTES) % splits:
+            raise SystemExit(f"--splits {splits} does not divide the {ceil_div(k, STAGE_K_BYTES)} K blocks")
+        spec = dataclasses.replace(spec, splits=splits)
+        stages = stages or spec.stages
     if stages is not None:  # the most stages up to the request that fit
         fits = [s for s in range(stages, 1, -1) if dataclasses.replace(spec, stages=s).dynamic_shared_bytes(experts)
                 <= device.shared_memory_limit - 1024]
@@ -102,17 +111,21 @@ def probe_layer(model: str, tokens: int, k_granularity: int) -> str:
 
 
 def median_us(calls) -> float:
-    """Median time of LAUNCHES calls, rotating over the weight copies, after one call of each."""
-    for call in calls:
-        call()
+    """Time per call of LAUNCHES calls back to back, rotating over the weight copies: the median of
+    REPEATS rounds, after WARMUP_ROUNDS calls of each copy (clocks up: a single launch after an idle
+    host gap ran at idle clocks, ~9 us over Nsight Compute's duration at one token)."""
+    for _ in range(WARMUP_ROUNDS):
+        for call in calls:
+            call()
     times = []
-    for i in range(LAUNCHES):
+    for _ in range(REPEATS):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        calls[i % COPIES]()
+        for i in range(LAUNCHES):
+            calls[i % COPIES]()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
+        times.append(start.elapsed_time(end) * 1e3 / LAUNCHES)
     return statistics.median(times)
 
 
@@ -126,8 +139,8 @@ def main() -> None:
                         help="default: 32 for MXFP4 weights, else 128")
     parser.add_argument("--stages", type=int, help="pipeline stages (at most this many that fit)")
     parser.add_argument("--kernels", type=Path, help="kernel source tree to build from (default: this checkout's)")
-    parser.add_argument("--split-k", action="store_true",
-                        help="K split over a cluster where the heuristic would split it with split K on")
+    parser.add_argument("--splits", type=int, choices=[1, 2, 4],
+                        help="K split over a cluster of this many CTAs (default: unsplit, as the heuristic runs)")
     args = parser.parse_args()
     k_granularity = args.k_granularity or (32 if args.weights == "mxfp4" else 128)
     if args.weights == "mxfp4" and k_granularity != 32:
@@ -136,11 +149,11 @@ def main() -> None:
         kernels = args.kernels.resolve()
         build.kernel_dir = lambda: kernels  # where build() resolves the instantiation's #includes
     if args.gemm == "layer":
-        if args.weights != "mxfp8" or args.stages is not None or args.split_k:
+        if args.weights != "mxfp8" or args.stages is not None or args.splits is not None:
             parser.error("the layer probe runs MXFP8 weights, unsplit, at the heuristic's pipeline depth")
         print(probe_layer(args.model, args.tokens, k_granularity), flush=True)
     else:
-        print(probe(args.model, args.gemm, args.tokens, args.weights, k_granularity, args.stages, args.split_k),
+        print(probe(args.model, args.gemm, args.tokens, args.weights, k_granularity, args.stages, args.splits),
               flush=True)
 
 
