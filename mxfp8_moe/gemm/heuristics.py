@@ -37,9 +37,16 @@ WGMMA_TOKEN_TILES = (32, 64, 96, 128)
 WGMMA_MAX_STAGES = 5
 # K splits the wgmma kernel may run a unit in (its cluster size), largest first: when a call's
 # units are fewer than the SMs (one token on a few experts), splitting K puts more SMs to streaming
-# the weights. Only as many as keep every split's CTA on its own SM.
+# the weights. Only as many as keep every split's CTA on its own SM at once: clusters must each fit
+# in one GPC, and on the H100 only 30 clusters of 4 are resident (cuOccupancyMaxActiveClusters;
+# 66 of 2), so 32 units split in 4 ran in two rounds (PERFORMANCE.md, session 7).
 WGMMA_SPLITS = (4, 2)
+WGMMA_RESIDENT_CLUSTER_SMS = {2: 1.0, 4: 120 / 132}  # the SMs' share clusters of that size can fill
 WGMMA_SPLIT_MAX_TOKEN_TILE = 64
+# Each split keeps at least this many K blocks: DeepSeek's down at one token (16 K blocks) split
+# in 2 took 14.5 us against 12.7 (Nsight Compute, H100): the cluster barriers and the reduction
+# cost more than 8 K blocks of streaming saves.
+WGMMA_SPLIT_MIN_K_BLOCKS = 16
 # MXFP4 weights widened to e4m3 in shared memory (issue 14): on the H100 (gpt-oss-120b, after the
 # widening's rewrite) 1.06-2.39x the mma.sync kernel at T = 1, 4 and from 256 up, 0.5-11 % slower
 # at T = 16 and 64 (docs/PERFORMANCE.md, "W4A8"); the GPU tests pass with it on (H100, H200).
@@ -47,7 +54,7 @@ WGMMA_TAKES_MXFP4 = True
 # A path that passes the GPU tests (H200, session 3) but was not faster where measured: the
 # heuristic leaves it off until the benchmarks' direct columns show it faster
 # (docs/PERFORMANCE.md). Tests and benchmarks reach it through wgmma_spec.
-WGMMA_SPLITS_K = False  # decode units split over K in clusters (issue 15)
+WGMMA_SPLITS_K = True  # decode units split over K in clusters (issue 15)
 # path "auto" of experts.expert_gemms takes the fused layer kernel (issue 15). Off: on H100 the
 # fused layer runs at 0.95-1.06x the chain's speed (Qwen3-30B/235B, DeepSeek EP8, T 1-16;
 # PERFORMANCE.md, session 6): faster in one cell of nine, within 1 % in three, 2-5 % slower in five.
@@ -184,7 +191,8 @@ def wgmma_spec(device: DeviceInfo, num_experts: int, active_experts: int, rows: 
     units = active_experts * math.ceil(rows / block_t) * ceil_div(unsplit.n_out, unsplit.block_n)
     k_blocks = ceil_div(k, STAGE_K_BYTES)
     splittable = split_k and block_t <= WGMMA_SPLIT_MAX_TOKEN_TILE
-    splits = [s for s in WGMMA_SPLITS if splittable and k_blocks % s == 0 and units * s <= device.num_sms]
+    splits = [s for s in WGMMA_SPLITS if splittable and k_blocks % s == 0 and k_blocks // s >= WGMMA_SPLIT_MIN_K_BLOCKS
+              and units * s <= device.num_sms * WGMMA_RESIDENT_CLUSTER_SMS[s]]
     for spec in [dataclasses.replace(unsplit, splits=s) for s in splits] + [unsplit]:
         budget = device.shared_memory_limit - _PER_BLOCK_RESERVE - (spec.dynamic_shared_bytes(num_experts)
                                                                      - spec.pipeline_bytes())
