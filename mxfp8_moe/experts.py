@@ -4,7 +4,9 @@ quantization of the intermediate, and down.
 Either the chain of three launches (the grouped GEMM, the activation quantizer, the grouped GEMM)
 or, at decode sizes on sm_90a, sm_120a and sm_121a, one (gemm/layer.py: the fused layer kernel).
 The intermediate is quantized with the quantizer's rounding either way: the wgmma layer (sm_90a)
-gives the chain's bits; the mma.sync layer's tiles sum in another order, within 1 % of the chain.
+gives the chain's bits, except where the chain's GEMM splits K (one token on few experts, e.g.
+DeepSeek-V3 EP8's gate_up: its ranks' partial sums add in another order); the mma.sync layer's
+tiles sum in another order, within 1 % of the chain.
 path "auto" takes the fused kernel only while heuristics.FUSED_LAYER is on (off until it beats the
 chain in the layer benchmark).
 """

@@ -75,7 +75,8 @@ def moe_forward(
 
     w13: (E, 2 I, H) [up; gate] and w2: (E, H, I), quantized at one k granularity, which the
     activations are quantized at too. `experts`: how the expert GEMMs run (experts.expert_gemms'
-    path: "auto", "fused" or "chain"; on sm_90a the same bits every way).
+    path: "auto", "fused" or "chain"; on sm_90a the same bits every way, except where the chain
+    splits K: experts.py).
     """
     if w13.k_granularity != w2.k_granularity:
         raise ValueError(f"w13 and w2 must be quantized at the same k granularity, got {w13.k_granularity} and "

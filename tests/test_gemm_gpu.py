@@ -15,7 +15,7 @@ import torch
 from mxfp8_moe import moe_gemm_mxfp8_nt_groupwise
 from mxfp8_moe.gemm import launch
 from mxfp8_moe.gemm.device import device_info
-from mxfp8_moe.gemm.heuristics import WGMMA_ARCHS, choose_spec, wgmma_spec
+from mxfp8_moe.gemm.heuristics import WGMMA_ARCHS, choose_spec, fit_wgmma_stages, wgmma_spec
 from mxfp8_moe.gemm.launch import get_kernel
 from mxfp8_moe.gemm.families import SimtSpec
 
@@ -167,12 +167,13 @@ def test_wgmma_split_k(splits, gated, k_granularity, hopper, monkeypatch):
     assert torch.equal(run_kernel_and_check(kernel, problem), first)
 
 
-@pytest.mark.parametrize("gemm", ["gate_up", "down"])
-def test_split_k_on_decode_shapes(gemm, hopper):
-    # DeepSeek-V3 EP8 at one token (32 and 56 units on 132 SMs): the split wgmma_spec gives it.
+@pytest.mark.parametrize("gemm, splits", [("gate_up", 2), ("gate_up", 4), ("down", 2)])
+def test_split_k_on_decode_shapes(gemm, splits, hopper):
+    # DeepSeek-V3 EP8 at one token (32 and 56 units on 132 SMs): gate_up in 2 is what the heuristic
+    # runs; the others are the kernel's other clusters on the same shapes.
     n, k = (4096, 7168) if gemm == "gate_up" else (7168, 2048)
-    spec = wgmma_spec(hopper, 32, 1, 1.0, n, k, 128, gemm == "gate_up", split_k=True)
-    assert spec.splits == (4 if gemm == "gate_up" else 2)
+    unsplit = wgmma_spec(hopper, 32, 1, 1.0, n, k, 128, gemm == "gate_up", split_k=False)
+    spec = fit_wgmma_stages(hopper, 32, dataclasses.replace(unsplit, splits=splits))
     run_kernel_and_check(get_kernel(spec, 0), make_problem([0] * 5 + [1] + [0] * 26, n, k, gated=gemm == "gate_up"))
 
 

@@ -7,7 +7,7 @@ import itertools
 import pytest
 
 from mxfp8_moe.gemm.device import DeviceInfo
-from mxfp8_moe.gemm.heuristics import (WGMMA_SPLITS_K, WGMMA_TAKES_MXFP4, WGMMA_TOKEN_TILES, candidate_specs,
+from mxfp8_moe.gemm.heuristics import (WGMMA_TAKES_MXFP4, WGMMA_TOKEN_TILES, candidate_specs,
                                        choose_spec, resolve_scale_mode, wgmma_spec, wgmma_token_tile)
 from mxfp8_moe.gemm.families import WgmmaSpec
 from mxfp8_moe.gemm.spec import Variant
@@ -76,15 +76,14 @@ def test_wgmma_on_hopper_from_decode_to_prefill():
         assert choose(arch, cum_m=128 * 256).family == "mma"
 
 
-def test_mxfp4_on_hopper_runs_wgmma_and_split_k_stays_off():
+def test_mxfp4_on_hopper_runs_wgmma():
     # MXFP4 weights on the wgmma kernel (measured faster in most cells, issue 14), except with
-    # interleaved up and gate rows; split K is off until measured faster (issue 15).
+    # interleaved up and gate rows.
     hopper = DeviceInfo.for_arch("sm_90a")
     mxfp4 = lambda variant: choose_spec(device=hopper, num_experts=128, cum_m=4096, n=5760, k=2880, k_granularity=32,
                                         gated=True, scale_mode="auto", variant=variant).family
-    assert WGMMA_TAKES_MXFP4 and not WGMMA_SPLITS_K
+    assert WGMMA_TAKES_MXFP4
     assert mxfp4(Variant("e2m1")) == "wgmma" and mxfp4(Variant("e2m1", interleaved=True)) == "mma"
-    assert choose("sm_90a", cum_m=1, num_experts=32, n=4096, k=7168).splits == 1
 
 
 def test_split_k_where_units_leave_sms_idle():
@@ -93,10 +92,15 @@ def test_split_k_where_units_leave_sms_idle():
     def splits(num_experts, active, n, k, gated):
         return wgmma_spec(hopper, num_experts, active, 1.0, n, k, 128, gated, split_k=True).splits
 
-    assert splits(32, 1, 4096, 7168, True) == 4    # DeepSeek-V3 EP8 gate_up, one token: 32 units
-    assert splits(32, 1, 7168, 2048, False) == 2   # ... down: 56 units
+    # DeepSeek-V3 EP8 gate_up, one token: 32 units, 56 K blocks. In 4, 128 CTAs: more than the 30
+    # clusters of 4 an H100 holds at once; in 2, 64 CTAs of 28 K blocks.
+    assert splits(32, 1, 4096, 7168, True) == 2
+    assert choose("sm_90a", cum_m=1, num_experts=32, n=4096, k=7168).splits == 2  # on by default
+    assert splits(32, 2, 4096, 7168, True) == 2    # two tokens: 64 units, 128 CTAs
+    assert splits(32, 1, 7168, 2048, False) == 1   # ... down: 16 K blocks, too few to split
     assert splits(32, 4, 4096, 7168, True) == 1    # four tokens: 128 units
     assert splits(128, 1, 2880, 2880, False) == 1  # 23 K blocks split evenly in neither 2 nor 4
+    assert splits(2, 1, 1024, 8192, False) == 4    # 8 units of 64 K blocks: 32 CTAs in 8 clusters
     # Prefill-sized tiles are never split (shared memory for the slots, consumer registers).
     prefill = wgmma_spec(hopper, 32, 1, 100.0, 4096, 7168, 128, True, split_k=True)
     assert prefill is not None and (prefill.block_t, prefill.splits) == (128, 1)

@@ -15,7 +15,7 @@ import re
 import pytest
 
 from mxfp8_moe.gemm.device import DeviceInfo
-from mxfp8_moe.gemm.heuristics import candidate_specs, choose_spec, wgmma_spec
+from mxfp8_moe.gemm.heuristics import candidate_specs, choose_spec, fit_wgmma_stages, wgmma_spec
 from mxfp8_moe.gemm.families import SimtSpec
 from mxfp8_moe.gemm.spec import DEFAULT_VARIANT, KernelSpec, Variant
 from mxfp8_moe.jit import inspect
@@ -74,11 +74,13 @@ def _specs() -> list[KernelSpec]:
     # down GEMM (6 K blocks, chains of 3 + 3) and 10 K blocks (4 + 4 + 2).
     for k in (768, 1280):
         specs.update(dict.fromkeys(s for s in _candidates("sm_90a", 2048, k, False, 128) if s.family == "wgmma"))
-    # K split in clusters (off in the heuristic until measured faster): DeepSeek-V3 EP8 at one token,
-    # gate_up in 4 and down in 2.
+    # K split in clusters: DeepSeek-V3 EP8 at one token, gate_up in 2 (as the heuristic runs it) and
+    # 4, down in 2.
     hopper = DeviceInfo.for_arch("sm_90a")
-    for n, k, gated, k_granularity in ((4096, 7168, True, 128), (7168, 2048, False, 32)):
-        specs[wgmma_spec(hopper, 32, 1, 1.0, n, k, k_granularity, gated, split_k=True)] = None
+    for n, k, gated, k_granularity, splits in ((4096, 7168, True, 128, 2), (4096, 7168, True, 128, 4),
+                                               (7168, 2048, False, 32, 2)):
+        unsplit = wgmma_spec(hopper, 32, 1, 1.0, n, k, k_granularity, gated, split_k=False)
+        specs[fit_wgmma_stages(hopper, 32, dataclasses.replace(unsplit, splits=splits))] = None
     # MXFP4 weights (gpt-oss: both GEMMs, its epilogue; the model shapes) on sm_12x, and on sm_90a
     # the software-scaled and emulated forms the H100 tests run.
     for variant, shapes in ((GPT_OSS_GATE_UP, ((5760, 2880, True),)), (MXFP4, ((2880, 2880, False), *SM120_MODEL_SHAPES))):

@@ -51,10 +51,10 @@ WGMMA_SPLIT_MIN_K_BLOCKS = 16
 # widening's rewrite) 1.06-2.39x the mma.sync kernel at T = 1, 4 and from 256 up, 0.5-11 % slower
 # at T = 16 and 64 (docs/PERFORMANCE.md, "W4A8"); the GPU tests pass with it on (H100, H200).
 WGMMA_TAKES_MXFP4 = True
-# A path that passes the GPU tests (H200, session 3) but was not faster where measured: the
-# heuristic leaves it off until the benchmarks' direct columns show it faster
-# (docs/PERFORMANCE.md). Tests and benchmarks reach it through wgmma_spec.
-WGMMA_SPLITS_K = True  # decode units split over K in clusters (issue 15)
+# Decode units split over K in clusters (issue 15), within the two rules above: DeepSeek-V3 EP8's
+# gate_up at one token (32 units) in 2 took 19.7 us against 23.9 in the layer benchmark (H100,
+# PERFORMANCE.md, session 7); no other measured cell splits.
+WGMMA_SPLITS_K = True
 # path "auto" of experts.expert_gemms takes the fused layer kernel (issue 15). Off: on H100 the
 # fused layer runs at 0.95-1.06x the chain's speed (Qwen3-30B/235B, DeepSeek EP8, T 1-16;
 # PERFORMANCE.md, session 6): faster in one cell of nine, within 1 % in three, 2-5 % slower in five.
@@ -194,12 +194,19 @@ def wgmma_spec(device: DeviceInfo, num_experts: int, active_experts: int, rows: 
     splits = [s for s in WGMMA_SPLITS if splittable and k_blocks % s == 0 and k_blocks // s >= WGMMA_SPLIT_MIN_K_BLOCKS
               and units * s <= device.num_sms * WGMMA_RESIDENT_CLUSTER_SMS[s]]
     for spec in [dataclasses.replace(unsplit, splits=s) for s in splits] + [unsplit]:
-        budget = device.shared_memory_limit - _PER_BLOCK_RESERVE - (spec.dynamic_shared_bytes(num_experts)
-                                                                     - spec.pipeline_bytes())
-        stages = min(WGMMA_MAX_STAGES, budget // spec.pipeline_bytes())
-        if stages >= 2:
-            return dataclasses.replace(spec, stages=stages)
+        fitted = fit_wgmma_stages(device, num_experts, spec)
+        if fitted is not None:
+            return fitted
     return None
+
+
+def fit_wgmma_stages(device: DeviceInfo, num_experts: int, spec: WgmmaSpec) -> WgmmaSpec | None:
+    """`spec` with as many pipeline stages as fit beside its other shared memory, up to
+    WGMMA_MAX_STAGES (None if two do not)."""
+    budget = device.shared_memory_limit - _PER_BLOCK_RESERVE - (spec.dynamic_shared_bytes(num_experts)
+                                                                 - spec.pipeline_bytes())
+    stages = min(WGMMA_MAX_STAGES, budget // spec.stage_bytes())
+    return dataclasses.replace(spec, stages=stages) if stages >= 2 else None
 
 
 def layer_spec(device: DeviceInfo, num_experts: int, cum_m: int, hidden: int, inter: int, k_granularity: int,
