@@ -1,0 +1,139 @@
+"""How fast CTAs stream a decode GEMM's weight tiles through TMA with nothing else in the way (Hopper
+GPU machine): the question docs/PERFORMANCE.md's session 6 leaves open. At one token each of
+DeepSeek EP8 gate_up's 32 working SMs moves ~35 GB/s, whatever the pipeline depth, L2 prefetch or
+tensor work. Here each CTA streams its own `rows` x K bytes of a weight matrix through a ring of
+`stages` stages, one thread issuing the copies and waiting for them: no consumers, no scale
+preparation, no hand-offs between warps. A stage is either the GEMM's copies (one TMA box of 64
+rows x 128 bytes, 128-byte swizzle, per 64 rows) or one 1-D bulk copy of as many contiguous bytes.
+If the boxes stream no faster than the GEMM does, the copy pattern is the per-SM limit; if the bulk
+copies are much faster, a decode weight layout with contiguous stage tiles is the lever.
+
+The weights are drawn once and copied six times; launch i reads copy i % 6, so no launch finds them
+in L2 from the one before. CUDA events around single launches, median of 30.
+
+    python3 tools/probe_stream.py                     # 32 CTAs x 128 rows x 7168: DeepSeek gate_up, T = 1
+    python3 tools/probe_stream.py --ctas 32 64 128 132 --stages 5 9
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import statistics
+
+import torch
+
+from mxfp8_moe.gemm.device import current_stream, device_info
+from mxfp8_moe.gemm.launch import LaunchArguments
+from mxfp8_moe.gemm.tensor_maps import BOX_K, MAP_BYTES, operand_map
+from mxfp8_moe.jit.build import build
+from mxfp8_moe.jit.runtime import LoadedKernel
+
+ENTRY = "mxfp8_moe_probe_stream"
+BOX_ROWS = 64
+COPIES = 6
+LAUNCHES = 30
+
+SOURCE = f"""#include "ptx/tma.cuh"
+using namespace mxfp8_moe;
+
+struct ProbeParams {{
+    ptx::TensorMap weights;  // (rows, k) bytes: boxes of {BOX_ROWS} rows x {BOX_K} bytes, 128-byte swizzle
+    const u8* base;          // the same matrix, for the 1-D copies
+    i32 rows_per_cta;        // a multiple of {BOX_ROWS}
+    i32 k;                   // a multiple of {BOX_K}
+    i32 stages;
+    i32 bulk;                // 1: a stage is one 1-D copy of rows_per_cta x {BOX_K} contiguous bytes
+}};
+
+// One stage's copies into ring slot kb % stages, counted on that slot's barrier.
+__device__ __forceinline__ void issue(const ProbeParams& p, u32 tiles, u32 barriers, int kb) {{
+    const int stage_bytes = p.rows_per_cta * {BOX_K}, slot = kb % p.stages, row0 = blockIdx.x * p.rows_per_cta;
+    const u32 barrier = barriers + 8 * slot, destination = tiles + slot * stage_bytes;
+    ptx::mbarrier_arrive_expect_tx(barrier, stage_bytes);
+    if (p.bulk) {{
+        // The CTA's rows are contiguous: its K block kb is bytes [kb, kb + 1) x stage_bytes of them.
+        const u8* source = p.base + static_cast<i64>(row0) * p.k + static_cast<i64>(kb) * stage_bytes;
+        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\\n"
+                     :: "r"(destination), "l"(reinterpret_cast<u64>(source)), "r"(stage_bytes), "r"(barrier)
+                     : "memory");
+    }} else {{
+        for (int r = 0; r < p.rows_per_cta; r += {BOX_ROWS})
+            ptx::tma_load_2d(destination + r * {BOX_K}, &p.weights, kb * {BOX_K}, row0 + r, barrier);
+    }}
+}}
+
+extern "C" __global__ void __launch_bounds__(32) {ENTRY}(const __grid_constant__ ProbeParams p) {{
+    extern __shared__ __align__(1024) u8 shared[];
+    if (threadIdx.x != 0) return;
+    const u32 tiles = (ptx::shared_address(shared) + 1023) & ~1023u;  // the swizzle's alignment
+    const u32 barriers = tiles + p.stages * p.rows_per_cta * {BOX_K};
+    for (int s = 0; s < p.stages; ++s) ptx::mbarrier_init(barriers + 8 * s, 1);
+    ptx::fence_barrier_init();
+    const int k_blocks = p.k / {BOX_K};
+    for (int kb = 0; kb < p.stages && kb < k_blocks; ++kb) issue(p, tiles, barriers, kb);
+    for (int kb = 0; kb < k_blocks; ++kb) {{
+        ptx::mbarrier_wait(barriers + 8 * (kb % p.stages), (kb / p.stages) & 1);
+        if (kb + p.stages < k_blocks) issue(p, tiles, barriers, kb + p.stages);
+    }}
+}}
+"""
+
+
+class ProbeParams(ctypes.Structure):
+    """Mirror of ProbeParams in SOURCE (64-byte aligned there: padded to 192 bytes)."""
+
+    _fields_ = [("weights", ctypes.c_uint8 * MAP_BYTES), ("base", ctypes.c_void_p), ("rows_per_cta", ctypes.c_int32),
+                ("k", ctypes.c_int32), ("stages", ctypes.c_int32), ("bulk", ctypes.c_int32),
+                ("padding", ctypes.c_uint8 * 40)]
+
+
+def probe(kernel: LoadedKernel, copies: list[torch.Tensor], ctas: int, rows: int, stages: int, bulk: bool) -> float:
+    """Median microseconds of one launch of `ctas` CTAs streaming `rows` rows each."""
+    calls = []
+    for weights in copies:
+        params = ProbeParams(base=weights.data_ptr(), rows_per_cta=rows, k=weights.shape[1], stages=stages,
+                             bulk=int(bulk))
+        ctypes.memmove(ctypes.addressof(params), operand_map(weights.data_ptr(), weights.shape[0], weights.shape[1],
+                                                             BOX_ROWS), MAP_BYTES)
+        calls.append(LaunchArguments((ctas, 1, 1), stages * rows * BOX_K + 8 * stages + 1024, (params,)))
+    stream = current_stream(0)
+    for arguments in calls:
+        kernel.launch(arguments.grid, arguments.shared, stream, arguments.address)
+    times = []
+    for i in range(LAUNCHES):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        arguments = calls[i % COPIES]
+        kernel.launch(arguments.grid, arguments.shared, stream, arguments.address)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ctas", type=int, nargs="+", default=[32])
+    parser.add_argument("--rows", type=int, default=128, help="weight rows per CTA (a multiple of 64)")
+    parser.add_argument("--k", type=int, default=7168, help="bytes per row (a multiple of 128)")
+    parser.add_argument("--stages", type=int, nargs="+", default=[5])
+    args = parser.parse_args()
+    if args.rows % BOX_ROWS or args.k % BOX_K:
+        parser.error(f"--rows must be a multiple of {BOX_ROWS} and --k of {BOX_K}")
+    cubin, _ = build(SOURCE, arch=device_info(0).arch, label="probe_stream")
+    kernel = LoadedKernel(cubin, ENTRY, 0, 32)
+    weights = torch.randint(0, 256, (max(args.ctas) * args.rows, args.k), dtype=torch.uint8, device="cuda")
+    copies = [weights.clone() for _ in range(COPIES)]
+    print("| CTAs | stages | copy | us | GB/s | GB/s per CTA |\n|---|---|---|---|---|---|")
+    for ctas in args.ctas:
+        for stages in args.stages:
+            for bulk in (False, True):
+                us = probe(kernel, copies, ctas, args.rows, stages, bulk)
+                gigabytes = ctas * args.rows * args.k / 1e9
+                print(f"| {ctas} | {stages} | {'bulk 1-D' if bulk else 'boxes'} | {us:.1f} | {gigabytes / us * 1e6:.0f} "
+                      f"| {gigabytes / us * 1e6 / ctas:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
