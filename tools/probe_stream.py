@@ -6,13 +6,16 @@ tensor work. Here each CTA streams its own `rows` x K bytes of a weight matrix t
 preparation, no hand-offs between warps. A stage is either the GEMM's copies (one TMA box of 64
 rows x 128 bytes, 128-byte swizzle, per 64 rows) or one 1-D bulk copy of as many contiguous bytes.
 If the boxes stream no faster than the GEMM does, the copy pattern is the per-SM limit; if the bulk
-copies are much faster, a decode weight layout with contiguous stage tiles is the lever.
+copies are much faster, a decode weight layout with contiguous stage tiles is the lever. A third
+mode pulls the same bytes with plain 16-byte loads from 512 threads, 8 in flight each: if they are
+much faster than either copy, the limit is the copy engine's, not the SM's path to L2.
 
 The weights are drawn once and copied six times; launch i reads copy i % 6, so no launch finds them
 in L2 from the one before. CUDA events around single launches, median of 30.
 
     python3 tools/probe_stream.py                     # 32 CTAs x 128 rows x 7168: DeepSeek gate_up, T = 1
     python3 tools/probe_stream.py --ctas 32 64 128 132 --stages 5 9
+    python3 tools/probe_stream.py --ctas 128 --k 1792      # the same bytes as the first, K split 4 ways
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from mxfp8_moe.jit.build import build
 from mxfp8_moe.jit.runtime import LoadedKernel
 
 ENTRY = "mxfp8_moe_probe_stream"
+LOAD_THREADS = 512
+LOAD_UNROLL = 8
 BOX_ROWS = 64
 COPIES = 6
 LAUNCHES = 30
@@ -44,6 +49,7 @@ struct ProbeParams {{
     i32 k;                   // a multiple of {BOX_K}
     i32 stages;
     i32 bulk;                // 1: a stage is one 1-D copy of rows_per_cta x {BOX_K} contiguous bytes
+    u32* sink;               // written only if the loaded words XOR to a value random bytes never give
 }};
 
 // One stage's copies into ring slot kb % stages, counted on that slot's barrier.
@@ -77,6 +83,25 @@ extern "C" __global__ void __launch_bounds__(32) {ENTRY}(const __grid_constant__
         if (kb + p.stages < k_blocks) issue(p, tiles, barriers, kb + p.stages);
     }}
 }}
+
+// The same bytes pulled by plain 16-byte loads from every thread (no TMA, no shared memory): is the
+// per-SM rate a limit of the copy engine or of the SM's path to L2?
+extern "C" __global__ void __launch_bounds__({LOAD_THREADS}) {ENTRY}_loads(const __grid_constant__ ProbeParams p) {{
+    const uint4* words = reinterpret_cast<const uint4*>(p.base + static_cast<i64>(blockIdx.x) * p.rows_per_cta * p.k);
+    const int count = p.rows_per_cta * p.k / 16;
+    u32 folded = 0;
+    for (int i = threadIdx.x; i < count; i += {LOAD_THREADS} * {LOAD_UNROLL}) {{
+        uint4 w[{LOAD_UNROLL}];
+#pragma unroll
+        for (int u = 0; u < {LOAD_UNROLL}; ++u) {{
+            const int j = i + u * {LOAD_THREADS};
+            w[u] = j < count ? words[j] : make_uint4(0, 0, 0, 0);
+        }}
+#pragma unroll
+        for (int u = 0; u < {LOAD_UNROLL}; ++u) folded ^= w[u].x ^ w[u].y ^ w[u].z ^ w[u].w;
+    }}
+    if (folded == 0x9e3779b9u && threadIdx.x == 0) *p.sink = folded;
+}}
 """
 
 
@@ -85,18 +110,20 @@ class ProbeParams(ctypes.Structure):
 
     _fields_ = [("weights", ctypes.c_uint8 * MAP_BYTES), ("base", ctypes.c_void_p), ("rows_per_cta", ctypes.c_int32),
                 ("k", ctypes.c_int32), ("stages", ctypes.c_int32), ("bulk", ctypes.c_int32),
-                ("padding", ctypes.c_uint8 * 40)]
+                ("sink", ctypes.c_void_p), ("padding", ctypes.c_uint8 * 32)]
 
 
-def probe(kernel: LoadedKernel, copies: list[torch.Tensor], ctas: int, rows: int, stages: int, bulk: bool) -> float:
+def probe(kernel: LoadedKernel, copies: list[torch.Tensor], sink: torch.Tensor, ctas: int, rows: int, stages: int,
+          mode: str) -> float:
     """Median microseconds of one launch of `ctas` CTAs streaming `rows` rows each."""
     calls = []
     for weights in copies:
         params = ProbeParams(base=weights.data_ptr(), rows_per_cta=rows, k=weights.shape[1], stages=stages,
-                             bulk=int(bulk))
+                             bulk=int(mode == "bulk 1-D"), sink=sink.data_ptr())
         ctypes.memmove(ctypes.addressof(params), operand_map(weights.data_ptr(), weights.shape[0], weights.shape[1],
                                                              BOX_ROWS), MAP_BYTES)
-        calls.append(LaunchArguments((ctas, 1, 1), stages * rows * BOX_K + 8 * stages + 1024, (params,)))
+        shared = 0 if mode == "loads" else stages * rows * BOX_K + 8 * stages + 1024
+        calls.append(LaunchArguments((ctas, 1, 1), shared, (params,)))
     stream = current_stream(0)
     for arguments in calls:
         kernel.launch(arguments.grid, arguments.shared, stream, arguments.address)
@@ -122,17 +149,19 @@ def main() -> None:
     if args.rows % BOX_ROWS or args.k % BOX_K:
         parser.error(f"--rows must be a multiple of {BOX_ROWS} and --k of {BOX_K}")
     cubin, _ = build(SOURCE, arch=device_info(0).arch, label="probe_stream")
-    kernel = LoadedKernel(cubin, ENTRY, 0, 32)
+    copy_kernel, load_kernel = LoadedKernel(cubin, ENTRY, 0, 32), LoadedKernel(cubin, f"{ENTRY}_loads", 0, LOAD_THREADS)
     weights = torch.randint(0, 256, (max(args.ctas) * args.rows, args.k), dtype=torch.uint8, device="cuda")
     copies = [weights.clone() for _ in range(COPIES)]
-    print("| CTAs | stages | copy | us | GB/s | GB/s per CTA |\n|---|---|---|---|---|---|")
+    sink = torch.zeros(1, dtype=torch.int32, device="cuda")
+    print("| CTAs | bytes per CTA | stages | copy | us | GB/s | GB/s per CTA |\n|---|---|---|---|---|---|---|")
     for ctas in args.ctas:
-        for stages in args.stages:
-            for bulk in (False, True):
-                us = probe(kernel, copies, ctas, args.rows, stages, bulk)
-                gigabytes = ctas * args.rows * args.k / 1e9
-                print(f"| {ctas} | {stages} | {'bulk 1-D' if bulk else 'boxes'} | {us:.1f} | {gigabytes / us * 1e6:.0f} "
-                      f"| {gigabytes / us * 1e6 / ctas:.1f} |", flush=True)
+        runs = [(stages, mode) for stages in args.stages for mode in ("boxes", "bulk 1-D")] + [("-", "loads")]
+        for stages, mode in runs:
+            kernel = load_kernel if mode == "loads" else copy_kernel
+            us = probe(kernel, copies, sink, ctas, args.rows, 1 if stages == "-" else stages, mode)
+            gigabytes = ctas * args.rows * args.k / 1e9
+            print(f"| {ctas} | {args.rows * args.k} | {stages} | {mode} | {us:.1f} | {gigabytes / us * 1e6:.0f} "
+                  f"| {gigabytes / us * 1e6 / ctas:.1f} |", flush=True)
 
 
 if __name__ == "__main__":
