@@ -11,7 +11,9 @@ mode pulls the same bytes with plain 16-byte loads from 512 threads, 8 in flight
 much faster than either copy, the limit is the copy engine's, not the SM's path to L2.
 
 The weights are drawn once and copied six times; launch i reads copy i % 6, so no launch finds them
-in L2 from the one before. CUDA events around single launches, median of 30.
+in L2 from the one before. After 120 warm-up launches (clocks up), CUDA events around 30 launches
+back to back; the median over 7 such rounds of the time per launch (the launch gap included, as
+in a CUDA graph of decode steps).
 
     python3 tools/probe_stream.py                     # 32 CTAs x 128 rows x 7168: DeepSeek gate_up, T = 1
     python3 tools/probe_stream.py --ctas 32 64 128 132 --stages 5 9
@@ -38,6 +40,8 @@ LOAD_UNROLL = 8
 BOX_ROWS = 64
 COPIES = 6
 LAUNCHES = 30
+REPEATS = 7
+WARMUP_ROUNDS = 20
 
 SOURCE = f"""#include "ptx/tma.cuh"
 using namespace mxfp8_moe;
@@ -115,7 +119,7 @@ class ProbeParams(ctypes.Structure):
 
 def probe(kernel: LoadedKernel, copies: list[torch.Tensor], sink: torch.Tensor, ctas: int, rows: int, stages: int,
           mode: str) -> float:
-    """Median microseconds of one launch of `ctas` CTAs streaming `rows` rows each."""
+    """Microseconds per launch of `ctas` CTAs streaming `rows` rows each, launched back to back."""
     calls = []
     for weights in copies:
         params = ProbeParams(base=weights.data_ptr(), rows_per_cta=rows, k=weights.shape[1], stages=stages,
@@ -125,17 +129,19 @@ def probe(kernel: LoadedKernel, copies: list[torch.Tensor], sink: torch.Tensor, 
         shared = 0 if mode == "loads" else stages * rows * BOX_K + 8 * stages + 1024
         calls.append(LaunchArguments((ctas, 1, 1), shared, (params,)))
     stream = current_stream(0)
-    for arguments in calls:
-        kernel.launch(arguments.grid, arguments.shared, stream, arguments.address)
+    for _ in range(WARMUP_ROUNDS):  # clocks up before timing
+        for arguments in calls:
+            kernel.launch(arguments.grid, arguments.shared, stream, arguments.address)
     times = []
-    for i in range(LAUNCHES):
+    for _ in range(REPEATS):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        arguments = calls[i % COPIES]
-        kernel.launch(arguments.grid, arguments.shared, stream, arguments.address)
+        for i in range(LAUNCHES):
+            arguments = calls[i % COPIES]
+            kernel.launch(arguments.grid, arguments.shared, stream, arguments.address)
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
+        times.append(start.elapsed_time(end) * 1e3 / LAUNCHES)
     return statistics.median(times)
 
 
