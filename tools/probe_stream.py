@@ -143,8 +143,9 @@ ONE_PER_SM_SHARED = 120 * 1024  # more than half an SM's shared memory: one CTA 
 
 
 def probe(kernel: LoadedKernel, copies: list[torch.Tensor], sink: torch.Tensor, sms: torch.Tensor, working: int,
-          rows: int, stages: int, mode: str, placement: int) -> tuple[float, int]:
-    """Microseconds per launch, launched back to back, and how many CTAs streamed `rows` rows each."""
+          rows: int, stages: int, mode: str, placement: int) -> tuple[float, int, int]:
+    """Microseconds per launch, launched back to back, how many CTAs streamed `rows` rows each, and
+    on how many TPCs."""
     calls = []
     for weights in copies:
         params = ProbeParams(base=weights.data_ptr(), rows_per_cta=rows, k=weights.shape[1], stages=stages,
@@ -172,15 +173,11 @@ def probe(kernel: LoadedKernel, copies: list[torch.Tensor], sink: torch.Tensor, 
         end.synchronize()
         times.append(start.elapsed_time(end) * 1e3 / LAUNCHES)
     ran_on = sms[:calls[0].grid[0]].tolist()
-    if placement == 0:
-        streamed = working
-    elif placement == 1:
-        streamed = sum(sm < working for sm in ran_on)
-    else:
-        streamed = sum(sm % 2 == 0 and sm // 2 < working for sm in ran_on)
     if placement and len(set(ran_on)) != len(ran_on):
         raise SystemExit(f"two CTAs shared an SM: {sorted(ran_on)}")
-    return statistics.median(times), streamed
+    streaming = [sm for sm in ran_on if placement == 0 or (sm < working if placement == 1
+                                                           else sm % 2 == 0 and sm // 2 < working)]
+    return statistics.median(times), len(streaming), len({sm // 2 for sm in streaming})
 
 
 def main() -> None:
@@ -201,17 +198,17 @@ def main() -> None:
     copies = [weights.clone() for _ in range(COPIES)]
     sink = torch.zeros(1, dtype=torch.int32, device="cuda")
     sms = torch.zeros(max(max(args.ctas), copy_kernel.num_sms), dtype=torch.int32, device="cuda")
-    print("| placement | CTAs streaming | bytes per CTA | stages | copy | us | GB/s | GB/s per CTA |\n"
-          "|---|---|---|---|---|---|---|---|")
+    print("| placement | CTAs streaming | on TPCs | bytes per CTA | stages | copy | us | GB/s | GB/s per CTA |\n"
+          "|---|---|---|---|---|---|---|---|---|")
     for placement in args.placement:
         for ctas in args.ctas:
             runs = [(stages, mode) for stages in args.stages for mode in ("boxes", "bulk 1-D")] + [("-", "loads")]
             for stages, mode in runs:
                 kernel = load_kernel if mode == "loads" else copy_kernel
-                us, streamed = probe(kernel, copies, sink, sms, ctas, args.rows, 1 if stages == "-" else stages, mode,
+                us, streamed, tpcs = probe(kernel, copies, sink, sms, ctas, args.rows, 1 if stages == "-" else stages, mode,
                                      placement)
                 gigabytes = streamed * args.rows * args.k / 1e9
-                print(f"| {PLACEMENTS[placement]} | {streamed} | {args.rows * args.k} | {stages} | {mode} | {us:.1f} "
+                print(f"| {PLACEMENTS[placement]} | {streamed} | {tpcs} | {args.rows * args.k} | {stages} | {mode} | {us:.1f} "
                       f"| {gigabytes / us * 1e6:.0f} | {gigabytes / us * 1e6 / max(streamed, 1):.1f} |", flush=True)
 
 
