@@ -10,7 +10,9 @@ two rounds in alternating order. A stage is timed on the real outputs of the sta
 floor counts the routed experts' weights and scales (8 bits a weight for MXFP8, 4 for gpt-oss's
 MXFP4, plus its biases), the MXFP8 rows into each GEMM and the bf16 rows out, over the copy
 bandwidth measured in the same run. The bf16 block is routing, torch._grouped_mm twice and the
-combine (for gpt-oss without its biases and clamp: the same GEMM shapes).
+combine (for gpt-oss without its biases and clamp: the same GEMM shapes). Before timing, each cell
+checks its first routing: the fused layer against the chain, and the chain against the bf16 block
+where that block runs the same weights (check_cell).
 
     python tools/bench_layer.py --out layer.json          # also layer.md
     python tools/bench_layer.py --models gpt-oss-120b --tokens 1 64
@@ -30,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from problems import GPT_OSS_PREFIX, gpt_oss_checkpoint  # noqa: E402
+from problems import GPT_OSS_PREFIX, gpt_oss_checkpoint, relative_error  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_moe import MODELS, ROUTINGS, copy_bandwidth, time_in_rounds, write_results  # noqa: E402
@@ -57,6 +59,7 @@ class Layer:
     down: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
     w13_t: torch.Tensor  # (E, H, 2 I) bf16 view, [up; gate] columns
     w2_t: torch.Tensor  # (E, I, H) bf16 view
+    bf16_is_reference: bool  # the torch block's weights are the ones quantized (not gpt-oss's stand-ins)
 
 
 def mxfp8_layer(experts: int, hidden: int, inter: int, top_k: int, k_granularity: int = 128) -> Layer:
@@ -71,7 +74,7 @@ def mxfp8_layer(experts: int, hidden: int, inter: int, top_k: int, k_granularity
         if torch.cuda.get_device_capability() == (9, 0) else None,
         lambda a, s, m: grouped_gemm(a, q13.b, s, q13.b_scale, m, k_granularity, is_gated=True),
         lambda a, s, m: grouped_gemm(a, q2.b, s, q2.b_scale, m, k_granularity),
-        w13.transpose(1, 2), w2.transpose(1, 2))
+        w13.transpose(1, 2), w2.transpose(1, 2), True)
 
 
 def gpt_oss_layer(experts: int, hidden: int, inter: int, top_k: int) -> Layer:
@@ -84,7 +87,7 @@ def gpt_oss_layer(experts: int, hidden: int, inter: int, top_k: int) -> Layer:
         lambda a, s, m: grouped_gemm_mxfp4(a, block.gate_up_b, s, block.gate_up_b_scale, m, block.gate_up_bias,
                                            True, "clamped_swiglu", block.alpha, block.limit),
         lambda a, s, m: grouped_gemm_mxfp4(a, block.down_b, s, block.down_b_scale, m, block.down_bias),
-        w13.transpose(1, 2), w2.transpose(1, 2))
+        w13.transpose(1, 2), w2.transpose(1, 2), False)
 
 
 def torch_bf16_block(layer: Layer, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -122,11 +125,27 @@ def gemm_floor_bytes(layer: Layer, hidden: int, inter: int, routed: torch.Tensor
     return weights + tokens_in + rows_out
 
 
+def check_cell(model: str, tokens: int, layer: Layer, x: torch.Tensor, logits: torch.Tensor) -> None:
+    """What is timed computes the layer: the fused layer within 1 % of the chain (the mma.sync
+    layer's summation order; the wgmma one has the chain's bits where the chain does not split K),
+    and the chain within 8 % of the bf16 block on the weights it quantized (MXFP8's rounding of
+    weights, tokens and the intermediate: tests/test_moe_layer.py's bound). Exits naming the cell
+    otherwise."""
+    chain = layer.forward(x, logits)
+    errors = {"fused vs chain": (relative_error(layer.fused(x, logits), chain), 0.01)} if layer.fused else {}
+    if layer.bf16_is_reference:
+        errors["chain vs bf16 block"] = (relative_error(chain, torch_bf16_block(layer, x, logits)), 0.08)
+    bad = {name: error for name, (error, limit) in errors.items() if not error <= limit}
+    if bad:
+        raise SystemExit(f"{model} T={tokens}: relative error {bad} over its limit")
+
+
 def bench_cell(model: str, layer: Layer, hidden: int, inter: int, experts: int, tokens: int,
                bandwidth: float) -> dict:
     torch.manual_seed(zlib.crc32(f"layer {model} {tokens}".encode()))
     x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
     logits = [torch.randn(tokens, experts, device="cuda") for _ in range(ROUTINGS)]
+    check_cell(model, tokens, layer, x, logits[0])
     floors = [gemm_floor_bytes(layer, hidden, inter, lg.topk(layer.top_k, dim=1).indices) / bandwidth
               for lg in logits]
     stages = [stage_calls(layer, x, lg) for lg in logits]
