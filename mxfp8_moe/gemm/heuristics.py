@@ -181,9 +181,10 @@ def wgmma_spec(device: DeviceInfo, num_experts: int, active_experts: int, rows: 
                k_granularity: int, gated: bool, variant: Variant = DEFAULT_VARIANT, *,
                split_k: bool = WGMMA_SPLITS_K) -> WgmmaSpec | None:
     """The wgmma kernel with as many pipeline stages as fit (None if two do not); with `split_k`,
-    its K split over a cluster when the expected units leave SMs idle, on decode tiles only (at
-    wider ones rank 0's slots crowd out the pipeline, and a split kernel's consumers, 224
-    registers, spill at 128 tokens)."""
+    its K split over a cluster when the expected units leave SMs idle, every cluster is resident
+    at once and each rank keeps WGMMA_SPLIT_MIN_K_BLOCKS, on decode tiles only (at wider ones rank
+    0's slots crowd out the pipeline, and a split kernel's consumers, 224 registers, spill at 128
+    tokens)."""
     if (n // 2 if gated else n) % (64 if gated else 16):
         return None  # gated tiles pair 64 up rows with 64 gate rows
     block_t = wgmma_token_tile(rows, narrow_last_tile=k_granularity == WGMMA_NARROW_LAST_TILE_K_GRANULARITY)
