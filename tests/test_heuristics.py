@@ -101,6 +101,8 @@ def test_split_k_where_units_leave_sms_idle():
     assert splits(32, 4, 4096, 7168, True) == 1    # four tokens: 128 units
     assert splits(128, 1, 2880, 2880, False) == 1  # 23 K blocks split evenly in neither 2 nor 4
     assert splits(2, 1, 1024, 8192, False) == 4    # 8 units of 64 K blocks: 32 CTAs in 8 clusters
+    # MXFP4 weights stay whole (their split kernel has not run on a GPU).
+    assert wgmma_spec(hopper, 32, 1, 1.0, 4096, 7168, 32, True, Variant("e2m1"), split_k=True).splits == 1
     # Prefill-sized tiles are never split (shared memory for the slots, consumer registers).
     prefill = wgmma_spec(hopper, 32, 1, 100.0, 4096, 7168, 128, True, split_k=True)
     assert prefill is not None and (prefill.block_t, prefill.splits) == (128, 1)

@@ -191,7 +191,8 @@ def wgmma_spec(device: DeviceInfo, num_experts: int, active_experts: int, rows: 
     unsplit = WgmmaSpec(device.arch, n, k, k_granularity, gated, block_t=block_t, stages=1, variant=variant)
     units = active_experts * math.ceil(rows / block_t) * ceil_div(unsplit.n_out, unsplit.block_n)
     k_blocks = ceil_div(k, STAGE_K_BYTES)
-    splittable = split_k and block_t <= WGMMA_SPLIT_MAX_TOKEN_TILE
+    # MXFP4 weights split over K have not run on a GPU: they stay whole.
+    splittable = split_k and block_t <= WGMMA_SPLIT_MAX_TOKEN_TILE and variant.weights == "e4m3"
     splits = [s for s in WGMMA_SPLITS if splittable and k_blocks % s == 0 and k_blocks // s >= WGMMA_SPLIT_MIN_K_BLOCKS
               and units * s <= device.num_sms * WGMMA_RESIDENT_CLUSTER_SMS[s]]
     for spec in [dataclasses.replace(unsplit, splits=s) for s in splits] + [unsplit]:
