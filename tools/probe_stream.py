@@ -1,7 +1,7 @@
 """How fast CTAs stream a decode GEMM's weight tiles through TMA with nothing else in the way (Hopper
-GPU machine): the question docs/PERFORMANCE.md's session 6 leaves open. At one token each of
-DeepSeek EP8 gate_up's 32 working SMs moves ~35 GB/s, whatever the pipeline depth, L2 prefetch or
-tensor work. Here each CTA streams its own `rows` x K bytes of a weight matrix through a ring of
+GPU machine): the ceiling of a one-token GEMM whose few units leave most SMs idle (on the H100 the
+GEMMs ran at 77-79 % of this probe's box copies by as many CTAs: docs/PERFORMANCE.md, session 7).
+Here each CTA streams its own `rows` x K bytes of a weight matrix through a ring of
 `stages` stages, one thread issuing the copies and waiting for them: no consumers, no scale
 preparation, no hand-offs between warps. A stage is either the GEMM's copies (one TMA box of 64
 rows x 128 bytes, 128-byte swizzle, per 64 rows) or one 1-D bulk copy of as many contiguous bytes.
