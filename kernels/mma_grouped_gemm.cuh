@@ -441,7 +441,7 @@ struct MmaGemm {
     __device__ __forceinline__ static void run(const GroupedGemmParams& params) {
         extern __shared__ __align__(128) u8 shared[];
         const int scheduler_bytes = Scheduler::shared_bytes(params.num_experts);
-        if (ptx::dynamic_shared_bytes() < static_cast<u32>(scheduler_bytes + kPipelineBytes)) __trap();  // host/device layout mismatch
+        ptx::require_dynamic_shared(scheduler_bytes + kPipelineBytes);
         // The launch may overlap the previous kernel's end: wait for it before the first global
         // access (the scheduler reads m_indptr), then let the next kernel launch the same way.
         ptx::wait_for_prior_grids();

@@ -39,7 +39,7 @@ struct MmaMoeLayer {
 
     __device__ __forceinline__ static void run(const MmaLayerParams& params) {
         extern __shared__ __align__(128) u8 shared[];
-        if (ptx::dynamic_shared_bytes() < static_cast<u32>(shared_bytes(params.gate_up.num_experts))) __trap();  // host/device layout mismatch
+        ptx::require_dynamic_shared(shared_bytes(params.gate_up.num_experts));
         ptx::wait_for_prior_grids();
         ptx::allow_next_grid();
 

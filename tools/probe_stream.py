@@ -1,7 +1,7 @@
 """How fast CTAs stream a decode GEMM's weight tiles through TMA with nothing else in the way (Hopper
-GPU machine): the question docs/PERFORMANCE.md's session 6 leaves open. At one token each of
-DeepSeek EP8 gate_up's 32 working SMs moves ~35 GB/s, whatever the pipeline depth, L2 prefetch or
-tensor work. Here each CTA streams its own `rows` x K bytes of a weight matrix through a ring of
+GPU machine): the ceiling of a one-token GEMM whose few units leave most SMs idle (on the H100 the
+GEMMs ran at 77-79 % of this probe's box copies by as many CTAs: docs/PERFORMANCE.md, session 7).
+Here each CTA streams its own `rows` x K bytes of a weight matrix through a ring of
 `stages` stages, one thread issuing the copies and waiting for them: no consumers, no scale
 preparation, no hand-offs between warps. A stage is either the GEMM's copies (one TMA box of 64
 rows x 128 bytes, 128-byte swizzle, per 64 rows) or one 1-D bulk copy of as many contiguous bytes.
@@ -13,9 +13,8 @@ much faster than either copy, the limit is the copy engine's, not the SM's path 
 SMs (one to a TPC): if one per TPC streams faster per CTA, the two SMs of a TPC share the limit.
 
 The weights are drawn once and copied six times; launch i reads copy i % 6, so no launch finds them
-in L2 from the one before. After 120 warm-up launches (clocks up), CUDA events around 30 launches
-back to back; the median over 7 such rounds of the time per launch (the launch gap included, as
-in a CUDA graph of decode steps).
+in L2 from the one before. Timed as tools/probe_gemm.py times its calls: launches back to back
+after a warm-up, the launch gap included, as in a CUDA graph of decode steps.
 
     python3 tools/probe_stream.py                     # 32 CTAs x 128 rows x 7168: DeepSeek gate_up, T = 1
     python3 tools/probe_stream.py --ctas 32 64 128 132 --stages 5 9
@@ -27,7 +26,8 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import statistics
+import sys
+from pathlib import Path
 
 import torch
 
@@ -37,14 +37,13 @@ from mxfp8_moe.gemm.tensor_maps import BOX_K, MAP_BYTES, operand_map
 from mxfp8_moe.jit.build import build
 from mxfp8_moe.jit.runtime import LoadedKernel
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from probe_gemm import COPIES, median_us  # noqa: E402
+
 ENTRY = "mxfp8_moe_probe_stream"
 LOAD_THREADS = 512
 LOAD_UNROLL = 8
 BOX_ROWS = 64
-COPIES = 6
-LAUNCHES = 30
-REPEATS = 7
-WARMUP_ROUNDS = 20
 
 SOURCE = f"""#include "ptx/tma.cuh"
 using namespace mxfp8_moe;
@@ -159,25 +158,13 @@ def probe(kernel: LoadedKernel, copies: list[torch.Tensor], sink: torch.Tensor, 
             shared = max(shared, ONE_PER_SM_SHARED)
         calls.append(LaunchArguments((grid, 1, 1), shared, (params,)))
     stream = current_stream(0)
-    for _ in range(WARMUP_ROUNDS):  # clocks up before timing
-        for arguments in calls:
-            kernel.launch(arguments.grid, arguments.shared, stream, arguments.address)
-    times = []
-    for _ in range(REPEATS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for i in range(LAUNCHES):
-            arguments = calls[i % COPIES]
-            kernel.launch(arguments.grid, arguments.shared, stream, arguments.address)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / LAUNCHES)
+    us = median_us([lambda a=arguments: kernel.launch(a.grid, a.shared, stream, a.address) for arguments in calls])
     ran_on = sms[:calls[0].grid[0]].tolist()
     if placement and len(set(ran_on)) != len(ran_on):
         raise SystemExit(f"two CTAs shared an SM: {sorted(ran_on)}")
     streaming = [sm for sm in ran_on if placement == 0 or (sm < working if placement == 1
                                                            else sm % 2 == 0 and sm // 2 < working)]
-    return statistics.median(times), len(streaming), len({sm // 2 for sm in streaming})
+    return us, len(streaming), len({sm // 2 for sm in streaming})
 
 
 def main() -> None:

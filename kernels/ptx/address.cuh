@@ -12,12 +12,12 @@ __device__ __forceinline__ u32 shared_address(const void* p) {
     return address;
 }
 
-// The dynamic shared memory the launch gave: a kernel lays its shared memory out itself and traps
-// where the host, which sizes it from its own copy of that layout, gave less.
-__device__ __forceinline__ u32 dynamic_shared_bytes() {
-    u32 bytes;
-    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(bytes));
-    return bytes;
+// Traps where the launch gave less dynamic shared memory than `bytes`: a kernel lays its shared
+// memory out itself, and the host sizes the launch from its own copy of that layout.
+__device__ __forceinline__ void require_dynamic_shared(int bytes) {
+    u32 given;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(given));
+    if (given < static_cast<u32>(bytes)) __trap();
 }
 
 }  // namespace mxfp8_moe::ptx
