@@ -40,7 +40,7 @@ from bench_moe import MODELS  # noqa: E402
 from mxfp8_moe import quantize_activations, quantize_weights, quantize_weights_mxfp4  # noqa: E402
 from mxfp8_moe.epilogue import GPT_OSS_ALPHA, GPT_OSS_LIMIT  # noqa: E402
 from mxfp8_moe.gemm.device import current_stream, device_info  # noqa: E402
-from mxfp8_moe.gemm.heuristics import layer_spec, wgmma_spec  # noqa: E402
+from mxfp8_moe.gemm.heuristics import WGMMA_MAX_STAGES, fit_wgmma_stages, layer_spec, wgmma_spec  # noqa: E402
 from mxfp8_moe.gemm.layer import get_layer_kernel  # noqa: E402
 from mxfp8_moe.gemm.launch import get_kernel  # noqa: E402
 from mxfp8_moe.arith import ceil_div  # noqa: E402
@@ -77,11 +77,8 @@ def probe(model: str, gemm: str, tokens: int, weights: str, k_granularity: int, 
         if ceil_div(k, STAGE_K_BYTES) % splits:
             raise SystemExit(f"--splits {splits} does not divide the {ceil_div(k, STAGE_K_BYTES)} K blocks")
         spec = dataclasses.replace(spec, splits=splits)
-        stages = stages or spec.stages
-    if stages is not None:  # the most stages up to the request that fit
-        fits = [s for s in range(stages, 1, -1) if dataclasses.replace(spec, stages=s).dynamic_shared_bytes(experts)
-                <= device.shared_memory_limit - 1024]
-        spec = dataclasses.replace(spec, stages=fits[0])
+    if splits is not None or stages is not None:  # the most stages up to the request (or the default) that fit
+        spec = fit_wgmma_stages(device, experts, spec, stages or WGMMA_MAX_STAGES)
     kernel = get_kernel(spec, 0)
     epilogue = (EpilogueArguments(torch.randn(experts, n, device="cuda"), GPT_OSS_ALPHA, GPT_OSS_LIMIT),) if gpt_oss else ()
     calls = [lambda copy=b.clone(): kernel(a, copy, a_scale, b_scale, m_indptr, out, current_stream(0), *epilogue)
