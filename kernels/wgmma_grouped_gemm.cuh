@@ -400,17 +400,24 @@ struct WgmmaGemm {
     }
 
     // A scale group is the K range of one scale: a stage's K block (k_gran 128) or one of its k32
-    // slices. Its wgmmas sum into a partial that is promoted with the group's scales. Two partials
-    // alternate so that a group's promotion runs while the next group's wgmmas do.
+    // slices. Its wgmmas sum into a partial that is promoted with the group's scales while later
+    // groups' wgmmas run, in partials that rotate.
     static constexpr int kGroupsPerStage = K_GRAN == 32 ? kBlockK / 32 : 1;
     static constexpr int kGroups = kUnitKIters * kGroupsPerStage;
     static constexpr int kGroupK = kBlockK / kGroupsPerStage;
+    // Partials of a WIDTH-token multiply. Two suffice where a promotion (WIDTH / 2 FMAs a thread)
+    // covers a group's wgmmas. A k32 group of at most 64 tokens is one short wgmma, and with two
+    // partials each promotion waited for the wgmma issued one promotion before: a stage waited out
+    // four wgmma latencies in a row. Four keep three groups in flight (160 registers of
+    // accumulators and partials at 64 tokens).
+    __host__ __device__ static constexpr int partials(int width) { return K_GRAN == 32 && width <= 64 ? 4 : 2; }
     // Groups per chain: a chain ends with no wgmma in flight, since ptxas serializes every wgmma
     // of the kernel when a loop carries one in flight across its back edge. The chain's last
-    // promotion does not overlap: 1 in kChain. Six groups (K = 768 at k_gran 128) run as 3 + 3:
-    // as 4 + 2, ptxas spilled in the consumers (an allocator quirk, not a rule: 4 + 4 + 2 is clean
-    // and 4 + 3 + 3 spills; the build tests hold K = 768 and 1280).
-    static constexpr int kChain = 4;
+    // D - 1 promotions overlap less: a chain of two partials is four groups, of four partials two
+    // K blocks. Six groups (K = 768 at k_gran 128) run as 3 + 3: as 4 + 2, ptxas spilled in the
+    // consumers (an allocator quirk, not a rule: 4 + 4 + 2 is clean and 4 + 3 + 3 spills; the
+    // build tests hold K = 768 and 1280).
+    __host__ __device__ static constexpr int chain_groups(int width) { return 4 * partials(width) / 2; }
     static constexpr bool kThreeAndThree = kGroups == 6;
     // At k_gran 32 an expert's last tile multiplies only the token columns that hold its rows, in
     // steps of 32 (ptx::Wgmma has 32, 64, 96 and 128); heuristics.wgmma_token_tile assumes the same.
@@ -496,55 +503,63 @@ struct WgmmaGemm {
                 return;
             }
         }
-        float partial[2][WIDTH / 2];
+        constexpr int kDepth = partials(WIDTH);
+        float partial[kDepth][WIDTH / 2];
         if constexpr (WIDTH == BLOCK_T) {
             if constexpr (kThreeAndThree) {
                 chain<3, WIDTH>(acc, partial, first_stage, 0, warpgroup, thread);
                 chain<3, WIDTH>(acc, partial, first_stage, 3, warpgroup, thread);
             } else {
+                constexpr int kChain = chain_groups(WIDTH);
                 int g = 0;
                 for (; g + kChain <= kGroups; g += kChain) chain<kChain, WIDTH>(acc, partial, first_stage, g, warpgroup, thread);
                 chain<kGroups % kChain, WIDTH>(acc, partial, first_stage, g, warpgroup, thread);
             }
         } else {
-            // A narrower tile (at most one per expert) runs chains of two groups: its wgmmas are
-            // short, and chains of kChain for every width made the code 1.7x larger (gpt-oss
-            // gate_up: 68 -> 118 KB of SASS) for no measured gain. (Chains of one made ptxas
-            // spill in the consumers.)
-            static_assert(kGroups % 2 == 0, "k_gran 32: four groups per K block");
-            for (int g = 0; g < kGroups; g += 2) chain<2, WIDTH>(acc, partial, first_stage, g, warpgroup, thread);
+            // A narrower tile (at most one per expert) runs chains of one group per partial: its
+            // wgmmas are short, and chains of chain_groups() for every width made the code 1.7x
+            // larger (gpt-oss gate_up: 68 -> 118 KB of SASS) for no measured gain. (Chains of one
+            // made ptxas spill in the consumers.)
+            static_assert(kGroups % kDepth == 0, "k_gran 32: four groups per K block");
+            for (int g = 0; g < kGroups; g += kDepth) chain<kDepth, WIDTH>(acc, partial, first_stage, g, warpgroup, thread);
         }
     }
 
-    // Groups g0 .. g0 + COUNT - 1: group g sums into partial[(g - g0) % 2].
-    template <int COUNT, int WIDTH>
-    __device__ __forceinline__ void chain(float (&acc)[kAccumulators], float (&partial)[2][WIDTH / 2],
+    // Groups g0 .. g0 + COUNT - 1: group g sums into partial[(g - g0) % D], D = partials(WIDTH); the
+    // first D - 1 are issued up front, so D - 1 groups' wgmmas run during each promotion.
+    template <int COUNT, int WIDTH, int D = partials(WIDTH)>
+    __device__ __forceinline__ void chain(float (&acc)[kAccumulators], float (&partial)[D][WIDTH / 2],
                                           int first_stage, int g0, int warpgroup, int thread) const {
         if constexpr (COUNT > 0) {
-            issue_group<0, WIDTH>(partial, first_stage, g0, warpgroup);
+            issue_ahead<0, (COUNT < D - 1 ? COUNT : D - 1), WIDTH>(partial, first_stage, g0, warpgroup);
             chain_link<0, COUNT, WIDTH>(acc, partial, first_stage, g0, warpgroup, thread);
         }
     }
 
-    // Link I: issue group I + 1, then promote group I once its wgmmas are done (every read of a
-    // partial follows the wait that retires its wgmmas).
-    template <int I, int COUNT, int WIDTH>
-    __device__ __forceinline__ void chain_link(float (&acc)[kAccumulators], float (&partial)[2][WIDTH / 2],
-                                               int first_stage, int g0, int warpgroup, int thread) const {
-        if constexpr (I + 1 < COUNT) {
-            issue_group<(I + 1) % 2, WIDTH>(partial, first_stage, g0 + I + 1, warpgroup);
-            ptx::wgmma_wait<1>();
-        } else {
-            ptx::wgmma_wait<0>();
+    template <int I, int AHEAD, int WIDTH, int D>
+    __device__ __forceinline__ void issue_ahead(float (&partial)[D][WIDTH / 2], int first_stage, int g0,
+                                                int warpgroup) const {
+        if constexpr (I < AHEAD) {
+            issue_group<WIDTH>(partial[I], first_stage, g0 + I, warpgroup);
+            issue_ahead<I + 1, AHEAD, WIDTH>(partial, first_stage, g0, warpgroup);
         }
-        finish_group<I % 2, WIDTH>(acc, partial, first_stage, g0 + I, warpgroup, thread);
+    }
+
+    // Link I: issue group I + D - 1, then promote group I once its wgmmas are done (every read of a
+    // partial follows the wait that retires its wgmmas; the groups issued after it may run on).
+    template <int I, int COUNT, int WIDTH, int D>
+    __device__ __forceinline__ void chain_link(float (&acc)[kAccumulators], float (&partial)[D][WIDTH / 2],
+                                               int first_stage, int g0, int warpgroup, int thread) const {
+        constexpr int kNext = I + D - 1;
+        if constexpr (kNext < COUNT) issue_group<WIDTH>(partial[kNext % D], first_stage, g0 + kNext, warpgroup);
+        ptx::wgmma_wait<(COUNT - 1 - I < D - 1 ? COUNT - 1 - I : D - 1)>();
+        finish_group<WIDTH>(acc, partial[I % D], first_stage, g0 + I, warpgroup, thread);
         if constexpr (I + 1 < COUNT) chain_link<I + 1, COUNT, WIDTH>(acc, partial, first_stage, g0, warpgroup, thread);
     }
 
-    // Group g's wgmmas into partial[P], after waiting for its stage at the stage's first group.
-    template <int P, int WIDTH>
-    __device__ __forceinline__ void issue_group(float (&partial)[2][WIDTH / 2], int first_stage, int g,
-                                                int warpgroup) const {
+    // Group g's wgmmas into `partial`, after waiting for its stage at the stage's first group.
+    template <int WIDTH>
+    __device__ __forceinline__ void issue_group(float (&partial)[WIDTH / 2], int first_stage, int g, int warpgroup) const {
         const int it = first_stage + g / kGroupsPerStage, s = it % STAGES, slice = g % kGroupsPerStage;
         if (slice == 0) {
             // "prepared" completes after "full" (the preparers waited for it); waiting for both
@@ -555,20 +570,20 @@ struct WgmmaGemm {
         // k32 step ks of the stage starts 32 bytes further: +2 in the descriptor's address field.
         const u64 a = ptx::smem_descriptor_sw128(ptx::shared_address(stage(s)) + warpgroup * 64 * kBlockK) + 2 * slice;
         const u64 b = ptx::smem_descriptor_sw128(ptx::shared_address(stage(s)) + kWeightBytes) + 2 * slice;
-        ptx::wgmma_fence();  // partial[P] was last read by the promotion of group g - 2
+        ptx::wgmma_fence();  // the partial was last read by the promotion of the group D before
 #pragma unroll
-        for (int ks = 0; ks < kGroupK / 32; ++ks) ptx::Wgmma<WIDTH>::run(partial[P], a + 2 * ks, b + 2 * ks, ks);
+        for (int ks = 0; ks < kGroupK / 32; ++ks) ptx::Wgmma<WIDTH>::run(partial, a + 2 * ks, b + 2 * ks, ks);
         ptx::wgmma_commit();
     }
 
     // Promote group g's partial (its wgmmas are done); after the stage's last group, release the
     // stage. Every thread arrives, since an arrive releases only the arriving thread's own reads.
-    template <int P, int WIDTH>
-    __device__ __forceinline__ void finish_group(float (&acc)[kAccumulators], float (&partial)[2][WIDTH / 2],
+    template <int WIDTH>
+    __device__ __forceinline__ void finish_group(float (&acc)[kAccumulators], float (&partial)[WIDTH / 2],
                                                  int first_stage, int g, int warpgroup, int thread) const {
         const int it = first_stage + g / kGroupsPerStage, s = it % STAGES, slice = g % kGroupsPerStage;
-        ptx::fence_registers(partial[P]);
-        promote<WIDTH>(acc, partial[P], scale_floats(s) + slice * kScaleWords, warpgroup, thread);
+        ptx::fence_registers(partial);
+        promote<WIDTH>(acc, partial, scale_floats(s) + slice * kScaleWords, warpgroup, thread);
         if (slice == kGroupsPerStage - 1) ptx::mbarrier_arrive(empty_barrier(s));
     }
 
