@@ -9,9 +9,10 @@
 //     then turns the stage's scale bytes into floats ("prepared" barrier), work the consumers
 //     would otherwise repeat in every thread. (Copying the scale words with cp.async instead,
 //     eight 4-byte copies per lane and stage, cost 30 % of the kernel's time on H100.)
-//   - MXFP4 weights (wgmma has no 4-bit operand) arrive packed, two codes a byte, and warps 1-3
-//     widen them to e4m3 (exact for every e2m1 value) in the swizzled layout before "prepared":
-//     the HBM stream is halved and the tensor work is the FP8 kernel's.
+//   - MXFP4 weights (wgmma has no 4-bit operand) arrive packed, two codes a byte, and stay so in
+//     shared memory: each consumer thread loads its A fragment's codes, widens them to e4m3 (exact
+//     for every e2m1 value) in registers and issues wgmma with A from registers. The HBM stream and
+//     the stage are halved, the tensor work is the FP8 kernel's.
 //   - warpgroups 0 and 1 consume: each multiplies 64 weight rows by the BLOCK_T-token tile, one
 //     scale group (a K block; a k32 slice for k_gran 32) at a time, into one of two partial sums,
 //     and promotes it into the FP32 accumulators with the group's scales while the next group's
@@ -48,7 +49,7 @@ namespace mxfp8_moe {
 struct WgmmaTensorMaps {
     ptx::TensorMap tokens;         // a as (cum_m, K) bytes; box BLOCK_T rows x 128 bytes, 128-byte swizzle
     ptx::TensorMap weights;        // b as (E * N, K) bytes; box 64 rows x 128 bytes, 128-byte swizzle
-                                   // (MXFP4: (E * N, K / 2) bytes; box 64 rows x 64 bytes, unswizzled)
+                                   // (MXFP4: (E * N, K / 2) bytes; box 64 rows x 64 bytes, 64-byte swizzle)
     ptx::TensorMap token_scales;   // a_scale as (k_align, m_padded) words; box 1 x BLOCK_T
     ptx::TensorMap weight_scales;  // b_scale as (E, k_align, N) words; box 1 x 1 x 64
     ptx::TensorMap output;         // out as (cum_m, N or N / 2) bf16; box BLOCK_T x 64, 128-byte swizzle
@@ -83,28 +84,25 @@ struct WgmmaGemm {
     static constexpr int kAccumulators = BLOCK_T / 2;         // per thread: 64 x BLOCK_T / 128
     static constexpr bool kPackedWeights = V::kWeights == kE2M1;  // MXFP4: two codes a byte
     // Producer warps preparing stages: both phases of a layer kernel count the same arrivals.
-    static constexpr int kPreparers = kPackedWeights || kInLayer ? 3 : 1;
+    static constexpr int kPreparers = kInLayer ? 3 : 1;
     static constexpr int kPreparerThreads = 32 * kPreparers;
 
-    // One stage: weight tile, token tile (both 1024-byte aligned for the swizzle), the scale words
-    // (one per weight row, then one per token), then their floats [k32 slice][row] (k_gran 128:
-    // one slice, the stage's K block); MXFP4: then the packed weight tile the copies deliver, of
-    // which the weight tile is the widened form.
-    static constexpr int kWeightBytes = kWeightRows * kBlockK;
+    // One stage: weight tile (MXFP4: packed, 64 bytes a row), token tile (both 1024-byte aligned
+    // for the swizzle), the scale words (one per weight row, then one per token), then their floats
+    // [k32 slice][row] (k_gran 128: one slice, the stage's K block).
+    static constexpr int kWeightRowBytes = kPackedWeights ? kBlockK / 2 : kBlockK;
+    static constexpr int kWeightBytes = kWeightRows * kWeightRowBytes;
     static constexpr int kTokenBytes = BLOCK_T * kBlockK;
     static constexpr int kScaleWords = kWeightRows + BLOCK_T;
     static constexpr int kScaleSlices = K_GRAN == 32 ? kBlockK / 32 : 1;
     static constexpr int kScaleFloatsOffset = kWeightBytes + kTokenBytes + kScaleWords * 4;
-    static constexpr int kPackedOffset =
-        kWeightBytes + kTokenBytes + ceil_div(kScaleWords * 4 * (1 + kScaleSlices), 1024) * 1024;
-    static constexpr int kPackedBytes = kPackedWeights ? kWeightBytes / 2 : 0;
     // In a layer, then the stage's bf16 token rows (down: BLOCK_T rows of the K block's 128
     // columns, unswizzled; unused by gate_up, whose stages must be laid out alike).
-    static constexpr int kRowsOffset = kPackedOffset + kPackedBytes;
+    static constexpr int kRowsOffset =
+        kWeightBytes + kTokenBytes + ceil_div(kScaleWords * 4 * (1 + kScaleSlices), 1024) * 1024;
     static constexpr int kRowsBytes = kInLayer ? BLOCK_T * kBlockK * 2 : 0;
     static constexpr int kCopyBytes =  // what a stage's copies deliver
-        (kPackedWeights ? kPackedBytes : kWeightBytes) + (kQuantizesTokens ? kWeightRows * 4 + kRowsBytes
-                                                                            : kTokenBytes + kScaleWords * 4);
+        kWeightBytes + (kQuantizesTokens ? kWeightRows * 4 + kRowsBytes : kTokenBytes + kScaleWords * 4);
     static constexpr int kStageBytes = kRowsOffset + kRowsBytes;
     // After the stages: the bf16 output tile as the TMA store reads it (see staging_offset), then
     // for gated tiles the gate part of the activation of the gate warpgroup's accumulators,
@@ -132,8 +130,12 @@ struct WgmmaGemm {
     static_assert(!GATED || kNOut % 64 == 0, "gated tiles pair 64 up rows with 64 gate rows");
     // A warpgroup's 64 weight rows are one TMA box of consecutive rows.
     static_assert(!V::kInterleaved, "interleaved up and gate rows run on the mma.sync kernel");
-    // A packed weight row's K block is 64 bytes, four 16-byte chunks, each widened to two.
+    // A packed weight row's K block is 64 bytes: four 16-byte chunks, one per k32 step.
     static_assert(!kPackedWeights || K % 32 == 0, "MXFP4 rows must be whole 16-byte chunks (K % 32 == 0)");
+    static_assert(!kPackedWeights || K_GRAN == 32, "MXFP4 weights have one scale per 32 values of K");
+    // The swizzles repeat every 1024 (128-byte) and 512 (64-byte) bytes from an aligned address.
+    static_assert(kWeightBytes % 1024 == 0 && kTokenBytes % 1024 == 0 && kRowsOffset % 1024 == 0,
+                  "the stage's tiles start 1024-byte aligned");
     static_assert(!kInLayer || SPLITS == 1, "a layer's phases multiply whole units");
     static_assert(!kQuantizesTokens || K % 8 == 0, "quantized tokens are read 8 bf16 at a time");
 
@@ -214,11 +216,8 @@ struct WgmmaGemm {
 #pragma unroll
                 for (int c = 0; c < kConsumers; ++c) {
                     const int row = weight_row(n0, c);
-                    if constexpr (kPackedWeights)
-                        ptx::tma_load_2d(weights + kPackedOffset + c * 64 * kBlockK / 2, &maps.weights, kb * kBlockK / 2,
-                                         w.expert * N + row, full);
-                    else
-                        ptx::tma_load_2d(weights + c * 64 * kBlockK, &maps.weights, kb * kBlockK, w.expert * N + row, full);
+                    ptx::tma_load_2d(weights + c * 64 * kWeightRowBytes, &maps.weights, kb * kWeightRowBytes,
+                                     w.expert * N + row, full);
                     ptx::tma_load_3d(scales + 4 * 64 * c, &maps.weight_scales, row, word, w.expert, full);
                 }
                 if constexpr (kQuantizesTokens) request_rows(requests, it + 1, first_it, first, false);
@@ -266,8 +265,8 @@ struct WgmmaGemm {
 
     // Once per stage for the whole CTA, by the kPreparerThreads threads of warps 1 .. kPreparers:
     // scale bytes -> floats (byte kb % 4 of each word for k_gran 128, all four bytes, the stage's
-    // k32 slices, for k_gran 32), MXFP4 weights -> e4m3 and, as a layer's down phase, the token
-    // tile from the gate_up phase's rows. Units and iterations as produce().
+    // k32 slices, for k_gran 32) and, as a layer's down phase, the token tile from the gate_up
+    // phase's rows. Units and iterations as produce().
     __device__ __forceinline__ int prepare_stages(int preparer, int it, i64 first) const {
         const int kb0 = first_k_block();
         for (i64 u = first; u < scheduler.num_units(); u += unit_stride()) {
@@ -295,7 +294,6 @@ struct WgmmaGemm {
                             past_k ? 0.0f : ue8m0_to_float(byte_of(word, K_GRAN == 32 ? slice : kb % 4));
                     }
                 }
-                if constexpr (kPackedWeights) widen_weights(s, preparer);
                 if constexpr (kQuantizesTokens) quantize_tokens(s, kb, w, preparer);
                 ptx::mbarrier_arrive(prepared_barrier(s));
             }
@@ -340,43 +338,6 @@ struct WgmmaGemm {
             if (chunk < kScaleSlices) token_floats[chunk * kScaleWords + t] = 0.0f;
         }
         ptx::fence_proxy_async_shared();  // the consumers' wgmmas read the tile through the async proxy
-    }
-
-    // Each 16-byte chunk of a packed row (32 codes) becomes two 16-byte e4m3 chunks of the row in
-    // the 128-byte swizzle wgmma reads (chunk j of row r at j ^ r % 8). A warp reads 512 adjacent
-    // bytes, and a quarter-warp's stores (two rows) land on distinct banks. Codes past K were
-    // zero-filled by the copy: they widen to 0. A preparer takes every kPreparerThreads-th chunk:
-    // as that is a multiple of 32 (four chunks a row, eight rows a swizzle period), its chunk's
-    // column and swizzle are the same each time and its addresses step by a constant; its loads
-    // are issued a batch ahead of the widening, so their latencies overlap.
-    __device__ __forceinline__ void widen_weights(int s, int preparer) const {
-        constexpr int kChunks = kWeightRows * 4;
-        constexpr int kRowStep = kPreparerThreads / 4;
-        constexpr int kPerThread = ceil_div(kChunks, kPreparerThreads);
-        constexpr int kBatch = 2;  // chunks loaded ahead: 8 of the producers' 40 registers (a batch of 3 spilled)
-        static_assert(kRowStep % 8 == 0, "a preparer's chunks keep their swizzle phase");
-        const int row = preparer / 4, chunk = 2 * (preparer % 4);
-        const u32x4* packed = reinterpret_cast<const u32x4*>(stage(s) + kPackedOffset) + preparer;
-        u8* line = stage(s) + row * kBlockK;
-        const int first = 16 * (chunk ^ row % 8), second = 16 * ((chunk + 1) ^ row % 8);
-#pragma unroll
-        for (int j0 = 0; j0 < kPerThread; j0 += kBatch) {
-            u32x4 codes[kBatch];
-#pragma unroll
-            for (int j = j0; j < j0 + kBatch && j < kPerThread; ++j)
-                if (preparer + j * kPreparerThreads < kChunks) codes[j - j0] = packed[j * kPreparerThreads];
-#pragma unroll
-            for (int j = j0; j < j0 + kBatch && j < kPerThread; ++j) {
-                if (preparer + j * kPreparerThreads >= kChunks) continue;
-                const u32x4 c = codes[j - j0];
-                u8* out = line + j * kRowStep * kBlockK;
-                *reinterpret_cast<u32x4*>(out + first) =
-                    u32x4{e2m1_to_e4m3<0>(c.x), e2m1_to_e4m3<1>(c.x), e2m1_to_e4m3<0>(c.y), e2m1_to_e4m3<1>(c.y)};
-                *reinterpret_cast<u32x4*>(out + second) =
-                    u32x4{e2m1_to_e4m3<0>(c.z), e2m1_to_e4m3<1>(c.z), e2m1_to_e4m3<0>(c.w), e2m1_to_e4m3<1>(c.w)};
-            }
-        }
-        ptx::fence_proxy_async_shared();  // the consumers' wgmmas read these through the async proxy
     }
 
     // ---- consumers ------------------------------------------------------------------------------
@@ -568,12 +529,38 @@ struct WgmmaGemm {
             ptx::mbarrier_wait(prepared_barrier(s), (it / STAGES) & 1);
         }
         // k32 step ks of the stage starts 32 bytes further: +2 in the descriptor's address field.
-        const u64 a = ptx::smem_descriptor_sw128(ptx::shared_address(stage(s)) + warpgroup * 64 * kBlockK) + 2 * slice;
         const u64 b = ptx::smem_descriptor_sw128(ptx::shared_address(stage(s)) + kWeightBytes) + 2 * slice;
-        ptx::wgmma_fence();  // the partial was last read by the promotion of the group D before
+        if constexpr (kPackedWeights) {
+            u32 a[kGroupK / 32][4];
 #pragma unroll
-        for (int ks = 0; ks < kGroupK / 32; ++ks) ptx::Wgmma<WIDTH>::run(partial, a + 2 * ks, b + 2 * ks, ks);
+            for (int ks = 0; ks < kGroupK / 32; ++ks) weight_fragment(a[ks], s, slice + ks, warpgroup);
+            ptx::wgmma_fence();  // the fragments are written; the partial was last read D groups before
+#pragma unroll
+            for (int ks = 0; ks < kGroupK / 32; ++ks) ptx::Wgmma<WIDTH>::run(partial, a[ks], b + 2 * ks, ks);
+        } else {
+            const u64 a = ptx::smem_descriptor_sw128(ptx::shared_address(stage(s)) + warpgroup * 64 * kBlockK) + 2 * slice;
+            ptx::wgmma_fence();  // the partial was last read by the promotion of the group D before
+#pragma unroll
+            for (int ks = 0; ks < kGroupK / 32; ++ks) ptx::Wgmma<WIDTH>::run(partial, a + 2 * ks, b + 2 * ks, ks);
+        }
         ptx::wgmma_commit();
+    }
+
+    // MXFP4: this thread's A fragment of k32 step `step` of stage s, widened to e4m3: the codes
+    // 4 q .. 4 q + 3 (register 0: row g, 1: row g + 8) and 16 + 4 q .. 19 + 4 q (registers 2, 3) of
+    // the step, for rows g = 16 warp + lane / 4 of the warpgroup's 64 and q = lane % 4, each four
+    // codes one 2-byte load. The packed tile holds 64-byte rows whose 16-byte chunk j (step j) the
+    // copy's 64-byte swizzle puts at j ^ (row / 2) % 4: a load's eight rows (rows g and g + 8 have
+    // the same phase) then fall on distinct banks, where unswizzled rows 0, 2, 4 and 6 shared one.
+    __device__ __forceinline__ void weight_fragment(u32 (&a)[4], int s, int step, int warpgroup) const {
+        const int thread = threadIdx.x % 128;
+        const int row = 16 * (thread / 32) + thread % 32 / 4;
+        const u8* chunk = stage(s) + (64 * warpgroup + row) * kWeightRowBytes + 16 * (step ^ (row / 2 % 4)) + 2 * (thread % 4);
+        constexpr int kEightRows = 8 * kWeightRowBytes;
+        a[0] = e2m1_to_e4m3<0>(*reinterpret_cast<const u16*>(chunk));
+        a[1] = e2m1_to_e4m3<0>(*reinterpret_cast<const u16*>(chunk + kEightRows));
+        a[2] = e2m1_to_e4m3<0>(*reinterpret_cast<const u16*>(chunk + 8));
+        a[3] = e2m1_to_e4m3<0>(*reinterpret_cast<const u16*>(chunk + kEightRows + 8));
     }
 
     // Promote group g's partial (its wgmmas are done); after the stage's last group, release the

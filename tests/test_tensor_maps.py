@@ -182,3 +182,18 @@ def test_a_kernel_reencodes_its_maps_only_when_a_tensor_moves(encoder, monkeypat
     kernel(a.clone(), b, a_scale, b_scale, m_indptr, out, 0)  # new tokens, the first output again
     assert len(encoder) == 7 and kernel.kernel.launched[-1][:MAP_BYTES] == bytes([7]) * MAP_BYTES
     assert kernel.kernel.launched[-1][4 * MAP_BYTES:] == first[4 * MAP_BYTES:]  # that map was kept
+
+
+def test_packed_weights_map_in_64_byte_swizzled_boxes(encoder):
+    # MXFP4 weights (E, N, K / 2): a box is one consumer's 64 rows by the K block's 64 packed bytes,
+    # swizzled in 64-byte rows as the kernel's fragment loads assume (chunk j of row r at j ^ (r / 2) % 4).
+    driver = tensor_maps.driver
+    num_experts, n, k = 4, 96, 2880
+    b = torch.empty(num_experts, n, k // 2, dtype=torch.uint8)
+    a_scale, b_scale = _mn_major_scales(64, num_experts, n, k // 32)
+    wgmma_maps(torch.empty(50, k, dtype=torch.uint8), b, a_scale, b_scale, torch.empty(50, n, dtype=torch.bfloat16),
+               block_t=32, packed_weights=True)
+    data_type, address, dims, strides, box, swizzle = _unpack(encoder[1])
+    assert (data_type, address) == (driver.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_UINT8, b.data_ptr())
+    assert (dims, strides, box) == ([k // 2, num_experts * n], [k // 2], [BOX_K // 2, 64])
+    assert swizzle == driver.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_64B

@@ -1,6 +1,6 @@
 """TMA tensor maps of the grouped GEMM's tensors: 2-D byte views of an operand (rows, K) in
-128-byte swizzled boxes of 128 bytes (one K block) by a tile's rows (MXFP4 weights: unswizzled
-boxes of the K block's 64 packed bytes), views of MN-major scale
+128-byte swizzled boxes of 128 bytes (one K block) by a tile's rows (MXFP4 weights: 64-byte
+swizzled boxes of the K block's 64 packed bytes), views of MN-major scale
 tensors whose boxes are one scale word of consecutive rows, and the bf16 output in 128-byte
 swizzled boxes of 64 columns by a tile's rows. (families/wgmma.py assembles its kernel's maps.)
 
@@ -53,9 +53,10 @@ def operand_map(address: int, rows: int, k: int, box_rows: int) -> bytes:
 
 def packed_operand_map(address: int, rows: int, k: int, box_rows: int) -> bytes:
     """A row-major (rows, k / 2) matrix of MXFP4 codes at `address` (16-byte aligned, k % 32 == 0),
-    unswizzled: the kernel widens each box to e4m3 in the swizzled layout itself."""
+    in 64-byte swizzled boxes of one K block's 64 bytes: 16-byte chunk j of box row r lands at
+    chunk j ^ (r / 2) % 4, so the kernel's fragment loads (eight rows at a time) avoid bank conflicts."""
     return _encoded(driver.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_UINT8, address, (k // 2, rows), (k // 2,),
-                    (BOX_K // 2, box_rows), driver.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_NONE,
+                    (BOX_K // 2, box_rows), driver.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_64B,
                     f"({rows}, {k // 2}) MXFP4 byte matrix")
 
 

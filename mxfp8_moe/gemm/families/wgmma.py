@@ -1,5 +1,6 @@
 """The Hopper family (kernels/wgmma_grouped_gemm.cuh, sm_90a): FP8 wgmma fed by TMA (MXFP4 weights
-widened to e4m3 in shared memory), with its five tensor maps passed by value beside the parameters."""
+widened to e4m3 in the consumers' registers), with its five tensor maps passed by value beside the
+parameters."""
 
 from __future__ import annotations
 
@@ -108,12 +109,13 @@ class WgmmaSpec(KernelSpec):
         return f"{head}, {self.variant.cpp_type}, mxfp8_moe::{role}>"
 
     def stage_bytes(self) -> int:
-        """Weight and token tiles, then the scale words and their floats (one set per k32 slice at
-        k_gran 32) in 1024-byte units, then for MXFP4 the packed weight tile (WgmmaGemm::kStageBytes)."""
+        """Weight tile (MXFP4: packed, half the bytes) and token tile, then the scale words and their
+        floats (one set per k32 slice at k_gran 32) in 1024-byte units (WgmmaGemm::kStageBytes)."""
         slices = STAGE_K_BYTES // 32 if self.k_granularity == 32 else 1
         rows = WEIGHT_ROWS + self.block_t
-        packed = WEIGHT_ROWS * STAGE_K_BYTES // 2 if self.variant.weights == "e2m1" else 0
-        return rows * STAGE_K_BYTES + round_up(rows * 4 * (1 + slices), 1024) + packed
+        weight_row_bytes = STAGE_K_BYTES // 2 if self.variant.weights == "e2m1" else STAGE_K_BYTES
+        return (WEIGHT_ROWS * weight_row_bytes + self.block_t * STAGE_K_BYTES
+                + round_up(rows * 4 * (1 + slices), 1024))
 
     def pipeline_bytes(self) -> int:
         return self.stages * self.stage_bytes()
