@@ -133,6 +133,8 @@ struct WgmmaGemm {
     // A packed weight row's K block is 64 bytes: four 16-byte chunks, one per k32 step.
     static_assert(!kPackedWeights || K % 32 == 0, "MXFP4 rows must be whole 16-byte chunks (K % 32 == 0)");
     static_assert(!kPackedWeights || K_GRAN == 32, "MXFP4 weights have one scale per 32 values of K");
+    static_assert(!kPackedWeights || BLOCK_T <= 96,
+                  "MXFP4: at 128 tokens the A fragments beside the accumulators and partials spill");
     // The swizzles repeat every 1024 (128-byte) and 512 (64-byte) bytes from an aligned address.
     static_assert(kWeightBytes % 1024 == 0 && kTokenBytes % 1024 == 0 && kRowsOffset % 1024 == 0,
                   "the stage's tiles start 1024-byte aligned");

@@ -5,10 +5,12 @@ Each case draws fresh data and poisons `out` with NaN. The kernel under test is 
 heuristic (mma.sync for MXFP4 and interleaved rows on every tensor-core GPU, wgmma on sm_90a for
 the rest), by MXFP8_MOE_SCALE_MODE=emulated (the sm_120a block-scaled path, its MMA emulated), or
 launched directly (the portable kernel; the wgmma kernel with MXFP4 weights, widened to e4m3 in
-shared memory, which the heuristic leaves off until these tests and the benchmark have run).
+its consumers' registers, at every token tile it takes).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -18,7 +20,8 @@ from mxfp8_moe import (GatedActivation, moe_gemm_mxfp8_mxfp4_nt_groupwise, moe_g
 from mxfp8_moe.gemm import launch
 from mxfp8_moe.gemm.device import current_stream, device_info
 from mxfp8_moe.gemm.families import SimtSpec
-from mxfp8_moe.gemm.heuristics import WGMMA_ARCHS, WGMMA_TAKES_MXFP4, wgmma_spec
+from mxfp8_moe.gemm.heuristics import (WGMMA_ARCHS, WGMMA_MXFP4_TOKEN_TILES, WGMMA_TAKES_MXFP4, fit_wgmma_stages,
+                                       wgmma_spec)
 from mxfp8_moe.gemm.launch import get_kernel
 from mxfp8_moe.gemm.spec import EpilogueArguments, Variant
 from mxfp8_moe.layout import to_k_major
@@ -89,10 +92,11 @@ def test_mxfp4_weights(name, bias, scales, served, monkeypatch, fresh_memos):
     assert served == ["wgmma" if wgmma else "mma"]
 
 
+@pytest.mark.parametrize("block_t", WGMMA_MXFP4_TOKEN_TILES)
 @pytest.mark.parametrize("rows", [ROWS, [0, 3, 0, 250, 600, 1]], ids=["small", "prefill"])
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
 @pytest.mark.parametrize("name", ["plain", "swiglu", "clamped"])
-def test_mxfp4_on_the_wgmma_kernel(name, bias, rows):
+def test_mxfp4_on_the_wgmma_kernel(name, bias, rows, block_t):
     device = device_info(0)
     if device.arch not in WGMMA_ARCHS:
         pytest.skip(f"the wgmma kernel needs sm_90a, this GPU is {device.arch}")
@@ -106,6 +110,7 @@ def test_mxfp4_on_the_wgmma_kernel(name, bias, rows):
     expected_rows = sum(rows) / sum(r > 0 for r in rows)
     spec = wgmma_spec(device, len(rows), sum(r > 0 for r in rows), expected_rows, n, k, 32, activation is not None,
                       variant)
+    spec = fit_wgmma_stages(device, len(rows), dataclasses.replace(spec, block_t=block_t))
     out = torch.full((sum(rows), n // 2 if activation else n), float("nan"), dtype=torch.bfloat16, device="cuda")
     get_kernel(spec, 0)(a, b, a_scale, b_scale, m_indptr, out, current_stream(0), EpilogueArguments(
         bias_tensor, *((activation.alpha, activation.limit) if activation else (0.0, 0.0))))

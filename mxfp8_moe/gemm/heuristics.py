@@ -34,6 +34,9 @@ FEW_UNITS_WARPS = 8
 NATIVE_ARCHS = ("sm_120a", "sm_121a")
 WGMMA_ARCHS = ("sm_90a",)
 WGMMA_TOKEN_TILES = (32, 64, 96, 128)
+# MXFP4 weights: at 128 tokens the consumers' A fragments beside 192 registers of accumulators and
+# partials make ptxas spill (WgmmaGemm's static_assert).
+WGMMA_MXFP4_TOKEN_TILES = (32, 64, 96)
 WGMMA_MAX_STAGES = 5
 # K splits the wgmma kernel may run a unit in (its cluster size), largest first: when a call's
 # units are fewer than the SMs (one token on a few experts), splitting K puts more SMs to streaming
@@ -187,7 +190,8 @@ def wgmma_spec(device: DeviceInfo, num_experts: int, active_experts: int, rows: 
     tokens)."""
     if (n // 2 if gated else n) % (64 if gated else 16):
         return None  # gated tiles pair 64 up rows with 64 gate rows
-    block_t = wgmma_token_tile(rows, narrow_last_tile=k_granularity == WGMMA_NARROW_LAST_TILE_K_GRANULARITY)
+    block_t = wgmma_token_tile(rows, narrow_last_tile=k_granularity == WGMMA_NARROW_LAST_TILE_K_GRANULARITY,
+                               tiles=WGMMA_MXFP4_TOKEN_TILES if variant.weights == "e2m1" else WGMMA_TOKEN_TILES)
     unsplit = WgmmaSpec(device.arch, n, k, k_granularity, gated, block_t=block_t, stages=1, variant=variant)
     units = active_experts * math.ceil(rows / block_t) * ceil_div(unsplit.n_out, unsplit.block_n)
     k_blocks = ceil_div(k, STAGE_K_BYTES)
@@ -266,8 +270,8 @@ def mma_token_tile(rows: float) -> int:
     return next((t for t in TOKEN_TILES if t >= rows + 2 * math.sqrt(rows)), TOKEN_TILES[-1])
 
 
-def wgmma_token_tile(rows: float, narrow_last_tile: bool) -> int:
-    """The token tile of least cost over an expert's likely row counts: the token columns its
+def wgmma_token_tile(rows: float, narrow_last_tile: bool, tiles: tuple[int, ...] = WGMMA_TOKEN_TILES) -> int:
+    """The token tile (of `tiles`) of least cost over an expert's likely row counts: the token columns its
     wgmmas multiply (with `narrow_last_tile`, an expert's last tile only the multiple of 32 that
     covers its rows), the tile's overhead and its token box's copy."""
     samples = [max(1, round(rows + z * math.sqrt(rows))) for z in _ROUTING_QUANTILES]
@@ -281,7 +285,7 @@ def wgmma_token_tile(rows: float, narrow_last_tile: bool) -> int:
             total += columns + tiles * (WGMMA_TILE_OVERHEAD + WGMMA_BOX_ROW_COST * tile)
         return total
 
-    return min(WGMMA_TOKEN_TILES, key=cost)
+    return min(tiles, key=cost)
 
 
 def candidate_specs(*, device: DeviceInfo, num_experts: int, n: int, k: int, k_granularity: int, gated: bool,
