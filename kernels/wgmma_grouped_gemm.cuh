@@ -368,12 +368,12 @@ struct WgmmaGemm {
     static constexpr int kGroupsPerStage = K_GRAN == 32 ? kBlockK / 32 : 1;
     static constexpr int kGroups = kUnitKIters * kGroupsPerStage;
     static constexpr int kGroupK = kBlockK / kGroupsPerStage;
-    // Partials of a WIDTH-token multiply. Two suffice where a promotion (WIDTH / 2 FMAs a thread)
-    // covers a group's wgmmas. A k32 group of at most 64 tokens is one short wgmma, and with two
-    // partials each promotion waited for the wgmma issued one promotion before: a stage waited out
-    // four wgmma latencies in a row. Four keep three groups in flight (160 registers of
-    // accumulators and partials at 64 tokens).
-    __host__ __device__ static constexpr int partials(int width) { return K_GRAN == 32 && width <= 64 ? 4 : 2; }
+    // Partials of a WIDTH-token multiply: two, so a group's promotion runs during the next group's
+    // wgmmas; four for MXFP4 weights on tiles of up to 64 tokens, where each group's wgmma waits
+    // on its A fragment's loads and widening: three groups in flight then cover them. (Measured
+    // together with the register-A path, H100, gpt-oss gate_up T = 64: 770 -> 690 us. On MXFP8
+    // weights at k_gran 32 four partials changed nothing, 723 -> 726 us, so they keep two.)
+    __host__ __device__ static constexpr int partials(int width) { return kPackedWeights && width <= 64 ? 4 : 2; }
     // Groups per chain: a chain ends with no wgmma in flight, since ptxas serializes every wgmma
     // of the kernel when a loop carries one in flight across its back edge. The chain's last
     // D - 1 promotions overlap less: a chain of two partials is four groups, of four partials two

@@ -7,7 +7,7 @@ order); the HBM floor counts 4 bits per weight plus its scales. gate_up runs gpt
 loader de-interleaves the checkpoint's rows into once, and the one the Hopper wgmma kernel takes);
 down its bias. On Hopper two further columns launch each tensor-core kernel with MXFP4 weights
 directly, the data behind the heuristic's choice between them: mma.sync, and wgmma (the weights
-widened to e4m3 in shared memory; the op's choice there since session 4).
+widened to e4m3 in its consumers' registers; the op's choice there since session 4).
 
     python tools/bench_w4a8.py --out w4a8.json       # also w4a8.md
 """

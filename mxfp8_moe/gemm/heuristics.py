@@ -50,9 +50,10 @@ WGMMA_SPLIT_MAX_TOKEN_TILE = 64
 # in 2 took 14.5 us against 12.7 (Nsight Compute, H100): the cluster barriers and the reduction
 # cost more than 8 K blocks of streaming saves.
 WGMMA_SPLIT_MIN_K_BLOCKS = 16
-# MXFP4 weights widened to e4m3 in shared memory (issue 14): on the H100 (gpt-oss-120b, after the
-# widening's rewrite) 1.06-2.39x the mma.sync kernel at T = 1, 4 and from 256 up, 0.5-11 % slower
-# at T = 16 and 64 (docs/PERFORMANCE.md, "W4A8"); the GPU tests pass with it on (H100, H200).
+# MXFP4 weights on the wgmma kernel (issue 14). Widened in shared memory it was, on the H100
+# (gpt-oss-120b), 1.06-2.39x the mma.sync kernel at T = 1, 4 and from 256 up, 0.5-11 % slower at
+# T = 16 and 64 (docs/PERFORMANCE.md, "W4A8"); widened in registers (session 11) it took 10 % off
+# the T = 64 gate_up cell, the one re-timed (770 -> 690 us). The GPU tests pass with it on (H100).
 WGMMA_TAKES_MXFP4 = True
 # Decode units split over K in clusters (issue 15), within the two rules above: DeepSeek-V3 EP8's
 # gate_up at one token (32 units) in 2 took 19.7 us against 23.9 in the layer benchmark (H100,
