@@ -14,9 +14,9 @@
 //     for every e2m1 value) in registers and issues wgmma with A from registers. The HBM stream and
 //     the stage are halved, the tensor work is the FP8 kernel's.
 //   - warpgroups 0 and 1 consume: each multiplies 64 weight rows by the BLOCK_T-token tile, one
-//     scale group (a K block; a k32 slice for k_gran 32) at a time, into one of two partial sums,
-//     and promotes it into the FP32 accumulators with the group's scales while the next group's
-//     wgmmas run; after a stage's last group it releases the stage ("empty" barrier).
+//     scale group (a K block; a k32 slice for k_gran 32) at a time, into one of a few rotating
+//     partial sums, and promotes it into the FP32 accumulators with the group's scales while later
+//     groups' wgmmas run; after a stage's last group it releases the stage ("empty" barrier).
 //   - the epilogue writes a full tile out by TMA store, finished while the consumers go on.
 // The promotion (a multiply and an FMA per accumulator per scale group) is work a plain FP8 GEMM
 // does not have; it runs on the CUDA cores beside the tensor work (docs/DESIGN.md).
@@ -532,13 +532,11 @@ struct WgmmaGemm {
         }
         // k32 step ks of the stage starts 32 bytes further: +2 in the descriptor's address field.
         const u64 b = ptx::smem_descriptor_sw128(ptx::shared_address(stage(s)) + kWeightBytes) + 2 * slice;
-        if constexpr (kPackedWeights) {
-            u32 a[kGroupK / 32][4];
-#pragma unroll
-            for (int ks = 0; ks < kGroupK / 32; ++ks) weight_fragment(a[ks], s, slice + ks, warpgroup);
-            ptx::wgmma_fence();  // the fragments are written; the partial was last read D groups before
-#pragma unroll
-            for (int ks = 0; ks < kGroupK / 32; ++ks) ptx::Wgmma<WIDTH>::run(partial, a[ks], b + 2 * ks, ks);
+        if constexpr (kPackedWeights) {  // k_gran 32: the group is one k32 step
+            u32 a[4];
+            weight_fragment(a, s, slice, warpgroup);
+            ptx::wgmma_fence();  // the fragment is written; the partial was last read D groups before
+            ptx::Wgmma<WIDTH>::run(partial, a, b, 0);
         } else {
             const u64 a = ptx::smem_descriptor_sw128(ptx::shared_address(stage(s)) + warpgroup * 64 * kBlockK) + 2 * slice;
             ptx::wgmma_fence();  // the partial was last read by the promotion of the group D before
