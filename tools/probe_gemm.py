@@ -54,7 +54,7 @@ WARMUP_ROUNDS = 20
 
 
 def probe(model: str, gemm: str, tokens: int, weights: str, k_granularity: int, stages: int | None,
-          splits: int | None) -> str:
+          splits: int | None, block_t: int | None, build_only: bool) -> str:
     torch.manual_seed(0)
     experts, hidden, intermediate, top_k = MODELS[model]
     gated = gemm == "gate_up"
@@ -77,9 +77,13 @@ def probe(model: str, gemm: str, tokens: int, weights: str, k_granularity: int, 
         if ceil_div(k, STAGE_K_BYTES) % splits:
             raise SystemExit(f"--splits {splits} does not divide the {ceil_div(k, STAGE_K_BYTES)} K blocks")
         spec = dataclasses.replace(spec, splits=splits)
-    if splits is not None or stages is not None:  # the most stages up to the request (or the default) that fit
-        spec = fit_wgmma_stages(device, experts, spec, stages or WGMMA_MAX_STAGES)
+    if block_t is not None:
+        spec = dataclasses.replace(spec, block_t=block_t)
+    if splits is not None or stages is not None or block_t is not None:  # the most stages up to the request
+        spec = fit_wgmma_stages(device, experts, spec, stages or WGMMA_MAX_STAGES)  # (or the default) that fit
     kernel = get_kernel(spec, 0)
+    if build_only:
+        return f"{model} {gemm} T={tokens} {weights}: {spec.label} built"
     epilogue = (EpilogueArguments(torch.randn(experts, n, device="cuda"), GPT_OSS_ALPHA, GPT_OSS_LIMIT),) if gpt_oss else ()
     calls = [lambda copy=b.clone(): kernel(a, copy, a_scale, b_scale, m_indptr, out, current_stream(0), *epilogue)
              for _ in range(COPIES)]
@@ -135,6 +139,9 @@ def main() -> None:
     parser.add_argument("--k-granularity", type=int, choices=[32, 128], default=None,
                         help="default: 32 for MXFP4 weights, else 128")
     parser.add_argument("--stages", type=int, help="pipeline stages (at most this many that fit)")
+    parser.add_argument("--block-t", type=int, choices=[32, 64, 96, 128], help="token tile (default: the heuristic's)")
+    parser.add_argument("--build-only", action="store_true",
+                        help="compile the kernel into the cache and exit (an A/B driver's parallel prewarm)")
     parser.add_argument("--kernels", type=Path, help="kernel source tree to build from (default: this checkout's)")
     parser.add_argument("--splits", type=int, choices=[1, 2, 4],
                         help="K split over a cluster of this many CTAs (default: unsplit, as the heuristic runs)")
@@ -146,12 +153,13 @@ def main() -> None:
         kernels = args.kernels.resolve()
         build.kernel_dir = lambda: kernels  # where build() resolves the instantiation's #includes
     if args.gemm == "layer":
-        if args.weights != "mxfp8" or args.stages is not None or args.splits is not None:
+        if args.weights != "mxfp8" or args.stages is not None or args.splits is not None or args.block_t is not None \
+                or args.build_only:
             parser.error("the layer probe runs MXFP8 weights, unsplit, at the heuristic's pipeline depth")
         print(probe_layer(args.model, args.tokens, k_granularity), flush=True)
     else:
-        print(probe(args.model, args.gemm, args.tokens, args.weights, k_granularity, args.stages, args.splits),
-              flush=True)
+        print(probe(args.model, args.gemm, args.tokens, args.weights, k_granularity, args.stages, args.splits,
+                    args.block_t, args.build_only), flush=True)
 
 
 if __name__ == "__main__":
