@@ -24,8 +24,8 @@
 // the same unit over their shares of K, and rank 0 adds the others' accumulators, read from its
 // shared memory in rank order (a sum whose order never depends on timing), before its epilogue.
 // Operands are swapped as in the mma.sync kernel: weight rows are wgmma's M (64 per warpgroup),
-// tokens its N: a token tile is 32, 64, 96 or 128 tokens; at k_gran 32 the tile that ends an
-// expert runs the narrowest wgmma that covers its rows.
+// tokens its N: a token tile is 8, 16, 32, 64, 96 or 128 tokens; at k_gran 32 the tile of 32 or
+// more that ends an expert runs the narrowest wgmma (in steps of 32) that covers its rows.
 // A gated tile puts up rows in warpgroup 0 and the matching gate rows in warpgroup 1; the
 // epilogue combines them through shared memory. Work units come from the same TileScheduler as
 // the other kernels; the pipeline runs on across units. Rows a tile reads past its expert
@@ -118,7 +118,8 @@ struct WgmmaGemm {
 
     static_assert(K % 16 == 0 && kNOut % 16 == 0, "K and the output width must be multiples of 16");
     static_assert(K_GRAN == 32 || K_GRAN == 128, "k granularity is 32 or 128");
-    static_assert(BLOCK_T % 32 == 0 && BLOCK_T <= 128, "token tiles of 32, 64, 96 or 128 (ptx::Wgmma instances)");
+    static_assert(BLOCK_T == 8 || BLOCK_T == 16 || (BLOCK_T % 32 == 0 && BLOCK_T <= 128),
+                  "token tiles of 8, 16, 32, 64, 96 or 128 (ptx::Wgmma instances)");
     static_assert((3 * STAGES + 2) * 8 <= kBarrierBytes, "barriers must fit their region");
     static_assert(kKIters % SPLITS == 0, "split K: each rank multiplies as many K blocks");
     // A chain issues the next group before releasing the current one's stage: that must be another stage.
@@ -383,9 +384,11 @@ struct WgmmaGemm {
     __host__ __device__ static constexpr int chain_groups(int width) { return 4 * partials(width) / 2; }
     static constexpr bool kThreeAndThree = kGroups == 6;
     // At k_gran 32 an expert's last tile multiplies only the token columns that hold its rows, in
-    // steps of 32 (ptx::Wgmma has 32, 64, 96 and 128); heuristics.wgmma_token_tile assumes the same.
+    // steps of 32 (tiles of 8 and 16 tokens always run whole); heuristics.wgmma_token_tile assumes
+    // the same.
     static constexpr bool kNarrowLastTile = K_GRAN == 32;
     static constexpr int kWidthStep = 32;
+    static constexpr int kNarrowestWidth = kNarrowLastTile && BLOCK_T > kWidthStep ? kWidthStep : BLOCK_T;
 
     // Units and iterations as produce(): `first_stage` is the pipeline iteration of the first
     // unit's first K block.
@@ -396,7 +399,7 @@ struct WgmmaGemm {
             const WorkUnit w = scheduler.unit(u);
 #pragma unroll
             for (int i = 0; i < kAccumulators; ++i) acc[i] = 0.0f;
-            multiply_narrowest<kNarrowLastTile ? kWidthStep : BLOCK_T>(acc, first_stage, w.rows, warpgroup, thread);
+            multiply_narrowest<kNarrowestWidth>(acc, first_stage, w.rows, warpgroup, thread);
             if constexpr (SPLITS > 1) {
                 if (!gather_splits(acc, round, warpgroup, thread)) continue;  // rank 0 stores the tile
             }

@@ -15,7 +15,8 @@ import torch
 from mxfp8_moe import moe_gemm_mxfp8_nt_groupwise
 from mxfp8_moe.gemm import launch
 from mxfp8_moe.gemm.device import device_info
-from mxfp8_moe.gemm.heuristics import WGMMA_ARCHS, choose_spec, fit_wgmma_stages, wgmma_spec
+from mxfp8_moe.gemm.heuristics import (WGMMA_ARCHS, WGMMA_DECODE_TOKEN_TILES, WGMMA_TOKEN_TILES, choose_spec,
+                                       fit_wgmma_stages, wgmma_spec)
 from mxfp8_moe.gemm.launch import get_kernel
 from mxfp8_moe.gemm.families import SimtSpec
 
@@ -118,7 +119,7 @@ def test_simt_kernel(gated, k_granularity):
     run_kernel_and_check(get_kernel(SimtSpec(device_info(0).arch, 96, 336, k_granularity, gated), 0), problem)
 
 
-@pytest.mark.parametrize("block_t", [32, 64, 96, 128])
+@pytest.mark.parametrize("block_t", WGMMA_DECODE_TOKEN_TILES + WGMMA_TOKEN_TILES)
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("k_granularity", [32, 128])
 def test_wgmma_kernel(block_t, gated, k_granularity, hopper):

@@ -15,7 +15,8 @@ import re
 import pytest
 
 from mxfp8_moe.gemm.device import DeviceInfo
-from mxfp8_moe.gemm.heuristics import candidate_specs, choose_spec, fit_wgmma_stages, wgmma_spec
+from mxfp8_moe.gemm.heuristics import (WGMMA_DECODE_TOKEN_TILES, candidate_specs, choose_spec, fit_wgmma_stages,
+                                       wgmma_spec)
 from mxfp8_moe.gemm.families import SimtSpec
 from mxfp8_moe.gemm.spec import DEFAULT_VARIANT, KernelSpec, Variant
 from mxfp8_moe.jit import inspect
@@ -94,6 +95,16 @@ def _specs() -> list[KernelSpec]:
     for variant, (n, k, gated) in ((GPT_OSS_GATE_UP_HALVES, (5760, 2880, True)), (GPT_OSS_DOWN, (2880, 2880, False))):
         for rows in (1.0, 40.0, 70.0, 1000.0):
             specs[wgmma_spec(hopper, NUM_EXPERTS, NUM_EXPERTS, rows, n, k, 32, gated, variant)] = None
+    # The decode token tiles (8 and 16 tokens), which the GPU tests and the probe run: gpt-oss's
+    # gate_up with MXFP4 and MXFP8 weights at both granularities, and an ungated GEMM.
+    for variant, k_granularity, (n, k, gated) in ((GPT_OSS_GATE_UP_HALVES, 32, (5760, 2880, True)),
+                                                  (DEFAULT_VARIANT, 32, (5760, 2880, True)),
+                                                  (DEFAULT_VARIANT, 128, (5760, 2880, True)),
+                                                  (DEFAULT_VARIANT, 32, (2880, 2880, False))):
+        for block_t in WGMMA_DECODE_TOKEN_TILES:
+            decode = wgmma_spec(hopper, NUM_EXPERTS, NUM_EXPERTS, 1.0, n, k, k_granularity, gated, variant,
+                                split_k=False)
+            specs[fit_wgmma_stages(hopper, NUM_EXPERTS, dataclasses.replace(decode, block_t=block_t))] = None
     return list(specs)
 
 
@@ -235,9 +246,9 @@ def test_mma_host_and_kernel_agree_on_shared_memory():
 
 
 def test_subset_covers_wgmma_token_tiles():
-    assert {s.block_t for s in WGMMA_SPECS} >= {32, 128} and {s.k_granularity for s in WGMMA_SPECS} == {32, 128}
-    assert {s.splits for s in WGMMA_SPECS} == {1, 2, 4}
-    assert {s.block_t for s in WGMMA_SPECS if s.variant.weights == "e2m1"} == {32, 64, 96}  # MXFP4: up to 96
+    assert {s.block_t for s in WGMMA_SPECS} == {8, 16, 32, 64, 96, 128}
+    assert {s.k_granularity for s in WGMMA_SPECS} == {32, 128} and {s.splits for s in WGMMA_SPECS} == {1, 2, 4}
+    assert {s.block_t for s in WGMMA_SPECS if s.variant.weights == "e2m1"} == {8, 16, 32, 64, 96}  # MXFP4: up to 96
 
 
 def test_subset_covers_both_scale_modes_on_sm120():

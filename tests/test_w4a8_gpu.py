@@ -20,8 +20,8 @@ from mxfp8_moe import (GatedActivation, moe_gemm_mxfp8_mxfp4_nt_groupwise, moe_g
 from mxfp8_moe.gemm import launch
 from mxfp8_moe.gemm.device import current_stream, device_info
 from mxfp8_moe.gemm.families import SimtSpec
-from mxfp8_moe.gemm.heuristics import (WGMMA_ARCHS, WGMMA_MXFP4_TOKEN_TILES, WGMMA_TAKES_MXFP4, fit_wgmma_stages,
-                                       wgmma_spec)
+from mxfp8_moe.gemm.heuristics import (WGMMA_ARCHS, WGMMA_DECODE_TOKEN_TILES, WGMMA_MXFP4_TOKEN_TILES,
+                                       WGMMA_TAKES_MXFP4, fit_wgmma_stages, wgmma_spec)
 from mxfp8_moe.gemm.launch import get_kernel
 from mxfp8_moe.gemm.spec import EpilogueArguments, Variant
 from mxfp8_moe.layout import to_k_major
@@ -92,7 +92,7 @@ def test_mxfp4_weights(name, bias, scales, served, monkeypatch, fresh_memos):
     assert served == ["wgmma" if wgmma else "mma"]
 
 
-@pytest.mark.parametrize("block_t", WGMMA_MXFP4_TOKEN_TILES)
+@pytest.mark.parametrize("block_t", WGMMA_DECODE_TOKEN_TILES + WGMMA_MXFP4_TOKEN_TILES)
 @pytest.mark.parametrize("rows", [ROWS, [0, 3, 0, 250, 600, 1]], ids=["small", "prefill"])
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
 @pytest.mark.parametrize("name", ["plain", "swiglu", "clamped"])

@@ -139,7 +139,8 @@ def main() -> None:
     parser.add_argument("--k-granularity", type=int, choices=[32, 128], default=None,
                         help="default: 32 for MXFP4 weights, else 128")
     parser.add_argument("--stages", type=int, help="pipeline stages (at most this many that fit)")
-    parser.add_argument("--block-t", type=int, choices=[32, 64, 96, 128], help="token tile (default: the heuristic's)")
+    parser.add_argument("--block-t", type=int, choices=[8, 16, 32, 64, 96, 128],
+                        help="token tile (default: the heuristic's)")
     parser.add_argument("--build-only", action="store_true",
                         help="compile the kernel into the cache and exit (an A/B driver's parallel prewarm)")
     parser.add_argument("--kernels", type=Path, help="kernel source tree to build from (default: this checkout's)")

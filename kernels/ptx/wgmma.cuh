@@ -4,6 +4,8 @@
 //
 // D fragment: thread t of the warpgroup (warp w = t / 32, lane l) holds, for each column group
 // j = 0 .. N/8 - 1, d[4j + i] = D[16w + l/4 + 8 (i / 2)][8j + 2 (l % 4) + i % 2].
+// A fragment (A from registers): thread t holds a[0] = row 16w + l/4, k 4 (l % 4) .. + 3; a[1]: 8
+// rows further; a[2], a[3]: the same 16 k further; four e4m3 values a register, lowest k lowest.
 //
 // Inline asm needs one operand per accumulator register, so each N is spelled out.
 #pragma once
@@ -45,6 +47,62 @@ template <int N>
 struct Wgmma;
 
 template <>
+struct Wgmma<8> {
+    __device__ __forceinline__ static void run(float (&d)[4], u64 a, u64 b, u32 accumulate) {
+        asm volatile(
+            "{\n .reg .pred p;\n setp.ne.u32 p, %6, 0;\n"
+            " wgmma.mma_async.sync.aligned.m64n8k32.f32.e4m3.e4m3 "
+            "{%0, %1, %2, %3}, "
+            "%4, %5, p, 1, 1;\n}\n"
+            :
+              "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "l"(a), "l"(b), "r"(accumulate)
+            : "memory");
+    }
+
+    // A from registers (the fragment above).
+    __device__ __forceinline__ static void run(float (&d)[4], const u32 (&a)[4], u64 b, u32 accumulate) {
+        asm volatile(
+            "{\n .reg .pred p;\n setp.ne.u32 p, %9, 0;\n"
+            " wgmma.mma_async.sync.aligned.m64n8k32.f32.e4m3.e4m3 "
+            "{%0, %1, %2, %3}, "
+            "{%4, %5, %6, %7}, %8, p, 1, 1;\n}\n"
+            :
+              "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate)
+            : "memory");
+    }
+};
+
+template <>
+struct Wgmma<16> {
+    __device__ __forceinline__ static void run(float (&d)[8], u64 a, u64 b, u32 accumulate) {
+        asm volatile(
+            "{\n .reg .pred p;\n setp.ne.u32 p, %10, 0;\n"
+            " wgmma.mma_async.sync.aligned.m64n16k32.f32.e4m3.e4m3 "
+            "{%0, %1, %2, %3, %4, %5, %6, %7}, "
+            "%8, %9, p, 1, 1;\n}\n"
+            :
+              "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+            : "l"(a), "l"(b), "r"(accumulate)
+            : "memory");
+    }
+
+    // A from registers (the fragment above).
+    __device__ __forceinline__ static void run(float (&d)[8], const u32 (&a)[4], u64 b, u32 accumulate) {
+        asm volatile(
+            "{\n .reg .pred p;\n setp.ne.u32 p, %13, 0;\n"
+            " wgmma.mma_async.sync.aligned.m64n16k32.f32.e4m3.e4m3 "
+            "{%0, %1, %2, %3, %4, %5, %6, %7}, "
+            "{%8, %9, %10, %11}, %12, p, 1, 1;\n}\n"
+            :
+              "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate)
+            : "memory");
+    }
+};
+
+template <>
 struct Wgmma<32> {
     __device__ __forceinline__ static void run(float (&d)[16], u64 a, u64 b, u32 accumulate) {
         asm volatile(
@@ -59,8 +117,7 @@ struct Wgmma<32> {
             : "memory");
     }
 
-    // A from registers: thread t's fragment (a[0]: row 16 w + l / 4, k 4 (l % 4) .. + 3; a[1]: 8 rows
-    // further; a[2], a[3]: the same 16 k further), four e4m3 values a register, lowest k lowest.
+    // A from registers (the fragment above).
     __device__ __forceinline__ static void run(float (&d)[16], const u32 (&a)[4], u64 b, u32 accumulate) {
         asm volatile(
             "{\n .reg .pred p;\n setp.ne.u32 p, %21, 0;\n"
@@ -92,7 +149,7 @@ struct Wgmma<64> {
             : "memory");
     }
 
-    // A from registers (as Wgmma<32>).
+    // A from registers (the fragment above).
     __device__ __forceinline__ static void run(float (&d)[32], const u32 (&a)[4], u64 b, u32 accumulate) {
         asm volatile(
             "{\n .reg .pred p;\n setp.ne.u32 p, %37, 0;\n"
@@ -128,7 +185,7 @@ struct Wgmma<96> {
             : "memory");
     }
 
-    // A from registers (as Wgmma<32>).
+    // A from registers (the fragment above).
     __device__ __forceinline__ static void run(float (&d)[48], const u32 (&a)[4], u64 b, u32 accumulate) {
         asm volatile(
             "{\n .reg .pred p;\n setp.ne.u32 p, %53, 0;\n"
@@ -168,7 +225,7 @@ struct Wgmma<128> {
             : "memory");
     }
 
-    // A from registers (as Wgmma<32>).
+    // A from registers (the fragment above).
     __device__ __forceinline__ static void run(float (&d)[64], const u32 (&a)[4], u64 b, u32 accumulate) {
         asm volatile(
             "{\n .reg .pred p;\n setp.ne.u32 p, %69, 0;\n"

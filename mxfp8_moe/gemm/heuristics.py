@@ -34,6 +34,12 @@ FEW_UNITS_WARPS = 8
 NATIVE_ARCHS = ("sm_120a", "sm_121a")
 WGMMA_ARCHS = ("sm_90a",)
 WGMMA_TOKEN_TILES = (32, 64, 96, 128)
+# The kernel also builds tiles of 8 and 16 tokens (wgmma m64n8 / m64n16): at decode an expert holds
+# a few rows, and a 32-token tile's promotion scales 32 columns where they hold 1-8. At 8 tokens the
+# consumers' k32 group is 49 instructions a warp instead of 77 (MXFP4) and 19 instead of 47 (MXFP8
+# k_gran 32) in the gpt-oss gate_up SASS. Not chosen here until a GPU run has timed them: the
+# build and GPU tests cover them, and tools/probe_gemm.py --block-t runs them.
+WGMMA_DECODE_TOKEN_TILES = (8, 16)
 # MXFP4 weights: at 128 tokens the consumers' A fragments beside 192 registers of accumulators and
 # partials make ptxas spill (WgmmaGemm's static_assert).
 WGMMA_MXFP4_TOKEN_TILES = (32, 64, 96)
@@ -273,15 +279,15 @@ def mma_token_tile(rows: float) -> int:
 
 def wgmma_token_tile(rows: float, narrow_last_tile: bool, tiles: tuple[int, ...] = WGMMA_TOKEN_TILES) -> int:
     """The token tile (of `tiles`) of least cost over an expert's likely row counts: the token columns its
-    wgmmas multiply (with `narrow_last_tile`, an expert's last tile only the multiple of 32 that
-    covers its rows), the tile's overhead and its token box's copy."""
+    wgmmas multiply (with `narrow_last_tile`, an expert's last tile of 32 or more only the multiple
+    of 32 that covers its rows), the tile's overhead and its token box's copy."""
     samples = [max(1, round(rows + z * math.sqrt(rows))) for z in _ROUTING_QUANTILES]
 
     def cost(tile: int) -> float:
         total = 0.0
         for r in samples:
             full, rest = divmod(r, tile)
-            columns = full * tile + (math.ceil(rest / 32) * 32 if narrow_last_tile else tile * (rest > 0))
+            columns = full * tile + (min(tile, math.ceil(rest / 32) * 32) if narrow_last_tile else tile * (rest > 0))
             tiles = full + (rest > 0)
             total += columns + tiles * (WGMMA_TILE_OVERHEAD + WGMMA_BOX_ROW_COST * tile)
         return total

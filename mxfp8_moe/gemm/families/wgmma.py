@@ -69,7 +69,7 @@ def weight_scales_map(b_scale: torch.Tensor) -> bytes:
 
 @dataclasses.dataclass(frozen=True)
 class WgmmaSpec(KernelSpec):
-    block_t: int  # tokens per tile: 32, 64, 96 or 128
+    block_t: int  # tokens per tile: 8, 16, 32, 64, 96 or 128
     stages: int
     splits: int = 1  # K splits: the CTAs of a cluster share each unit (WgmmaGemm's SPLITS)
 
