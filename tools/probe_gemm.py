@@ -62,14 +62,9 @@ def probe(model: str, gemm: str, tokens: int, weights: str, k_granularity: int, 
     gpt_oss = model.startswith("gpt-oss")
     variant = Variant("e2m1" if weights == "mxfp4" else "e4m3", "clamped_swiglu" if gpt_oss and gated else "swiglu",
                       False, gpt_oss)
-    w = torch.randn(experts, n, k, device="cuda") * 0.05
-    b, b_scale = quantize_weights_mxfp4(w) if weights == "mxfp4" else quantize_weights(w, k_granularity)
-    del w
+    # The routing draws from the CPU generator and the data from the GPU's, so choosing (and, with
+    # `build_only`, compiling) the kernel before any data is drawn leaves both sequences as they were.
     rows = routed_rows(tokens, experts, top_k)
-    m_indptr = indptr(rows, "cuda")
-    a, a_scale = quantize_activations(torch.randn(sum(rows), k, device="cuda"), m_indptr, k_granularity)
-    out = torch.empty(sum(rows), n // 2 if gated else n, dtype=torch.bfloat16, device="cuda")
-
     device = device_info(0)
     active = sum(r > 0 for r in rows)
     spec = wgmma_spec(device, experts, active, sum(rows) / active, n, k, k_granularity, gated, variant, split_k=False)
@@ -84,6 +79,13 @@ def probe(model: str, gemm: str, tokens: int, weights: str, k_granularity: int, 
     kernel = get_kernel(spec, 0)
     if build_only:
         return f"{model} {gemm} T={tokens} {weights}: {spec.label} built"
+
+    w = torch.randn(experts, n, k, device="cuda") * 0.05
+    b, b_scale = quantize_weights_mxfp4(w) if weights == "mxfp4" else quantize_weights(w, k_granularity)
+    del w
+    m_indptr = indptr(rows, "cuda")
+    a, a_scale = quantize_activations(torch.randn(sum(rows), k, device="cuda"), m_indptr, k_granularity)
+    out = torch.empty(sum(rows), n // 2 if gated else n, dtype=torch.bfloat16, device="cuda")
     epilogue = (EpilogueArguments(torch.randn(experts, n, device="cuda"), GPT_OSS_ALPHA, GPT_OSS_LIMIT),) if gpt_oss else ()
     calls = [lambda copy=b.clone(): kernel(a, copy, a_scale, b_scale, m_indptr, out, current_stream(0), *epilogue)
              for _ in range(COPIES)]
