@@ -61,7 +61,7 @@ struct WgmmaTensorMaps {
 // quantize them into the stage's token tile.
 
 template <int N, int K, int K_GRAN, bool GATED, int BLOCK_T, int STAGES, int SPLITS = 1, typename V = Variant<>,
-          int ROLE = kWholeKernel>
+          int ROLE = kWholeKernel, int CTAS_PER_SM = 1>
 struct WgmmaGemm {
     static constexpr int kConsumers = 2;                      // warpgroups multiplying
     static constexpr int kThreads = (kConsumers + 1) * 128;   // + the producer warpgroup
@@ -69,11 +69,16 @@ struct WgmmaGemm {
     static constexpr int kStages = STAGES;
     static constexpr bool kInLayer = ROLE != kWholeKernel;
     static constexpr bool kQuantizesTokens = ROLE == kLayerDown;
-    // setmaxnreg: 128 x 40 + 256 x 232 <= 64K. Split-K and layer kernels (decode tiles: few
-    // accumulators) give the producer warpgroup more: a split's K loop starts at a block only known
-    // at run time, and the layer's preparers quantize tokens.
-    static constexpr int kProducerRegisters = SPLITS > 1 || kInLayer ? 56 : 40;
-    static constexpr int kConsumerRegisters = SPLITS > 1 || kInLayer ? 224 : 232;
+    // CTAS_PER_SM = 2 (decode tiles): two CTAs share each SM, so twice the consumer warps hide each
+    // other's latencies and twice the stages are in flight, in half the registers and shared memory.
+    // The launch bound then leaves each thread 65536 / (384 x 2) registers, in steps of 8: 80.
+    static constexpr int kLaunchRegisters = 65536 / (kThreads * CTAS_PER_SM) / 8 * 8;
+    // setmaxnreg: 128 x 40 + 256 x 232 <= 384 x 168 at one CTA an SM. Split-K and layer kernels
+    // (decode tiles: few accumulators) give the producer warpgroup more: a split's K loop starts at
+    // a block only known at run time, and the layer's preparers quantize tokens. Two CTAs an SM:
+    // 128 x 32 + 256 x 104 <= 384 x 80.
+    static constexpr int kProducerRegisters = CTAS_PER_SM > 1 ? 32 : SPLITS > 1 || kInLayer ? 56 : 40;
+    static constexpr int kConsumerRegisters = CTAS_PER_SM > 1 ? 104 : SPLITS > 1 || kInLayer ? 224 : 232;
     static constexpr int kBlockK = 128;
     static constexpr int kKIters = ceil_div(K, kBlockK);
     static constexpr int kUnitKIters = kKIters / SPLITS;  // the K blocks a CTA multiplies per unit
@@ -124,10 +129,15 @@ struct WgmmaGemm {
     static_assert(kKIters % SPLITS == 0, "split K: each rank multiplies as many K blocks");
     // A chain issues the next group before releasing the current one's stage: that must be another stage.
     static_assert(STAGES >= 2, "the promotion overlap needs two stages");
-    // setmaxnreg moves registers within what the CTA got at launch: __launch_bounds__(384, 1) caps
-    // every thread at 168 (65536 / 384, in steps of 8), and ptxas allocates exactly that.
-    static_assert(128 * kProducerRegisters + kConsumers * 128 * kConsumerRegisters <= kThreads * 168,
+    // setmaxnreg moves registers within what the CTA got at launch: __launch_bounds__(384,
+    // CTAS_PER_SM) caps every thread at kLaunchRegisters, and ptxas allocates exactly that.
+    static_assert(128 * kProducerRegisters + kConsumers * 128 * kConsumerRegisters <= kThreads * kLaunchRegisters,
                   "the warpgroups' register counts exceed the CTA's allocation");
+    // (At 32 tokens the MXFP4 consumers' four partials and fragments outgrow 104 registers: ptxas
+    // serializes the wgmmas.)
+    static_assert(CTAS_PER_SM == 1 ||
+                      (CTAS_PER_SM == 2 && SPLITS == 1 && !kInLayer && BLOCK_T <= (kPackedWeights ? 16 : 32)),
+                  "two CTAs an SM: whole units of decode tiles (the consumers have 104 registers)");
     static_assert(!GATED || kNOut % 64 == 0, "gated tiles pair 64 up rows with 64 gate rows");
     // A warpgroup's 64 weight rows are one TMA box of consecutive rows.
     static_assert(!V::kInterleaved, "interleaved up and gate rows run on the mma.sync kernel");

@@ -132,6 +132,23 @@ def test_wgmma_kernel(block_t, gated, k_granularity, hopper):
     run_kernel_and_check(get_kernel(spec, 0), problem)
 
 
+@pytest.mark.parametrize("block_t", WGMMA_DECODE_TOKEN_TILES)
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("k_granularity", [32, 128])
+def test_wgmma_two_ctas_per_sm(block_t, gated, k_granularity, hopper):
+    # Decode tiles with two CTAs on each SM (80 registers a thread at launch, half the shared
+    # memory each): the launch really makes them co-resident, and they compute the same GEMM.
+    # Experts of one row up to a few tiles, empty ones, a K tail (2880 = 22.5 x 128).
+    rows = [0, 1, 3, 8, 9, 0, 17, 2, 40]
+    n = 5760 if gated else 2880
+    problem = make_problem(rows, n, 2880, k_granularity=k_granularity, gated=gated)
+    spec = wgmma_spec(hopper, len(rows), 7, 11.4, n, 2880, k_granularity, gated, split_k=False)
+    spec = fit_wgmma_stages(hopper, len(rows), dataclasses.replace(spec, block_t=block_t, ctas_per_sm=2))
+    kernel = get_kernel(spec, 0)
+    assert kernel.launch_config(len(rows), sum(rows))[0][0] == 2 * hopper.num_sms
+    run_kernel_and_check(kernel, problem)
+
+
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("k_granularity", [32, 128])
 def test_wgmma_kernel_small(k_granularity, gated, hopper, monkeypatch):

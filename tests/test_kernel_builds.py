@@ -95,16 +95,19 @@ def _specs() -> list[KernelSpec]:
     for variant, (n, k, gated) in ((GPT_OSS_GATE_UP_HALVES, (5760, 2880, True)), (GPT_OSS_DOWN, (2880, 2880, False))):
         for rows in (1.0, 40.0, 70.0, 1000.0):
             specs[wgmma_spec(hopper, NUM_EXPERTS, NUM_EXPERTS, rows, n, k, 32, gated, variant)] = None
-    # The decode token tiles (8 and 16 tokens), which the GPU tests and the probe run: gpt-oss's
-    # gate_up with MXFP4 and MXFP8 weights at both granularities, and an ungated GEMM.
+    # The decode token tiles (8 and 16 tokens), one or two CTAs an SM, which the GPU tests and the
+    # probe run: gpt-oss's gate_up with MXFP4 and MXFP8 weights at both granularities, and an
+    # ungated GEMM.
     for variant, k_granularity, (n, k, gated) in ((GPT_OSS_GATE_UP_HALVES, 32, (5760, 2880, True)),
                                                   (DEFAULT_VARIANT, 32, (5760, 2880, True)),
                                                   (DEFAULT_VARIANT, 128, (5760, 2880, True)),
                                                   (DEFAULT_VARIANT, 32, (2880, 2880, False))):
         for block_t in WGMMA_DECODE_TOKEN_TILES:
-            decode = wgmma_spec(hopper, NUM_EXPERTS, NUM_EXPERTS, 1.0, n, k, k_granularity, gated, variant,
-                                split_k=False)
-            specs[fit_wgmma_stages(hopper, NUM_EXPERTS, dataclasses.replace(decode, block_t=block_t))] = None
+            for ctas_per_sm in (1, 2):
+                decode = wgmma_spec(hopper, NUM_EXPERTS, NUM_EXPERTS, 1.0, n, k, k_granularity, gated, variant,
+                                    split_k=False)
+                decode = dataclasses.replace(decode, block_t=block_t, ctas_per_sm=ctas_per_sm)
+                specs[fit_wgmma_stages(hopper, NUM_EXPERTS, decode)] = None
     return list(specs)
 
 
@@ -194,9 +197,10 @@ def test_wgmma_sass(spec):
     # registers for the wgmma pipeline (C7511).
     assert "serialized" not in result.log, result.log
     assert usage["spill_stores"] <= WGMMA_SPILL_LIMIT and usage["spill_loads"] <= WGMMA_SPILL_LIMIT, usage
-    # setmaxnreg redistributes the 168 registers per thread the launch bound gives the CTA (the
-    # kernel's static_assert): with fewer at entry the consumers' allocation would wait forever.
-    assert usage["registers"] == 168, usage
+    # setmaxnreg redistributes the registers per thread the launch bound gives the CTA (168 at one
+    # CTA an SM, 80 at two; the kernel's static_assert): with fewer at entry the consumers'
+    # allocation would wait forever.
+    assert usage["registers"] == 65536 // (384 * spec.ctas_per_sm) // 8 * 8, usage
     if inspect.find_tool("nvdisasm") is None and inspect.find_tool("cuobjdump") is None:
         pytest.skip("no nvdisasm/cuobjdump (pip install nvidia-cuda-nvdisasm nvidia-cuda-cuobjdump)")
     sass_text = inspect.sass(build(spec)[0].cubin)
@@ -229,9 +233,9 @@ def test_wgmma_host_and_kernel_agree_on_shared_memory():
     for i, spec in enumerate(WGMMA_SPECS):
         for stages in (2, spec.stages):
             for num_experts in (1, 7, 128, 300):
-                lines.append(f"static_assert(mxfp8_moe::WgmmaGemm<{spec.n}, {spec.k}, {spec.k_granularity}, "
-                             f"{str(spec.gated).lower()}, {spec.block_t}, {stages}, {spec.splits}{spec.variant.template_argument}>::shared_bytes({num_experts}) == "
-                             f"{dataclasses.replace(spec, stages=stages).dynamic_shared_bytes(num_experts)}, "
+                staged = dataclasses.replace(spec, stages=stages)
+                lines.append(f"static_assert({staged.cpp_type()}::shared_bytes({num_experts}) == "
+                             f"{staged.dynamic_shared_bytes(num_experts)}, "
                              f'"spec {i}, {stages} stages, {num_experts} experts");')
     compile_cubin("\n".join(lines) + "\n", arch="sm_90a", include_dir=kernel_dir(), label="layout-check")
 
@@ -248,6 +252,7 @@ def test_mma_host_and_kernel_agree_on_shared_memory():
 def test_subset_covers_wgmma_token_tiles():
     assert {s.block_t for s in WGMMA_SPECS} == {8, 16, 32, 64, 96, 128}
     assert {s.k_granularity for s in WGMMA_SPECS} == {32, 128} and {s.splits for s in WGMMA_SPECS} == {1, 2, 4}
+    assert {s.ctas_per_sm for s in WGMMA_SPECS} == {1, 2}
     assert {s.block_t for s in WGMMA_SPECS if s.variant.weights == "e2m1"} == {8, 16, 32, 64, 96}  # MXFP4: up to 96
 
 

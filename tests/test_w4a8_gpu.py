@@ -97,6 +97,19 @@ def test_mxfp4_weights(name, bias, scales, served, monkeypatch, fresh_memos):
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
 @pytest.mark.parametrize("name", ["plain", "swiglu", "clamped"])
 def test_mxfp4_on_the_wgmma_kernel(name, bias, rows, block_t):
+    check_mxfp4_wgmma(name, bias, rows, block_t, ctas_per_sm=1)
+
+
+@pytest.mark.parametrize("block_t", WGMMA_DECODE_TOKEN_TILES)
+@pytest.mark.parametrize("name", ["plain", "clamped"])
+def test_mxfp4_wgmma_two_ctas_per_sm(name, block_t):
+    # Decode tiles, two CTAs on each SM (80 registers a thread at launch): co-resident, same GEMM.
+    check_mxfp4_wgmma(name, True, ROWS, block_t, ctas_per_sm=2)
+
+
+def check_mxfp4_wgmma(name: str, bias: bool, rows: list[int], block_t: int, ctas_per_sm: int) -> None:
+    """The wgmma kernel with MXFP4 weights at this tile, launched directly, against the float64
+    reference (NaN-poisoned output)."""
     device = device_info(0)
     if device.arch not in WGMMA_ARCHS:
         pytest.skip(f"the wgmma kernel needs sm_90a, this GPU is {device.arch}")
@@ -110,9 +123,11 @@ def test_mxfp4_on_the_wgmma_kernel(name, bias, rows, block_t):
     expected_rows = sum(rows) / sum(r > 0 for r in rows)
     spec = wgmma_spec(device, len(rows), sum(r > 0 for r in rows), expected_rows, n, k, 32, activation is not None,
                       variant)
-    spec = fit_wgmma_stages(device, len(rows), dataclasses.replace(spec, block_t=block_t))
+    spec = fit_wgmma_stages(device, len(rows), dataclasses.replace(spec, block_t=block_t, ctas_per_sm=ctas_per_sm))
+    kernel = get_kernel(spec, 0)
+    assert kernel.launch_config(len(rows), sum(rows))[0][0] == ctas_per_sm * device.num_sms
     out = torch.full((sum(rows), n // 2 if activation else n), float("nan"), dtype=torch.bfloat16, device="cuda")
-    get_kernel(spec, 0)(a, b, a_scale, b_scale, m_indptr, out, current_stream(0), EpilogueArguments(
+    kernel(a, b, a_scale, b_scale, m_indptr, out, current_stream(0), EpilogueArguments(
         bias_tensor, *((activation.alpha, activation.limit) if activation else (0.0, 0.0))))
     expected = reference_moe_gemm(a, b, a_scale, b_scale, m_indptr, k_granularity=32, is_gated=activation is not None,
                                   accumulate_dtype=torch.float64, bias=bias_tensor,

@@ -54,7 +54,7 @@ WARMUP_ROUNDS = 20
 
 
 def probe(model: str, gemm: str, tokens: int, weights: str, k_granularity: int, stages: int | None,
-          splits: int | None, block_t: int | None, build_only: bool) -> str:
+          splits: int | None, block_t: int | None, ctas_per_sm: int, build_only: bool) -> str:
     torch.manual_seed(0)
     experts, hidden, intermediate, top_k = MODELS[model]
     gated = gemm == "gate_up"
@@ -72,10 +72,11 @@ def probe(model: str, gemm: str, tokens: int, weights: str, k_granularity: int, 
         if ceil_div(k, STAGE_K_BYTES) % splits:
             raise SystemExit(f"--splits {splits} does not divide the {ceil_div(k, STAGE_K_BYTES)} K blocks")
         spec = dataclasses.replace(spec, splits=splits)
-    if block_t is not None:
-        spec = dataclasses.replace(spec, block_t=block_t)
-    if splits is not None or stages is not None or block_t is not None:  # the most stages up to the request
-        spec = fit_wgmma_stages(device, experts, spec, stages or WGMMA_MAX_STAGES)  # (or the default) that fit
+    if block_t is not None or ctas_per_sm > 1:
+        spec = dataclasses.replace(spec, block_t=block_t or spec.block_t, ctas_per_sm=ctas_per_sm)
+    if splits is not None or stages is not None or block_t is not None or ctas_per_sm > 1:
+        # The most stages up to the request (or the default) that fit.
+        spec = fit_wgmma_stages(device, experts, spec, stages or WGMMA_MAX_STAGES)
     kernel = get_kernel(spec, 0)
     if build_only:
         return f"{model} {gemm} T={tokens} {weights}: {spec.label} built"
@@ -143,6 +144,8 @@ def main() -> None:
     parser.add_argument("--stages", type=int, help="pipeline stages (at most this many that fit)")
     parser.add_argument("--block-t", type=int, choices=[8, 16, 32, 64, 96, 128],
                         help="token tile (default: the heuristic's)")
+    parser.add_argument("--ctas-per-sm", type=int, choices=[1, 2], default=1,
+                        help="2: two CTAs an SM, each with half the registers and shared memory (decode tiles)")
     parser.add_argument("--build-only", action="store_true",
                         help="compile the kernel into the cache and exit (an A/B driver's parallel prewarm)")
     parser.add_argument("--kernels", type=Path, help="kernel source tree to build from (default: this checkout's)")
@@ -157,12 +160,12 @@ def main() -> None:
         build.kernel_dir = lambda: kernels  # where build() resolves the instantiation's #includes
     if args.gemm == "layer":
         if args.weights != "mxfp8" or args.stages is not None or args.splits is not None or args.block_t is not None \
-                or args.build_only:
+                or args.ctas_per_sm > 1 or args.build_only:
             parser.error("the layer probe runs MXFP8 weights, unsplit, at the heuristic's pipeline depth")
         print(probe_layer(args.model, args.tokens, k_granularity), flush=True)
     else:
         print(probe(args.model, args.gemm, args.tokens, args.weights, k_granularity, args.stages, args.splits,
-                    args.block_t, args.build_only), flush=True)
+                    args.block_t, args.ctas_per_sm, args.build_only), flush=True)
 
 
 if __name__ == "__main__":

@@ -72,6 +72,7 @@ class WgmmaSpec(KernelSpec):
     block_t: int  # tokens per tile: 8, 16, 32, 64, 96 or 128
     stages: int
     splits: int = 1  # K splits: the CTAs of a cluster share each unit (WgmmaGemm's SPLITS)
+    ctas_per_sm: int = 1  # 2: two CTAs share an SM, each with half its registers and shared memory
 
     family = "wgmma"
     waits_for_prior_grid = True
@@ -84,7 +85,8 @@ class WgmmaSpec(KernelSpec):
     @property
     def label(self) -> str:
         split = f"_split{self.splits}" if self.splits > 1 else ""
-        return f"{self.problem_label}_bn{self.block_n}_bt{self.block_t}_s{self.stages}{split}"
+        shared_sm = f"_x{self.ctas_per_sm}" if self.ctas_per_sm > 1 else ""
+        return f"{self.problem_label}_bn{self.block_n}_bt{self.block_t}_s{self.stages}{split}{shared_sm}"
 
     @property
     def threads(self) -> int:
@@ -95,18 +97,19 @@ class WgmmaSpec(KernelSpec):
         return self.splits
 
     def source(self) -> str:
-        # One block per SM in the launch bounds: setmaxnreg needs a register cap at entry.
+        # The blocks an SM holds in the launch bounds: setmaxnreg needs a register cap at entry.
         return entry_source("wgmma_grouped_gemm.cuh", self.cpp_type(), tensor_maps="mxfp8_moe::WgmmaTensorMaps",
-                            min_blocks=1, cluster=self.cluster)
+                            min_blocks=self.ctas_per_sm, cluster=self.cluster)
 
     def cpp_type(self, role: str | None = None) -> str:
         """The kernel's WgmmaGemm type; `role`: its GemmRole as a phase of the fused layer
         (kernels/wgmma_moe_layer.cuh), e.g. "kLayerGateUp"."""
         head = (f"mxfp8_moe::WgmmaGemm<{self.n}, {self.k}, {self.k_granularity}, {str(self.gated).lower()}, "
                 f"{self.block_t}, {self.stages}, {self.splits}")
-        if role is None:
+        if role is None and self.ctas_per_sm == 1:
             return f"{head}{self.variant.template_argument}>"
-        return f"{head}, {self.variant.cpp_type}, mxfp8_moe::{role}>"
+        shared_sm = f", {self.ctas_per_sm}" if self.ctas_per_sm > 1 else ""
+        return f"{head}, {self.variant.cpp_type}, mxfp8_moe::{role or 'kWholeKernel'}{shared_sm}>"
 
     def stage_bytes(self) -> int:
         """Weight tile (MXFP4: packed, half the bytes) and token tile, then the scale words and their
