@@ -37,8 +37,9 @@ WGMMA_TOKEN_TILES = (32, 64, 96, 128)
 # The kernel also builds tiles of 8 and 16 tokens (wgmma m64n8 / m64n16): at decode an expert holds
 # a few rows, and a 32-token tile's promotion scales 32 columns where they hold 1-8. At 8 tokens the
 # consumers' k32 group is 49 instructions a warp instead of 77 (MXFP4) and 19 instead of 47 (MXFP8
-# k_gran 32) in the gpt-oss gate_up SASS. Not chosen here until a GPU run has timed them: the
-# build and GPU tests cover them, and tools/probe_gemm.py --block-t runs them.
+# k_gran 32) in the gpt-oss gate_up SASS; their consumers fit in 104 registers, so two CTAs can
+# share an SM (WgmmaSpec.ctas_per_sm). Neither is chosen here until a GPU run has timed them: the
+# build and GPU tests cover them, and tools/probe_gemm.py --block-t / --ctas-per-sm runs them.
 WGMMA_DECODE_TOKEN_TILES = (8, 16)
 # MXFP4 weights: at 128 tokens the consumers' A fragments beside 192 registers of accumulators and
 # partials make ptxas spill (WgmmaGemm's static_assert).
