@@ -134,9 +134,8 @@ struct WgmmaGemm {
     static_assert(128 * kProducerRegisters + kConsumers * 128 * kConsumerRegisters <= kThreads * kLaunchRegisters,
                   "the warpgroups' register counts exceed the CTA's allocation");
     // (At 32 tokens the MXFP4 consumers' four partials and fragments outgrow 104 registers: ptxas
-    // serializes the wgmmas.)
-    static_assert(CTAS_PER_SM == 1 ||
-                      (CTAS_PER_SM == 2 && SPLITS == 1 && !kInLayer && BLOCK_T <= (kPackedWeights ? 16 : 32)),
+    // serializes the wgmmas. WgmmaSpec checks the same on the host.)
+    static_assert(CTAS_PER_SM == 1 || (CTAS_PER_SM == 2 && SPLITS == 1 && !kInLayer && BLOCK_T <= 16),
                   "two CTAs an SM: whole units of decode tiles (the consumers have 104 registers)");
     static_assert(!GATED || kNOut % 64 == 0, "gated tiles pair 64 up rows with 64 gate rows");
     // A warpgroup's 64 weight rows are one TMA box of consecutive rows.

@@ -148,6 +148,15 @@ def test_wgmma_spec_tile_width_follows_gating():
     assert WgmmaSpec("sm_90a", 1536, 2048, 128, False, block_t=32, stages=2).block_n == 128
 
 
+def test_wgmma_spec_two_ctas_per_sm_only_on_decode_tiles():
+    # The kernel's static_assert, said by the spec before anything compiles.
+    spec = WgmmaSpec("sm_90a", 5760, 2880, 32, True, block_t=16, stages=5, ctas_per_sm=2)
+    assert spec.label.endswith("_bt16_s5_x2") and spec.cpp_type().endswith("mxfp8_moe::kWholeKernel, 2>")
+    for block_t, splits, ctas_per_sm in ((32, 1, 2), (8, 2, 2), (8, 1, 3)):
+        with pytest.raises(ValueError, match="ctas_per_sm"):
+            WgmmaSpec("sm_90a", 5760, 2880, 32, True, block_t=block_t, stages=5, splits=splits, ctas_per_sm=ctas_per_sm)
+
+
 @pytest.mark.parametrize("arch", ("sm_120a", "sm_90a"))
 def test_prewarm_candidates_cover_every_choice(arch):
     # What `prewarm` compiles must include whatever a call of up to 65536 rows picks, or the first

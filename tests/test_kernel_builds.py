@@ -102,12 +102,11 @@ def _specs() -> list[KernelSpec]:
                                                   (DEFAULT_VARIANT, 32, (5760, 2880, True)),
                                                   (DEFAULT_VARIANT, 128, (5760, 2880, True)),
                                                   (DEFAULT_VARIANT, 32, (2880, 2880, False))):
+        decode = wgmma_spec(hopper, NUM_EXPERTS, NUM_EXPERTS, 1.0, n, k, k_granularity, gated, variant, split_k=False)
         for block_t in WGMMA_DECODE_TOKEN_TILES:
             for ctas_per_sm in (1, 2):
-                decode = wgmma_spec(hopper, NUM_EXPERTS, NUM_EXPERTS, 1.0, n, k, k_granularity, gated, variant,
-                                    split_k=False)
-                decode = dataclasses.replace(decode, block_t=block_t, ctas_per_sm=ctas_per_sm)
-                specs[fit_wgmma_stages(hopper, NUM_EXPERTS, decode)] = None
+                tile = dataclasses.replace(decode, block_t=block_t, ctas_per_sm=ctas_per_sm)
+                specs[fit_wgmma_stages(hopper, NUM_EXPERTS, tile)] = None
     return list(specs)
 
 
@@ -206,8 +205,9 @@ def test_wgmma_sass(spec):
     sass_text = inspect.sass(build(spec)[0].cubin)
     counts = inspect.count_instructions(sass_text, ("QGMMA", "QMMA", "HMMA", "UTMALDG", "UTMASTG"))
     # Four k32 wgmmas per stage, operands and scales by TMA, full output tiles out by TMA store; no
-    # mma.sync path compiled in beside them.
+    # mma.sync path compiled in beside them. The whole tile's wgmma is as wide as the token tile.
     assert counts["QGMMA"] >= 4 and counts["UTMALDG"] > 0 and counts["UTMASTG"] > 0, counts
+    assert f"QGMMA.64x{spec.block_t}x32.F32.E4M3.E4M3" in sass_text, spec
     assert counts["QMMA"] == counts["HMMA"] == 0, counts
     consumers = inspect.count_instructions(consumer_sass(sass_text), ("QGMMA", "LDL", "STL"))
     assert consumers["QGMMA"] >= 4 and consumers["LDL"] == consumers["STL"] == 0, consumers

@@ -10,6 +10,8 @@ rounds (A B, B A, ...), so a drift of the card's clocks over the run falls on bo
     python3 tools/ab_probe.py --tree base=/tmp/base --tree new=. \\
         --cell "gpt-oss-120b gate_up 64 --weights mxfp4" --cell "gpt-oss-120b gate_up 64 --weights mxfp4 --stages 8"
 
+Every tree's probe must take the cells' options: a tree from before 8f8de3e (no --build-only) fails
+the parallel compile, and its kernels then compile inside the first timed run of each cell.
 Prints one line per timing as it comes, then a table: per cell and tree, each round's median us.
 """
 
@@ -30,15 +32,15 @@ MEDIAN = re.compile(r"median ([0-9.]+) us")
 def probe(tree: Path, cell: str, *extra: str, timeout: float) -> str:
     """One run of the tree's own probe; its output line, or what went wrong."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(tree), str(tree / "tests"), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree), env.get("PYTHONPATH")]))
     command = [sys.executable, str(tree / "tools" / "probe_gemm.py"), *shlex.split(cell), *extra]
     try:
         done = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return f"timed out after {timeout:.0f} s"
     if done.returncode != 0:
-        return f"failed ({done.returncode}): {done.stderr.strip().splitlines()[-1:]}"
-    return done.stdout.strip().splitlines()[-1]
+        return f"failed ({done.returncode}): {(done.stderr.strip().splitlines() or [''])[-1]}"
+    return (done.stdout.strip().splitlines() or ["no output"])[-1]
 
 
 def main() -> None:
@@ -52,8 +54,8 @@ def main() -> None:
     trees = {}
     for item in args.tree:
         name, _, path = item.partition("=")
-        if not path or not (Path(path) / "tools" / "probe_gemm.py").is_file():
-            parser.error(f"--tree: expected NAME=PATH of a checkout, got {item!r}")
+        if not name or name in trees or not path or not (Path(path) / "tools" / "probe_gemm.py").is_file():
+            parser.error(f"--tree: expected NAME=PATH of a checkout, each NAME once; got {item!r}")
         trees[name] = Path(path).resolve()
 
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:

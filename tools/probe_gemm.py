@@ -53,7 +53,7 @@ REPEATS = 7
 WARMUP_ROUNDS = 20
 
 
-def probe(model: str, gemm: str, tokens: int, weights: str, k_granularity: int, stages: int | None,
+def probe(model: str, gemm: str, tokens: int, weights: str, k_granularity: int, *, stages: int | None,
           splits: int | None, block_t: int | None, ctas_per_sm: int, build_only: bool) -> str:
     torch.manual_seed(0)
     experts, hidden, intermediate, top_k = MODELS[model]
@@ -67,15 +67,16 @@ def probe(model: str, gemm: str, tokens: int, weights: str, k_granularity: int, 
     rows = routed_rows(tokens, experts, top_k)
     device = device_info(0)
     active = sum(r > 0 for r in rows)
-    spec = wgmma_spec(device, experts, active, sum(rows) / active, n, k, k_granularity, gated, variant, split_k=False)
-    if splits is not None:
-        if ceil_div(k, STAGE_K_BYTES) % splits:
-            raise SystemExit(f"--splits {splits} does not divide the {ceil_div(k, STAGE_K_BYTES)} K blocks")
-        spec = dataclasses.replace(spec, splits=splits)
-    if block_t is not None or ctas_per_sm > 1:
-        spec = dataclasses.replace(spec, block_t=block_t or spec.block_t, ctas_per_sm=ctas_per_sm)
-    if splits is not None or stages is not None or block_t is not None or ctas_per_sm > 1:
-        # The most stages up to the request (or the default) that fit.
+    chosen = wgmma_spec(device, experts, active, sum(rows) / active, n, k, k_granularity, gated, variant,
+                        split_k=False)
+    if splits is not None and ceil_div(k, STAGE_K_BYTES) % splits:
+        raise SystemExit(f"--splits {splits} does not divide the {ceil_div(k, STAGE_K_BYTES)} K blocks")
+    try:
+        spec = dataclasses.replace(chosen, splits=splits or chosen.splits, block_t=block_t or chosen.block_t,
+                                   ctas_per_sm=ctas_per_sm)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
+    if spec != chosen or stages is not None:  # the most stages up to the request (or the default) that fit
         spec = fit_wgmma_stages(device, experts, spec, stages or WGMMA_MAX_STAGES)
     kernel = get_kernel(spec, 0)
     if build_only:
@@ -93,21 +94,24 @@ def probe(model: str, gemm: str, tokens: int, weights: str, k_granularity: int, 
     return f"{model} {gemm} T={tokens} {weights}: {spec.label} median {median_us(calls):.1f} us"
 
 
-def probe_layer(model: str, tokens: int, k_granularity: int) -> str:
+def probe_layer(model: str, tokens: int, k_granularity: int, *, build_only: bool) -> str:
     torch.manual_seed(0)
     experts, hidden, intermediate, top_k = MODELS[model]
-    w13, w13_scale = quantize_weights(torch.randn(experts, 2 * intermediate, hidden, device="cuda") * 0.05,
-                                      k_granularity)
-    w2, w2_scale = quantize_weights(torch.randn(experts, hidden, intermediate, device="cuda") * 0.05, k_granularity)
-    rows = routed_rows(tokens, experts, top_k)
-    m_indptr = indptr(rows, "cuda")
-    a, a_scale = quantize_activations(torch.randn(sum(rows), hidden, device="cuda"), m_indptr, k_granularity)
-    h = torch.empty(sum(rows), intermediate, dtype=torch.bfloat16, device="cuda")
-    out = torch.empty(sum(rows), hidden, dtype=torch.bfloat16, device="cuda")
+    rows = routed_rows(tokens, experts, top_k)  # the CPU generator, as in probe()
     spec = layer_spec(device_info(0), experts, sum(rows), hidden, intermediate, k_granularity)
     if spec is None:
         raise SystemExit(f"the fused layer kernel does not serve {model} at T = {tokens} here")
     kernel = get_layer_kernel(spec, 0)
+    if build_only:
+        return f"{model} layer T={tokens}: {spec.label} built"
+
+    w13, w13_scale = quantize_weights(torch.randn(experts, 2 * intermediate, hidden, device="cuda") * 0.05,
+                                      k_granularity)
+    w2, w2_scale = quantize_weights(torch.randn(experts, hidden, intermediate, device="cuda") * 0.05, k_granularity)
+    m_indptr = indptr(rows, "cuda")
+    a, a_scale = quantize_activations(torch.randn(sum(rows), hidden, device="cuda"), m_indptr, k_granularity)
+    h = torch.empty(sum(rows), intermediate, dtype=torch.bfloat16, device="cuda")
+    out = torch.empty(sum(rows), hidden, dtype=torch.bfloat16, device="cuda")
     copies = [(w13.clone(), w2.clone()) for _ in range(COPIES)]
     fused = [lambda c=c: kernel(a, a_scale, m_indptr, c[0], w13_scale, c[1], w2_scale, h, out, current_stream(0))
              for c in copies]
@@ -159,13 +163,14 @@ def main() -> None:
         kernels = args.kernels.resolve()
         build.kernel_dir = lambda: kernels  # where build() resolves the instantiation's #includes
     if args.gemm == "layer":
-        if args.weights != "mxfp8" or args.stages is not None or args.splits is not None or args.block_t is not None \
-                or args.ctas_per_sm > 1 or args.build_only:
-            parser.error("the layer probe runs MXFP8 weights, unsplit, at the heuristic's pipeline depth")
-        print(probe_layer(args.model, args.tokens, k_granularity), flush=True)
+        if (args.weights != "mxfp8" or args.stages is not None or args.splits is not None or args.block_t is not None
+                or args.ctas_per_sm > 1):
+            parser.error("the layer probe runs MXFP8 weights, unsplit, at the heuristic's tiles and pipeline depth")
+        print(probe_layer(args.model, args.tokens, k_granularity, build_only=args.build_only), flush=True)
     else:
-        print(probe(args.model, args.gemm, args.tokens, args.weights, k_granularity, args.stages, args.splits,
-                    args.block_t, args.ctas_per_sm, args.build_only), flush=True)
+        print(probe(args.model, args.gemm, args.tokens, args.weights, k_granularity, stages=args.stages,
+                    splits=args.splits, block_t=args.block_t, ctas_per_sm=args.ctas_per_sm,
+                    build_only=args.build_only), flush=True)
 
 
 if __name__ == "__main__":

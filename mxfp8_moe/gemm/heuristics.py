@@ -217,7 +217,7 @@ def wgmma_spec(device: DeviceInfo, num_experts: int, active_experts: int, rows: 
 def fit_wgmma_stages(device: DeviceInfo, num_experts: int, spec: WgmmaSpec,
                      max_stages: int = WGMMA_MAX_STAGES) -> WgmmaSpec | None:
     """`spec` with as many pipeline stages as fit beside its other shared memory (in its share of
-    the SM), up to `max_stages` (None if two do not)."""
+    the per-block limit, when CTAs share an SM), up to `max_stages` (None if two do not)."""
     budget = (device.shared_memory_limit // spec.ctas_per_sm - _PER_BLOCK_RESERVE
               - (spec.dynamic_shared_bytes(num_experts) - spec.pipeline_bytes()))
     stages = min(max_stages, budget // spec.stage_bytes())

@@ -77,6 +77,13 @@ class WgmmaSpec(KernelSpec):
     family = "wgmma"
     waits_for_prior_grid = True
 
+    def __post_init__(self):
+        # WgmmaGemm's static_assert, said before a compile: at two CTAs an SM the consumers have
+        # 104 registers, enough for whole units of decode tiles only.
+        if self.ctas_per_sm not in (1, 2) or (self.ctas_per_sm == 2 and (self.splits > 1 or self.block_t > 16)):
+            raise ValueError(f"ctas_per_sm: expected 1, or 2 with token tiles of at most 16 and no K split; got "
+                             f"{self.ctas_per_sm} with block_t {self.block_t}, splits {self.splits}")
+
     @property
     def block_n(self) -> int:
         """Output columns per tile (WgmmaGemm::kBlockN): gated tiles pair 64 up with 64 gate rows."""
@@ -85,8 +92,8 @@ class WgmmaSpec(KernelSpec):
     @property
     def label(self) -> str:
         split = f"_split{self.splits}" if self.splits > 1 else ""
-        shared_sm = f"_x{self.ctas_per_sm}" if self.ctas_per_sm > 1 else ""
-        return f"{self.problem_label}_bn{self.block_n}_bt{self.block_t}_s{self.stages}{split}{shared_sm}"
+        residency = f"_x{self.ctas_per_sm}" if self.ctas_per_sm > 1 else ""
+        return f"{self.problem_label}_bn{self.block_n}_bt{self.block_t}_s{self.stages}{split}{residency}"
 
     @property
     def threads(self) -> int:
@@ -108,8 +115,8 @@ class WgmmaSpec(KernelSpec):
                 f"{self.block_t}, {self.stages}, {self.splits}")
         if role is None and self.ctas_per_sm == 1:
             return f"{head}{self.variant.template_argument}>"
-        shared_sm = f", {self.ctas_per_sm}" if self.ctas_per_sm > 1 else ""
-        return f"{head}, {self.variant.cpp_type}, mxfp8_moe::{role or 'kWholeKernel'}{shared_sm}>"
+        residency = f", {self.ctas_per_sm}" if self.ctas_per_sm > 1 else ""
+        return f"{head}, {self.variant.cpp_type}, mxfp8_moe::{role or 'kWholeKernel'}{residency}>"
 
     def stage_bytes(self) -> int:
         """Weight tile (MXFP4: packed, half the bytes) and token tile, then the scale words and their
